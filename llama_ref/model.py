@@ -1,0 +1,182 @@
+"""The top-level Llama model: embeddings, a schedule of decoder layers, final norm and output head."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from .attention import KVCache
+from .block import TransformerBlock
+from .config import LlamaConfig
+from .layers import Linear, RMSNorm
+from .rope import precompute_freqs_cis
+from .schedule import ScheduleSpec, format_schedule, resolve_schedule
+
+logger = logging.getLogger(__name__)
+
+DeviceLike = Union[str, torch.device, None]
+
+
+class Llama(nn.Module):
+    """Llama-2/3 decoder. Parameter names are Meta's (``tok_embeddings``, ``layers.{i}.attention.wq``, ...).
+
+    Args:
+        config: the model shape.
+        schedule: which layers to run, in order (see :mod:`llama_ref.schedule`); default all.
+        device, dtype: where and in what dtype the *weights* live (``"meta"`` builds no storage).
+        attn_kernel: ``"math"`` (reference, default) or ``"sdpa"``.
+        compute_dtype: dtype of activations. Default: fp32 on CPU (bf16/fp16 matmuls are very slow
+            there) and the weight dtype elsewhere.
+    """
+
+    def __init__(self, config: LlamaConfig, *, schedule: ScheduleSpec = None, device: DeviceLike = None,
+                 dtype: Optional[torch.dtype] = None, attn_kernel: str = "math",
+                 compute_dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        if not isinstance(config, LlamaConfig):
+            raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        self.config = config
+        self._compute_dtype = compute_dtype
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(
+            TransformerBlock(i, config, attn_kernel, device=device, dtype=dtype) for i in range(config.n_layers)
+        )
+        self.norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
+        self.output = Linear(config.dim, config.vocab_size, device=device, dtype=dtype)
+        self.register_buffer("freqs_cis", torch.empty(0, dtype=torch.complex64, device=device), persistent=False)
+        self.init_buffers()
+        self._schedule = resolve_schedule(schedule, config.n_layers)
+        # One cache per schedule *position*: a layer that runs twice must not share keys between runs.
+        self.caches: Optional[nn.ModuleList] = None
+
+    # ------------------------------------------------------------------ state
+    def init_buffers(self) -> None:
+        """(Re)compute the RoPE table on the weights' device, e.g. after ``to_empty`` or loading."""
+        device = self.tok_embeddings.weight.device
+        self.freqs_cis = precompute_freqs_cis(self.config.head_dim, self.config.max_seq_len,
+                                              self.config.rope_theta, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        if self._compute_dtype is not None:
+            return self._compute_dtype
+        if self.device.type == "cpu":
+            return torch.float32
+        return self.tok_embeddings.weight.dtype
+
+    @property
+    def schedule(self) -> tuple[int, ...]:
+        return self._schedule
+
+    @property
+    def schedule_str(self) -> str:
+        return format_schedule(self._schedule)
+
+    def set_schedule(self, schedule: ScheduleSpec) -> None:
+        """Change the layer schedule. Drops any KV cache: its slots belonged to the old runs."""
+        self._schedule = resolve_schedule(schedule, self.config.n_layers)
+        if self.caches is not None:
+            logger.info("layer schedule changed: KV cache cleared, call setup_cache again")
+            self.caches = None
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None,
+                    dtype: Optional[torch.dtype] = None) -> None:
+        """Allocate one KV cache per schedule position (not per layer: a repeated layer gets two)."""
+        max_seq_len = self.config.max_seq_len if max_seq_len is None else max_seq_len
+        for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if max_seq_len > self.config.max_seq_len:
+            raise ValueError(f"cache max_seq_len={max_seq_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
+        dtype = self.compute_dtype if dtype is None else dtype
+        c = self.config
+        self.caches = nn.ModuleList(
+            KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, device=self.device, dtype=dtype)
+            for _ in self._schedule
+        )
+
+    def clear_cache(self) -> None:
+        self.caches = None
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, tokens: torch.Tensor, start_pos: int) -> None:
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a LongTensor of shape (bsz, seqlen), got {type(tokens).__name__}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (bsz, seqlen), got shape {tuple(tokens.shape)}")
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be integer ids (int64/int32), got {tokens.dtype}")
+        bsz, seqlen = tokens.shape
+        if bsz == 0 or seqlen == 0:
+            raise ValueError(f"empty input: tokens has shape {tuple(tokens.shape)}")
+        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+            raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
+        end = start_pos + seqlen
+        if end > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence end {end} (start_pos {start_pos} + seqlen {seqlen}) exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        if self.caches is None:
+            if start_pos != 0:
+                raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")
+        else:
+            cache = self.caches[0]
+            if bsz > cache.max_batch_size:
+                raise ValueError(f"batch size {bsz} exceeds the cache's max_batch_size={cache.max_batch_size}")
+            if end > cache.max_seq_len:
+                raise ValueError(f"sequence end {end} exceeds the cache's max_seq_len={cache.max_seq_len}")
+        # Value checks need data; a meta tensor has none (and must stay free of data-dependent Python).
+        if tokens.device.type != "meta":
+            lo, hi = int(tokens.min()), int(tokens.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """Logits in fp32, shape (bsz, seqlen, vocab_size). With a cache, reads and fills it from ``start_pos``."""
+        self._check_inputs(tokens, start_pos)
+        bsz, seqlen = tokens.shape
+        h = self.tok_embeddings(tokens).to(self.compute_dtype)  # (bsz, seqlen, dim)
+        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]  # (seqlen, head_dim // 2)
+        mask = None
+        if seqlen > 1:
+            # Causal within the new tokens; every cached position (the first start_pos columns) is visible.
+            mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device, dtype=self.compute_dtype)
+            mask = torch.triu(mask, diagonal=1)
+            mask = torch.hstack(
+                [torch.zeros((seqlen, start_pos), device=tokens.device, dtype=self.compute_dtype), mask]
+            )  # (seqlen, start_pos + seqlen)
+        for pos, layer_id in enumerate(self._schedule):
+            cache = self.caches[pos] if self.caches is not None else None
+            h = self.layers[layer_id](h, start_pos, freqs_cis, mask, cache)  # (bsz, seqlen, dim)
+        h = self.norm(h)
+        return self.output(h).float()  # (bsz, seqlen, vocab_size)
+
+    # ------------------------------------------------------------------ conveniences
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> "Llama":
+        return cls(LlamaConfig.from_preset(name), **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, *, device: DeviceLike = "cpu", dtype: Optional[torch.dtype] = None, **kwargs) -> "Llama":
+        """Load a checkpoint directory: HF (``config.json`` + safetensors/bin) or Meta (``params.json`` + ``consolidated.*.pth``)."""
+        from .loading import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype, **kwargs)
+
+    @classmethod
+    def from_hf(cls, hf_model, **kwargs) -> "Llama":
+        """Convert a live ``transformers`` ``LlamaForCausalLM`` (weights are copied, q/k un-permuted)."""
+        from .hf import from_hf_model
+
+        return from_hf_model(hf_model, **kwargs)
