@@ -70,6 +70,12 @@ class LlamaConfig:
         return self.n_kv_heads * self.head_dim
 
     def replace(self, **changes: Any) -> "LlamaConfig":
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            derived = {"head_dim", "n_rep", "kv_dim"}
+            hint = " (derived from dim, n_heads and n_kv_heads; change those instead)" if set(unknown) & derived else ""
+            raise ValueError(f"LlamaConfig has no settable field {', '.join(unknown)}{hint}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
@@ -86,6 +92,8 @@ class LlamaConfig:
     @classmethod
     def from_hf(cls, path_or_dict: PathOrDict) -> "LlamaConfig":
         """Read a Hugging Face ``config.json`` (a directory holding one, the file, or a dict)."""
+        if not isinstance(path_or_dict, (Mapping, str, os.PathLike)) and hasattr(path_or_dict, "to_dict"):
+            path_or_dict = path_or_dict.to_dict()  # a live transformers.LlamaConfig
         cfg, source = _read_json(path_or_dict, "config.json")
         model_type = cfg.get("model_type", "llama")
         if model_type != "llama":
@@ -106,7 +114,14 @@ class LlamaConfig:
         rope_type = rope_params.get("rope_type") or rope_scaling.get("rope_type") or rope_scaling.get("type") or "default"
         if rope_type != "default":
             raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only plain RoPE)")
-        rope_theta = cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+        # transformers 5.x writes only rope_parameters.rope_theta; older files only a top-level rope_theta.
+        rope_theta = rope_params.get("rope_theta")
+        if rope_theta is None:
+            rope_theta = cfg.get("rope_theta")
+        if rope_theta is None:
+            rope_theta = 10000.0
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)):
+            raise ValueError(f"{source}: rope_theta must be a number, got {rope_theta!r}")
         n_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim")
         if head_dim is not None and head_dim * n_heads != cfg["hidden_size"]:
@@ -123,7 +138,8 @@ class LlamaConfig:
             hidden_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=float(rope_theta),
-            max_seq_len=cfg.get("max_position_embeddings", 4096),
+            # 2048 is transformers' LlamaConfig default, i.e. what HF would assume for this file.
+            max_seq_len=cfg.get("max_position_embeddings", 2048),
             name=cfg.get("_name_or_path") or "hf",
         )
 
@@ -148,6 +164,8 @@ class LlamaConfig:
         if params.get("use_scaled_rope"):
             raise ValueError(f"{source}: use_scaled_rope=true (Llama-3.1 RoPE scaling) is not supported")
         file_vocab = params.get("vocab_size", -1)
+        if file_vocab is not None and (isinstance(file_vocab, bool) or not isinstance(file_vocab, int)):
+            raise ValueError(f"{source}: vocab_size must be an int, got {file_vocab!r}")
         if vocab_size is None:
             if file_vocab is None or file_vocab <= 0:
                 raise ValueError(
@@ -179,8 +197,12 @@ def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional
     SwiGLU has three matrices instead of two, so the nominal 4*dim is scaled by 2/3 to keep the
     parameter count, optionally multiplied, then rounded *up* to a multiple of ``multiple_of``.
     """
-    if multiple_of <= 0:
-        raise ValueError(f"multiple_of must be positive, got {multiple_of}")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of <= 0:
+        raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}")
+    if ffn_dim_multiplier is not None and (
+        isinstance(ffn_dim_multiplier, bool) or not isinstance(ffn_dim_multiplier, (int, float)) or not ffn_dim_multiplier > 0
+    ):
+        raise ValueError(f"ffn_dim_multiplier must be a positive number or None, got {ffn_dim_multiplier!r}")
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
@@ -190,6 +212,8 @@ def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional
 def _read_json(path_or_dict: PathOrDict, default_name: str) -> tuple[dict, str]:
     if isinstance(path_or_dict, Mapping):
         return dict(path_or_dict), "config dict"
+    if not isinstance(path_or_dict, (str, os.PathLike)):
+        raise ValueError(f"expected a path to {default_name}, its directory, or a dict; got {type(path_or_dict).__name__}")
     path = os.fspath(path_or_dict)
     if os.path.isdir(path):
         path = os.path.join(path, default_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -38,15 +39,21 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
         raise ValueError("empty prompt: every prompt needs at least one token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    # Written as "not (valid)" so that NaN is rejected too.
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
+        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
     vocab = model.config.vocab_size
     for p in prompts:
         for t in p:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise ValueError(f"token ids must be ints, got {t!r}")
             if not 0 <= t < vocab:
                 raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
+                               or not 0 <= eos_id < vocab):
+        raise ValueError(f"eos_id {eos_id!r} is not a token id in the vocabulary [0, {vocab})")
     bsz = len(prompts)
     min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
     total_len = max_len + max_new_tokens
@@ -67,6 +74,9 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
     for i, p in enumerate(prompts):
         is_prompt[i, : len(p)] = True
     finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+    # Last position each row needs: rows with short prompts are done before total_len, and only
+    # their first max_new_tokens are returned, so with an eos they need not hold up the batch.
+    last_pos = torch.tensor([len(p) + max_new_tokens - 1 for p in prompts], device=device)  # (bsz,)
 
     model.setup_cache(bsz, total_len)
     try:
@@ -82,7 +92,7 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
             tokens[:, cur_pos] = next_token
             if eos_id is not None:
-                finished |= (~is_prompt[:, cur_pos]) & (next_token == eos_id)
+                finished |= ((~is_prompt[:, cur_pos]) & (next_token == eos_id)) | (last_pos <= cur_pos)
                 if bool(finished.all()):
                     break
             prev_pos = cur_pos

@@ -56,8 +56,25 @@ class Llama(nn.Module):
     def init_buffers(self) -> None:
         """(Re)compute the RoPE table on the weights' device, e.g. after ``to_empty`` or loading."""
         device = self.tok_embeddings.weight.device
-        self.freqs_cis = precompute_freqs_cis(self.config.head_dim, self.config.max_seq_len,
-                                              self.config.rope_theta, device=device)
+        c = self.config
+        if device.type == "meta":
+            self.freqs_cis = precompute_freqs_cis(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
+        else:
+            # Computed on the CPU (as Meta's code does) and then moved, so every device gets the
+            # bit-identical table and cross-device comparisons only see differences of the model itself.
+            self.freqs_cis = precompute_freqs_cis(c.head_dim, c.max_seq_len, c.rope_theta).to(device)
+
+    def _apply(self, fn, *args, **kwargs):
+        # ``Module.to(dtype)`` casts complex buffers as well: ``model.to(torch.bfloat16)`` would turn the
+        # complex64 RoPE table into a *real* bf16 tensor (dropping the sin part, with only a warning) and
+        # every position would be rotated wrongly. The table is derived from the config, never state, so
+        # after any conversion (.to, .cuda, .half, to_empty, ...) it is rebuilt in complex64 next to the weights.
+        self._buffers["freqs_cis"] = None  # Module._apply skips None buffers: never cast the table
+        try:
+            super()._apply(fn, *args, **kwargs)
+        finally:
+            self.init_buffers()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -116,6 +133,8 @@ class Llama(nn.Module):
         bsz, seqlen = tokens.shape
         if bsz == 0 or seqlen == 0:
             raise ValueError(f"empty input: tokens has shape {tuple(tokens.shape)}")
+        if not _same_device(tokens.device, self.device):
+            raise ValueError(f"tokens are on device {tokens.device} but the model is on {self.device}")
         if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
             raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
         end = start_pos + seqlen
@@ -180,3 +199,8 @@ class Llama(nn.Module):
         from .hf import from_hf_model
 
         return from_hf_model(hf_model, **kwargs)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when the current device is 0; an unset index matches any."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)

@@ -8,6 +8,7 @@ back), e.g. ``"0-5,10-13,14-18x2,19-24,29-31"``.
 
 from __future__ import annotations
 
+import numbers
 import re
 from typing import Iterable, Sequence, Union
 
@@ -89,9 +90,12 @@ def format_schedule(order: Sequence[int]) -> str:
 
 def resolve_schedule(spec: ScheduleSpec, n_layers: int) -> tuple[int, ...]:
     """Turn a preset name, a string form or a sequence of layer indices into a validated tuple."""
-    if spec is None or spec == "baseline":
+    # isinstance first: ``array == "baseline"`` would compare elementwise.
+    if spec is None or (isinstance(spec, str) and spec == "baseline"):
         return tuple(range(n_layers))
     if isinstance(spec, str):
+        if not spec.strip():
+            raise ValueError(f"empty layer schedule {spec!r}: a model must run at least one layer")
         if spec in SCHEDULE_PRESETS:
             if n_layers != PRESET_N_LAYERS:
                 raise ValueError(
@@ -112,8 +116,10 @@ def resolve_schedule(spec: ScheduleSpec, n_layers: int) -> tuple[int, ...]:
         except TypeError:
             raise ValueError(f"a layer schedule must be a name, a string or a sequence of ints, got {spec!r}") from None
         for i in order:
-            if isinstance(i, bool) or not isinstance(i, int):
+            # numbers.Integral admits numpy ints too; bool is an int subclass but never a layer index.
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
                 raise ValueError(f"layer schedule entries must be ints, got {i!r} in {spec!r}")
+        order = tuple(int(i) for i in order)
     if not order:
         raise ValueError("empty layer schedule: a model must run at least one layer")
     bad = sorted({i for i in order if not 0 <= i < n_layers})

@@ -1,0 +1,309 @@
+"""The fvcore opinion: ``FlopCountAnalysis`` over a jit trace, attributed per schedule position.
+
+fvcore traces the model with ``torch.jit`` and pushes one scope per module call, so a node's scope
+names the module that ran it. Its ``by_module`` merges the runs of a layer that a schedule repeats,
+so we push one more scope per decoder-layer *run* (``@pos<k>``) while fvcore traces, capture the
+graph fvcore analysed, and attribute its nodes to ``(position, module)`` rows ourselves:
+
+* matrix products fvcore has handles for (``aten::linear``, ``aten::matmul``, ``aten::mm``,
+  ``aten::bmm``, ``aten::addmm``, ``aten::einsum``): fvcore's own count, which is 1 per MAC
+  (converted exactly by :func:`counters.ops.fvcore_to_macs`), plus any non-matmul part of our formula
+  (a bias add);
+* everything else: :data:`counters.ops.REGISTRY` (e.g. ``aten::scaled_dot_product_attention``,
+  element-wise ops, softmax), or its free list; anything else is an unknown op.
+
+fvcore's ``FlopCountAnalysis`` is given our MAC counts as handles for the ops it lacks (so its
+unsupported-op list is empty for ``llama_ref``) and our free ops as ignored; the per-row MAC sum is
+checked to equal ``FlopCountAnalysis.total()`` exactly. fvcore's own ignore list (which drops e.g.
+``aten::max``, ``aten::clamp``, ``aten::relu``) is *not* used to decide what is free.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from typing import Any, Optional
+from unittest import mock
+
+import torch
+from torch import nn
+
+from .formulas import ZERO, Count
+from .ops import (
+    REGISTRY,
+    UNKNOWN,
+    OpCall,
+    TensorMeta,
+    canonical_op_name,
+    fvcore_to_macs,
+    raise_or_warn_unknown,
+)
+from .result import CounterResult, RowKey, row_for_module, row_order
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["count_fvcore", "POSITION_SCOPE_PREFIX", "FVCORE_MATMUL_KINDS"]
+
+#: jit scope pushed around each decoder-layer run: "@pos3" is schedule position 3.
+POSITION_SCOPE_PREFIX = "@pos"
+#: fvcore's default handles that count matrix-product MACs (its other handles - norms, pooling,
+#: upsampling - count something else and are never used here).
+FVCORE_MATMUL_KINDS = ("aten::addmm", "aten::bmm", "aten::matmul", "aten::mm", "aten::linear", "aten::einsum")
+_WRAPPED = "model"  # attribute name of the model inside the tracing wrapper
+
+# c10 ScalarType names as the jit type reports them.
+_JIT_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in (
+        ("Float", "float32"), ("Double", "float64"), ("Half", "float16"), ("BFloat16", "bfloat16"),
+        ("ComplexHalf", "complex32"), ("ComplexFloat", "complex64"), ("ComplexDouble", "complex128"),
+        ("Long", "int64"), ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"),
+        ("Bool", "bool"), ("UInt16", "uint16"), ("UInt32", "uint32"), ("UInt64", "uint64"),
+        ("Float8_e4m3fn", "float8_e4m3fn"), ("Float8_e5m2", "float8_e5m2"),
+    )
+    if hasattr(torch, attr)
+}
+
+
+class _StartPosWrapper(nn.Module):
+    """jit traces tensors only: ``start_pos`` (a Python int) is bound here."""
+
+    def __init__(self, model: nn.Module, start_pos: int) -> None:
+        super().__init__()
+        self.model = model
+        self.start_pos = start_pos
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, self.start_pos)
+
+
+# ---------------------------------------------------------------- jit node -> OpCall
+def _jit_value(v: "torch._C.Value") -> Any:
+    t = v.type()
+    kind = t.kind()
+    if kind == "TensorType":
+        scalar = t.scalarType()
+        dtype = _JIT_DTYPES.get(scalar) if scalar is not None else None
+        shape = tuple(int(s) for s in t.sizes()) if v.isCompleteTensor() else None
+        return TensorMeta(shape, dtype)
+    if kind == "NoneType":
+        return None
+    node = v.node()
+    if node.kind() == "prim::Constant":
+        try:
+            return v.toIValue()
+        except RuntimeError:  # pragma: no cover - exotic constant types
+            return UNKNOWN
+    if node.kind() == "prim::ListConstruct":
+        return [_jit_value(i) for i in node.inputs()]
+    return UNKNOWN  # a traced Python scalar (e.g. a size): its value is not in the graph
+
+
+_SCHEMAS: dict[str, Optional["torch._C.FunctionSchema"]] = {}
+
+
+def _jit_kind(node: "torch._C.Node") -> str:
+    kind = node.kind()
+    if kind == "prim::PythonOp":  # a torch.autograd.Function: as fvcore names it
+        kind = kind + "." + node.pyname()
+    return kind
+
+
+def _jit_call(node: "torch._C.Node", name: str) -> OpCall:
+    text = node.schema()
+    if text not in _SCHEMAS:
+        _SCHEMAS[text] = None if text == "(no schema)" else torch._C.parse_schema(text)
+    schema = _SCHEMAS[text]
+    inputs = [_jit_value(v) for v in node.inputs()]
+    outputs = tuple(_jit_value(v) for v in node.outputs())
+    if schema is None:
+        return OpCall(name, {f"arg{i}": v for i, v in enumerate(inputs)}, outputs)
+    return OpCall.from_schema(name, schema, inputs, None, outputs)
+
+
+def _mac_handle(name: str):
+    """An fvcore handle giving fvcore the MAC part of our formula for an op it has no handle for."""
+
+    def handle(inputs: list, outputs: list) -> int:
+        node = outputs[0].node() if outputs else None
+        if node is None:  # pragma: no cover - every aten op has an output
+            return 0
+        result = REGISTRY.classify(_jit_call(node, name))
+        return result.count.macs  # unknown calls count 0 here and are reported by our walk
+
+    handle.__name__ = f"ours_{name}_macs"
+    return handle
+
+
+# ---------------------------------------------------------------- scope -> row
+def _row_for_scope(scope: str, cache: dict[str, RowKey]) -> RowKey:
+    row = cache.get(scope)
+    if row is not None:
+        return row
+    position: Optional[int] = None
+    module = ""
+    for part in scope.split("/"):
+        if not part:
+            continue
+        if part.startswith(POSITION_SCOPE_PREFIX):
+            position = int(part[len(POSITION_SCOPE_PREFIX):])
+        else:
+            module = part
+    if module == _WRAPPED:
+        fqn = ""
+    elif module.startswith(_WRAPPED + "."):
+        fqn = module[len(_WRAPPED) + 1:]
+    else:  # the wrapper itself ("" scope)
+        fqn = ""
+    row = row_for_module(fqn, position)
+    cache[scope] = row
+    return row
+
+
+def _install_position_scopes(model: nn.Module) -> tuple[list, list[int]]:
+    """Pre/post hooks on every decoder layer pushing/popping an ``@pos<k>`` jit scope per run."""
+    handles: list = []
+    layer_ids: list[int] = []
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        return handles, layer_ids
+
+    for index, layer in enumerate(layers):
+        def pre(module, args, index=index):
+            state = torch._C._get_tracing_state()
+            if state:
+                state.push_scope(f"{POSITION_SCOPE_PREFIX}{len(layer_ids)}")
+                layer_ids.append(index)
+
+        def post(module, args, output):
+            state = torch._C._get_tracing_state()
+            if state:
+                state.pop_scope()
+
+        # prepend: the position scope goes *under* fvcore's module scope, so fvcore's innermost
+        # scope stays a module name (its own attribution needs that).
+        handles.append(layer.register_forward_pre_hook(pre, prepend=True))
+        handles.append(layer.register_forward_hook(post, prepend=True))
+    return handles, layer_ids
+
+
+# ---------------------------------------------------------------- the counter
+def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, strict: bool = False) -> CounterResult:
+    """Count one forward ``model(tokens, start_pos)`` with fvcore's ``FlopCountAnalysis``.
+
+    Rows are keyed ``(position, module)`` as :mod:`counters.result` says. For ``start_pos > 0`` the
+    caller has set up and pre-filled the KV cache (the trace runs the forward once, writing the
+    cache exactly as a real call would). Works on CPU, CUDA and the meta device.
+
+    ``strict``: raise :class:`counters.ops.UncountedOpError` if an op has no formula; otherwise log
+    a warning and list it in ``unknown_ops``.
+    """
+    from fvcore.nn import FlopCountAnalysis, jit_analysis
+    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
+
+    fvcore_matmul = {k: _DEFAULT_SUPPORTED_OPS[k] for k in FVCORE_MATMUL_KINDS if k in _DEFAULT_SUPPORTED_OPS}
+
+    wrapper = _StartPosWrapper(model, start_pos)
+    analysis = FlopCountAnalysis(wrapper, (tokens,))
+    analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("no_tracer_warning")
+    extra_handles: dict[str, Any] = {}
+    for name in REGISTRY.formulas:
+        kind = f"aten::{name}"
+        if kind not in _DEFAULT_SUPPORTED_OPS:
+            extra_handles[kind] = _mac_handle(name)
+    for name in REGISTRY.free:
+        extra_handles[name if "::" in name else f"aten::{name}"] = None  # None = ignored by fvcore
+    analysis.set_op_handle(**extra_handles)
+
+    graphs: list = []
+    original_trace = jit_analysis._get_scoped_trace_graph
+
+    def capture(*args, **kwargs):
+        graph = original_trace(*args, **kwargs)
+        graphs.append(graph)
+        return graph
+
+    hooks, layer_ids = _install_position_scopes(model)
+    try:
+        with torch.no_grad(), mock.patch.object(jit_analysis, "_get_scoped_trace_graph", capture):
+            fvcore_total = analysis.total()
+            fvcore_unsupported = dict(analysis.unsupported_ops())
+    finally:
+        for h in hooks:
+            h.remove()
+    if len(graphs) != 1:  # pragma: no cover - fvcore internals changed
+        raise RuntimeError(f"expected fvcore to trace once, it traced {len(graphs)} times")
+    graph = graphs[0]
+
+    schedule = tuple(getattr(model, "schedule", layer_ids))
+    if tuple(layer_ids) != schedule:
+        raise RuntimeError(f"fvcore trace ran layers {layer_ids}, but the model's schedule is {list(schedule)}")
+
+    result = CounterResult("fvcore")
+    for key in row_order(len(layer_ids)):
+        result.rows[key] = ZERO
+    unknown: Counter[str] = Counter()
+    scope_rows: dict[str, RowKey] = {}
+    fvcore_alone_total = 0  # what FlopCountAnalysis with its defaults would return
+    fvcore_alone_unsupported: Counter[str] = Counter()
+    mac_disagreements: Counter[str] = Counter()
+
+    for node in graph.nodes():
+        kind = _jit_kind(node)
+        name = canonical_op_name(kind)
+        if kind in _DEFAULT_SUPPORTED_OPS:
+            fvcore_alone_total += _DEFAULT_SUPPORTED_OPS[kind](list(node.inputs()), list(node.outputs()))
+        elif kind not in jit_analysis._IGNORED_OPS and not (
+            kind.startswith("prim::") and not kind.startswith(("prim::PythonOp", "prim::CallFunction"))
+        ):
+            fvcore_alone_unsupported[kind] += 1
+        if REGISTRY.is_free(name):
+            continue
+        classified = REGISTRY.classify(_jit_call(node, name))
+        if classified.status == "unknown":
+            unknown[name] += 1
+            continue
+        count = classified.count
+        if kind in fvcore_matmul:
+            macs = fvcore_to_macs(fvcore_matmul[kind](list(node.inputs()), list(node.outputs())))
+            if macs != count.macs:
+                mac_disagreements[name] += 1
+            count = Count(macs=macs, nonmatmul_flops=count.nonmatmul_flops)
+        if count != ZERO:
+            result.add(_row_for_scope(node.scopeName(), scope_rows), count)
+
+    fvcore_total_macs = fvcore_to_macs(fvcore_total)
+    row_macs = result.total.macs
+    result.notes.append(
+        f"fvcore FlopCountAnalysis.total() = {fvcore_total_macs} MACs (fvcore counts 1 per MAC: its handles for "
+        f"{', '.join(sorted(set(fvcore_matmul) & set(_kinds(graph))) or 'no op here')}, ours for the MAC part of "
+        "ops it lacks); non-matmul FLOPs come from counters.ops."
+    )
+    if row_macs != fvcore_total_macs:
+        message = (f"fvcore: per-row MACs sum to {row_macs} but FlopCountAnalysis.total() is {fvcore_total_macs}")
+        if not unknown:
+            raise RuntimeError(message + ": node attribution lost or duplicated work")
+        result.notes.append(message + " (unknown ops present)")
+    our_unknown_kinds = {f"aten::{n}" if "::" not in n else n for n in unknown}
+    stray = set(fvcore_unsupported) - our_unknown_kinds
+    if stray:  # pragma: no cover - would mean our handles and our walk disagree
+        raise RuntimeError(f"fvcore reports unsupported ops {sorted(stray)} that counters.ops classifies")
+    if mac_disagreements:
+        result.notes.append("fvcore's MACs differ from counters.ops for: "
+                            + ", ".join(f"{k} x{v}" for k, v in sorted(mac_disagreements.items())))
+    alone = (f"fvcore alone (default handles and ignore list) would report total() = {fvcore_alone_total} "
+             f"(1 per MAC), {row_macs - fvcore_alone_total} MACs fewer than counted here, and none of the "
+             f"{result.total.nonmatmul_flops} non-matmul FLOPs")
+    if fvcore_alone_unsupported:
+        alone += "; it would flag as unsupported (warning only): " + ", ".join(
+            f"{k} x{v}" for k, v in sorted(fvcore_alone_unsupported.items()))
+    result.notes.append(alone)
+
+    result.unknown_ops = dict(sorted(unknown.items()))
+    raise_or_warn_unknown("fvcore", result.unknown_ops, strict, logger)
+    return result
+
+
+def _kinds(graph) -> set[str]:
+    return {n.kind() for n in graph.nodes()}

@@ -1,0 +1,206 @@
+"""Hardware peaks for the roofline: a small table of datasheet figures, and a local measurement.
+
+Peaks are *dense* math (no 2:4 structured sparsity): NVIDIA's datasheets print the sparse figure
+first and mark it with an asterisk; the dense figure is half of it.
+
+=========  ==========================  ==================  ==============================================
+name       dense bf16/fp16 Tensor      memory bandwidth    source
+=========  ==========================  ==================  ==============================================
+h100-sxm   989.4 TFLOP/s (1,979 sp.)   3.35 TB/s HBM3      NVIDIA H100 Tensor Core GPU Datasheet (SXM5)
+h100-pcie  756 TFLOP/s (1,513 sp.)     2.0 TB/s HBM2e      NVIDIA H100 Tensor Core GPU Datasheet (PCIe)
+a100-80g   312 TFLOP/s (624 sp.)       2.039 TB/s HBM2e    NVIDIA A100 Tensor Core GPU Datasheet (80GB SXM)
+=========  ==========================  ==================  ==============================================
+
+The same datasheets give fp32 (CUDA cores, no Tensor Cores): 67 / 51 / 19.5 TFLOP/s, and dense
+TF32 Tensor Core: 494.7 / 378 / 156 TFLOP/s.
+
+``cpu`` is measured on the spot (:func:`measure_device`): the matmul peak is the best of a few
+large square matmuls (``2 n^3`` FLOPs each) and the bandwidth is the best of a few large tensor
+copies counted as bytes read + bytes written (``2 * nbytes``; a write-allocate cache adds a hidden
+third stream, so this is what a kernel *can use*, not what the DRAM bus carries). Both are
+achievable figures, not theoretical ones, so a roofline against them is tight.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
+
+import torch
+
+TFLOP = 1e12
+TB = 1e12
+
+DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Peaks of one device for one compute dtype. ``peak_flops`` in FLOP/s, ``mem_bw`` in bytes/s."""
+
+    name: str
+    peak_flops: float
+    mem_bw: float
+    dtype: str
+    source: str
+    measured: bool = False
+    details: dict = field(default_factory=dict, compare=False)
+
+    @property
+    def ridge_point(self) -> float:
+        """Arithmetic intensity (FLOP/byte) where the compute and memory roofs meet."""
+        return self.peak_flops / self.mem_bw
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ridge_point"] = self.ridge_point
+        return d
+
+
+# name -> (dense peak FLOP/s per dtype, bandwidth B/s, memory kind, datasheet)
+_TABLE: dict[str, tuple[dict[str, float], float, str, str]] = {
+    "h100-sxm": (
+        {"bf16": 989.4 * TFLOP, "fp16": 989.4 * TFLOP, "tf32": 494.7 * TFLOP, "fp32": 67.0 * TFLOP},
+        3.35 * TB,
+        "HBM3",
+        "NVIDIA H100 Tensor Core GPU Datasheet, H100 SXM column: BF16 Tensor Core 1,979 TFLOPS with "
+        "sparsity (989.4 dense), GPU memory bandwidth 3.35 TB/s",
+    ),
+    "h100-pcie": (
+        {"bf16": 756.0 * TFLOP, "fp16": 756.0 * TFLOP, "tf32": 378.0 * TFLOP, "fp32": 51.0 * TFLOP},
+        2.0 * TB,
+        "HBM2e",
+        "NVIDIA H100 Tensor Core GPU Datasheet, H100 PCIe column: BF16 Tensor Core 1,513 TFLOPS with "
+        "sparsity (756 dense), GPU memory bandwidth 2 TB/s",
+    ),
+    "a100-80g": (
+        {"bf16": 312.0 * TFLOP, "fp16": 312.0 * TFLOP, "tf32": 156.0 * TFLOP, "fp32": 19.5 * TFLOP},
+        2.039 * TB,
+        "HBM2e",
+        "NVIDIA A100 Tensor Core GPU Datasheet, A100 80GB SXM column: BF16 Tensor Core 312 TFLOPS "
+        "(624 with sparsity), GPU memory bandwidth 2,039 GB/s",
+    ),
+}
+HARDWARE_NAMES = (*_TABLE, "cpu")
+
+
+def table_hardware(name: str, dtype: str = "bf16") -> Hardware:
+    """A datasheet entry. ``dtype``: one of bf16, fp16, tf32, fp32."""
+    if name not in _TABLE:
+        raise ValueError(f"unknown hardware {name!r}; choose one of {', '.join(HARDWARE_NAMES)}")
+    peaks, bw, mem, source = _TABLE[name]
+    if dtype not in peaks:
+        raise ValueError(f"no {dtype} peak for {name}; known: {', '.join(peaks)}")
+    return Hardware(name=name, peak_flops=peaks[dtype], mem_bw=bw, dtype=dtype, source=source,
+                    details={"memory": mem})
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32, *,
+                        n: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of ``repeats`` (n x n) @ (n x n) matmuls after one warm-up: 2 n^3 FLOPs each."""
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    torch.mm(a, b, out=c)  # warm-up: thread pool, kernel selection
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=c)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def measure_copy_bandwidth(device: Union[str, torch.device] = "cpu", *, nbytes: int = 256 * 2**20,
+                           repeats: int = 5) -> float:
+    """Best bytes/s of ``repeats`` copies of an ``nbytes`` buffer, counted as read + write (2 * nbytes)."""
+    device = torch.device(device)
+    n = nbytes // 4
+    src = torch.ones(n, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # warm-up: fault in the pages
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best
+
+
+_MEASURED: dict[tuple, Hardware] = {}
+
+
+def measure_device(device: Union[str, torch.device] = "cpu", dtype: str = "fp32", *, n: int = 2048,
+                   repeats: int = 5, nbytes: int = 256 * 2**20, cache: bool = True) -> Hardware:
+    """Measure this device's matmul peak (``dtype``) and copy bandwidth. Cached per process."""
+    device = torch.device(device)
+    if dtype not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
+    key = (str(device), dtype, n, repeats, nbytes, torch.get_num_threads())
+    if cache and key in _MEASURED:
+        return _MEASURED[key]
+    t0 = time.perf_counter()
+    peak = measure_matmul_peak(device, DTYPE_NAMES[dtype], n=n, repeats=repeats)
+    bw = measure_copy_bandwidth(device, nbytes=nbytes, repeats=repeats)
+    name = "cpu" if device.type == "cpu" else f"{device.type}-measured"
+    hw = Hardware(
+        name=name, peak_flops=peak, mem_bw=bw, dtype=dtype, measured=True,
+        source=(f"measured on this machine: best of {repeats} {n}x{n} {dtype} matmuls (2n^3 FLOPs); "
+                f"best of {repeats} copies of {nbytes // 2**20} MiB counted as read+write"),
+        details={"threads": torch.get_num_threads(), "device": str(device),
+                 "device_name": device_name(device), "seconds": time.perf_counter() - t0},
+    )
+    if cache:
+        _MEASURED[key] = hw
+    return hw
+
+
+def device_name(device: Union[str, torch.device]) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        import platform
+
+        return platform.processor() or "cpu"
+    return device.type
+
+
+def detect_table_name(device_name_: str) -> Optional[str]:
+    """Table entry for a CUDA device name (``torch.cuda.get_device_name``), or None if not in the table.
+
+    ``"NVIDIA H100 80GB HBM3"`` is the SXM part; ``"NVIDIA H100 PCIe"`` the PCIe one;
+    ``"NVIDIA A100-SXM4-80GB"`` the A100 80GB SXM.
+    """
+    n = device_name_.upper()
+    if "H100" in n:
+        return "h100-pcie" if "PCIE" in n else "h100-sxm"
+    if "A100" in n and "80G" in n and "PCIE" not in n:
+        return "a100-80g"
+    return None
+
+
+def get_hardware(name: str, dtype: Optional[str] = None, **measure_kwargs) -> Hardware:
+    """``name`` from the table, or ``"cpu"`` (measured now). ``dtype`` defaults to bf16 for GPUs, fp32 for cpu."""
+    if name == "cpu":
+        return measure_device("cpu", dtype or "fp32", **measure_kwargs)
+    return table_hardware(name, dtype or "bf16")

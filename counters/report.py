@@ -1,0 +1,209 @@
+"""Render a :class:`~counters.crosscheck.CrosscheckReport` as a table, one JSON object, or CSV.
+
+Every column and key names its unit: ``macs`` (multiply-accumulates of matrix products),
+``flops`` (= 2 x macs), ``nonmatmul_flops`` (everything else, kept apart), ``bytes``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Any, Optional, Sequence, Union
+
+from .crosscheck import CrosscheckReport, CrosscheckRow
+
+JSON_SCHEMA = "llama-ref.count/1"
+
+CONVENTIONS = (
+    "MAC = one multiply+accumulate of a matrix product (q, k, v, o, w1, w3, w2, output head, QK^T, "
+    "attention x V); attention counted dense over the n_tokens x (n_cached + n_tokens) score matrix of every "
+    "query head (GQA shares k/v heads, not the products); embedding lookup = 0 MACs. FLOPs = 2 x MACs. "
+    "Non-matmul FLOPs (RMSNorm, RoPE, scale, mask, softmax, SiLU gate, residual adds) per element with "
+    "counters.formulas constants, kept apart. flops_exact = M*N*(2K-1) per matrix product; macs_causal counts "
+    "only the score entries a causal mask keeps. All counts are exact integers."
+)
+
+
+def fmt(n: Optional[int]) -> str:
+    """An integer with thousands separators; ``-`` for a quantity a counter does not count."""
+    return "-" if n is None else f"{n:,}"
+
+
+def counted_line(report: CrosscheckReport) -> str:
+    """One line saying what was counted and how."""
+    kvlen = report.n_cached + report.n_tokens
+    step = "prefill" if report.n_cached == 0 else "step"
+    return (f"Counted: one forward ({step}) of batch {report.batch} x {report.n_tokens} new tokens after "
+            f"{report.n_cached} cached, {len(report.schedule)} layer runs; attention dense over "
+            f"{report.n_tokens} x {kvlen} scores per query head; by {', '.join(report.counters)}"
+            + (f" on device {report.device}" if report.device else "") + ".")
+
+
+def _check_cell(report: CrosscheckReport, row: CrosscheckRow) -> str:
+    n = len(report.counters)
+    if n == 1:
+        return ""
+    return f"ok {n}/{n}" if row.agree else "MISMATCH"
+
+
+def render_table(report: CrosscheckReport, *, detail: bool = False, title: Optional[str] = None,
+                 max_mismatches: int = 20) -> str:
+    """Readable at a glance: one line per layer run (``detail``: per module), totals, verdict."""
+    ref = report.counters[0]
+    rows = report.rows if detail else report.layer_runs()
+    lines: list[str] = []
+    if title:
+        lines.append(title)
+    lines.append(counted_line(report))
+    header = (f"{'run':>5} {'layer':>5}  {'module':<18} {'MACs':>22} {'FLOPs (2xMACs)':>22} "
+              f"{'non-matmul FLOPs':>20}  check")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for r in rows:
+        if detail is False and r.module in ("(root)",) and not r.macs[ref] and not r.nonmatmul_flops.get(ref):
+            continue
+        pos = "-" if r.position is None else str(r.position)
+        layer = "-" if r.layer is None else str(r.layer)
+        lines.append(f"{pos:>5} {layer:>5}  {r.module:<18} {fmt(r.macs[ref]):>22} {fmt(2 * r.macs[ref]):>22} "
+                     f"{fmt(r.nonmatmul_flops[ref]):>20}  {_check_cell(report, r)}")
+    lines.append("-" * len(header))
+    t = report.totals[ref]
+    lines.append(f"{'TOTAL':>11}  {'':<18} {fmt(t['macs']):>22} {fmt(t['flops']):>22} "
+                 f"{fmt(t['nonmatmul_flops']):>20}  ({ref})")
+    lines.append("")
+    lines.append(f"{'counter':<10} {'MACs':>22} {'FLOPs':>22} {'non-matmul FLOPs':>20}  unknown ops")
+    for name in report.counters:
+        t = report.totals[name]
+        unknown = report.unknown_ops.get(name) or {}
+        lines.append(f"{name:<10} {fmt(t['macs']):>22} {fmt(t['flops']):>22} {fmt(t['nonmatmul_flops']):>20}  "
+                     + (", ".join(f"{op} x{k}" for op, k in sorted(unknown.items())) if unknown else "none"))
+    a = report.analytic
+    if a is not None:
+        lines.append("")
+        lines.append(f"params {fmt(report.params)} | causal-useful MACs {fmt(a.macs_causal)} | exact FLOPs "
+                     f"M*N*(2K-1) {fmt(a.flops_exact)} | bytes moved {fmt(a.bytes)} (weights {fmt(a.total.weight_bytes)}, "
+                     f"activations {fmt(a.total.act_bytes)}, KV read {fmt(a.total.kv_read_bytes)}, KV write "
+                     f"{fmt(a.total.kv_write_bytes)}) | KV cache {fmt(a.kv_cache_bytes)} bytes | intensity "
+                     f"{a.total.intensity:.1f} FLOPs/byte (bytes at {a.weight_dtype_bytes}-byte weights, "
+                     f"{a.act_dtype_bytes}-byte activations)")
+    else:
+        lines.append(f"params {fmt(report.params)}")
+    lines.append("")
+    n_rows = len(report.rows)
+    if report.agree:
+        compared = "MACs" + (f" and non-matmul FLOPs ({', '.join(report.nonmatmul_compared)})"
+                             if len(report.nonmatmul_compared) > 1 else "")
+        lines.append(f"AGREE: {len(report.counters)} counter(s) equal exactly on {compared} in all {n_rows} rows and in total.")
+    else:
+        lines.append(f"DISAGREE: {len(report.mismatches)} mismatch(es):")
+        for m in report.mismatches[:max_mismatches]:
+            lines.append(f"  {m}")
+        if len(report.mismatches) > max_mismatches:
+            lines.append(f"  ... {len(report.mismatches) - max_mismatches} more (see --format json)")
+    for note in report.notes:
+        if "does not count non-matmul" in note:
+            lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def _row_dict(report: CrosscheckReport, r: CrosscheckRow) -> dict:
+    return {
+        "position": r.position, "layer": r.layer, "module": r.module,
+        "macs": dict(r.macs), "nonmatmul_flops": dict(r.nonmatmul_flops), "agree": r.agree,
+    }
+
+
+def to_json(report: CrosscheckReport, *, extra: Optional[dict] = None) -> dict:
+    """One JSON-ready object. Keys: ``params``, ``totals`` {counter: {macs, flops, nonmatmul_flops}},
+    ``layers`` (a row per module per schedule position, top-level rows with position null; each with
+    every counter's macs and nonmatmul_flops), ``layer_runs`` (per run), ``agree``, ``mismatches``, ..."""
+    cfg = report.config
+    doc: dict[str, Any] = {
+        "schema": JSON_SCHEMA,
+        "model": getattr(cfg, "name", None),
+        "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+        "schedule": _schedule_str(report.schedule),
+        "schedule_layers": list(report.schedule),
+        "layer_runs_count": len(report.schedule),
+        "tokens": report.n_tokens,
+        "cached": report.n_cached,
+        "batch": report.batch,
+        "device": report.device,
+        "dtype": report.dtype,
+        "kernel": report.kernel,
+        "counters": list(report.counters),
+        "conventions": CONVENTIONS,
+        "counted": counted_line(report),
+        "params": report.params,
+        "totals": {n: dict(t) for n, t in report.totals.items()},
+        "agree": report.agree,
+        "complete": report.complete,
+        "nonmatmul_compared": list(report.nonmatmul_compared),
+        "mismatches": [
+            {"position": m.key[0], "module": m.key[1], "quantity": m.quantity, "reference": m.reference,
+             "expected": m.expected, "counter": m.counter, "got": m.got}
+            for m in report.mismatches
+        ],
+        "unknown_ops": {n: dict(u) for n, u in report.unknown_ops.items()},
+        "layers": [_row_dict(report, r) for r in report.rows],
+        "layer_runs": [_row_dict(report, r) for r in report.layer_runs()],
+        "notes": list(report.notes),
+    }
+    a = report.analytic
+    if a is not None:
+        t = a.total
+        doc["analytic"] = {
+            "macs": t.macs, "flops": t.flops, "nonmatmul_flops": t.nonmatmul_flops, "total_flops": t.total_flops,
+            "flops_exact": t.flops_exact, "macs_causal": t.macs_causal,
+            "weight_bytes": t.weight_bytes, "act_bytes": t.act_bytes, "kv_read_bytes": t.kv_read_bytes,
+            "kv_write_bytes": t.kv_write_bytes, "bytes": t.bytes, "kv_cache_bytes": a.kv_cache_bytes,
+            "intensity_flops_per_byte": t.intensity,
+            "weight_dtype_bytes": a.weight_dtype_bytes, "act_dtype_bytes": a.act_dtype_bytes,
+            "kv_dtype_bytes": a.kv_dtype_bytes,
+        }
+    if extra:
+        doc.update(extra)
+    return doc
+
+
+def _schedule_str(schedule: Sequence[int]) -> str:
+    from llama_ref.schedule import format_schedule
+
+    return format_schedule(schedule)
+
+
+def render_csv(report: CrosscheckReport, *, detail: bool = True) -> str:
+    """One line per row (``detail``) or per layer run: position, layer, module, then
+    ``macs_<counter>`` and ``nonmatmul_flops_<counter>`` for every counter, and ``agree``."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    names = report.counters
+    w.writerow(["position", "layer", "module", *(f"macs_{n}" for n in names),
+                *(f"nonmatmul_flops_{n}" for n in names), "agree"])
+    for r in (report.rows if detail else report.layer_runs()):
+        w.writerow(["" if r.position is None else r.position, "" if r.layer is None else r.layer, r.module,
+                    *(r.macs[n] for n in names),
+                    *("" if r.nonmatmul_flops[n] is None else r.nonmatmul_flops[n] for n in names),
+                    int(r.agree)])
+    return buf.getvalue()
+
+
+def plot_layer_macs(report: CrosscheckReport, path: Union[str, os.PathLike]) -> str:
+    """Bar chart of MACs per layer run (reference counter), saved to ``path``; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = report.counters[0]
+    runs = [r for r in report.layer_runs() if r.position is not None]
+    fig, ax = plt.subplots(figsize=(max(6, len(runs) * 0.25), 3.5))
+    ax.bar([r.position for r in runs], [r.macs[ref] for r in runs], color="tab:blue")
+    ax.set_xlabel("schedule position (layer run)")
+    ax.set_ylabel("MACs")
+    ax.set_title(f"{getattr(report.config, 'name', '')}: MACs per layer run, N={report.n_tokens}, C={report.n_cached}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return os.fspath(path)

@@ -1,0 +1,113 @@
+"""``load_pretrained``: detect the layout, check every tensor against the config, then materialise."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Optional, Union
+
+import torch
+
+from ..model import Llama
+from ..schedule import ScheduleSpec
+from .detect import META, find_checkpoint_files
+from .errors import CheckpointError
+from .hf_files import hf_name_map, plan_hf, read_hf_config
+from .materialize import materialize
+from .meta_files import missing_shard_hint, plan_meta, read_meta_config
+from .plan import check_plan, stored_dtype
+from .readers import OpenFiles
+
+logger = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
+                    dtype: Union[None, str, torch.dtype] = None, attn_kernel: str = "math",
+                    schedule: ScheduleSpec = None, progress: Optional[bool] = None,
+                    compute_dtype: Optional[torch.dtype] = None, max_seq_len: Optional[int] = None,
+                    requires_grad: bool = False) -> Llama:
+    """Load a Llama checkpoint directory in any supported layout (see :func:`detect_format`).
+
+    Args:
+        device: where the weights go; ``"meta"`` checks the files and returns a shape-only model.
+        dtype: storage dtype of the weights. ``None``: the checkpoint's own (HF ``config.json``
+            ``torch_dtype``/``dtype``, else the dtype most bytes are stored in). Compute dtype is
+            separate (``compute_dtype``; on CPU fp32 by default, so bf16 weights run fp32 math).
+        progress: tqdm bar over bytes; ``None`` shows it only when stderr is a terminal.
+        max_seq_len: RoPE table length; Meta's ``params.json`` does not store one (4096 is used).
+        requires_grad: loaded weights are frozen by default. A forward outside ``torch.no_grad()``
+            would otherwise keep every upcast fp32 weight alive for backward (~27 GB for 7B in bf16).
+
+    Every file header is read and every tensor name and shape checked against the config before
+    any weight data is read; on any problem a ``CheckpointError`` (a ``ValueError``) or
+    ``FileNotFoundError`` names the file and tensor, and no model is returned. Nothing is written.
+    """
+    device = _parse_device(device)
+    dtype = parse_dtype(dtype, "dtype")
+    compute_dtype = parse_dtype(compute_dtype, "compute_dtype")
+    files = find_checkpoint_files(path)
+    t0 = time.perf_counter()
+    with OpenFiles() as opener:
+        if files.format == META:
+            config = read_meta_config(files, opener)
+            config_dtype = None
+            plan, problems = plan_meta(files, opener)
+            source = ", ".join(os.path.basename(s) for s in files.shards)
+        else:
+            config, config_dtype = read_hf_config(files)
+            plan, problems = plan_hf(files, opener, config)
+            source = os.path.basename(files.index or files.weights)
+        if max_seq_len is not None:
+            config = config.replace(max_seq_len=max_seq_len)
+        target = dtype or config_dtype or stored_dtype(plan)
+        # On the meta device: no storage is allocated until each tensor is materialised below.
+        model = Llama(config, device="meta", dtype=target, attn_kernel=attn_kernel, schedule=schedule,
+                      compute_dtype=compute_dtype)
+        expected = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        if files.format == META:
+            hint = missing_shard_hint(plan, expected, len(files.shards))
+            if hint:
+                problems = [hint, *problems]
+        check_plan(plan, expected, source=source, config_file=files.config, extra_problems=problems,
+                   hf_names=None if files.format == META else hf_name_map(expected))
+        if device.type != "meta":
+            state = materialize(plan, opener, config, device=device, dtype=target, progress=progress,
+                                desc=f"loading {os.path.basename(os.path.normpath(files.root))}")
+            model.load_state_dict(state, strict=True, assign=True)
+            del state
+    model.requires_grad_(requires_grad)
+    model.init_buffers()  # RoPE table on the weights' device (it was built on "meta")
+    logger.info("loaded %s checkpoint %s (%d tensors, %s) in %.1f s", files.format, files.root, len(plan),
+                target, time.perf_counter() - t0)
+    return model.eval()
+
+
+def parse_dtype(value: Union[None, str, torch.dtype], what: str) -> Optional[torch.dtype]:
+    """A floating torch dtype from a dtype or a name like ``"bf16"``; ``None`` passes through."""
+    if value is None or isinstance(value, torch.dtype):
+        dtype = value
+    elif isinstance(value, str) and value.lower().removeprefix("torch.") in _DTYPE_NAMES:
+        dtype = _DTYPE_NAMES[value.lower().removeprefix("torch.")]
+    else:
+        raise ValueError(f"{what}={value!r} is not a dtype; use torch.float32/bfloat16/float16 or 'fp32'/'bf16'/'fp16'")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"{what}={dtype} is not a floating-point dtype")
+    return dtype
+
+
+def _parse_device(device: Union[str, torch.device]) -> torch.device:
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a valid torch device ({e})") from None
+
+
+__all__ = ["CheckpointError", "load_pretrained", "parse_dtype"]

@@ -1,0 +1,96 @@
+"""Hugging Face layout: ``config.json`` plus ``model.safetensors`` / ``pytorch_model.bin``, or shards
+listed in ``*.index.json``. Names and the q/k row permutation come from :mod:`llama_ref.hf`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from ..config import LlamaConfig
+from ..hf import HF_IGNORED_SUFFIXES, hf_to_meta_key, meta_to_hf_key
+from .detect import CheckpointFiles
+from .errors import CheckpointError
+from .plan import PlannedTensor
+from .readers import OpenFiles, StoredTensor
+
+logger = logging.getLogger(__name__)
+
+_CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                  "float64": torch.float64, "float": torch.float32, "half": torch.float16}
+
+
+def read_hf_config(files: CheckpointFiles) -> tuple[LlamaConfig, Optional[torch.dtype]]:
+    """The model config and the dtype ``config.json`` says the weights are in (``None``: not stated)."""
+    config = LlamaConfig.from_hf(files.config)
+    with open(files.config, encoding="utf-8") as f:
+        raw = json.load(f)  # already validated as JSON by from_hf
+    # transformers < 5 writes "torch_dtype", 5.x writes "dtype".
+    value = raw.get("dtype", raw.get("torch_dtype"))
+    if value is None or value == "auto":
+        return config, None
+    name = str(value).removeprefix("torch.")
+    if name not in _CONFIG_DTYPES:
+        raise CheckpointError(f"{files.config}: unknown dtype {value!r} (expected float32, float16 or bfloat16)")
+    return config, _CONFIG_DTYPES[name]
+
+
+def read_weight_map(index_path: str) -> dict[str, str]:
+    """``{tensor name: shard path}`` from an HF index, with every shard checked to exist."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: no 'weight_map' object mapping tensor names to shard files")
+    root = os.path.dirname(index_path)
+    out = {}
+    for name, shard in weight_map.items():
+        # A plain file name only: an index must not point outside the checkpoint directory.
+        if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: tensor {name!r} maps to {shard!r}, expected a shard file name")
+        out[name] = os.path.join(root, shard)
+    for shard in sorted(set(out.values())):
+        if not os.path.isfile(shard):
+            example = next(n for n, s in out.items() if s == shard)
+            raise FileNotFoundError(f"shard {shard} listed in {index_path} (e.g. for tensor {example!r}) is missing")
+    return out
+
+
+def plan_hf(files: CheckpointFiles, opener: OpenFiles, config: LlamaConfig) -> tuple[list[PlannedTensor], list[str]]:
+    """The load plan, plus problems (tensors that are not Llama parameters) for ``check_plan``."""
+    stored: dict[str, StoredTensor] = {}
+    problems: list[str] = []
+    if files.index is not None:
+        weight_map = read_weight_map(files.index)
+        headers = {shard: opener.describe(shard) for shard in sorted(set(weight_map.values()))}
+        for name, shard in weight_map.items():
+            if name not in headers[shard]:
+                problems.append(f"tensor {name!r} is listed in {os.path.basename(files.index)} as being in "
+                                f"{os.path.basename(shard)}, which does not contain it")
+            else:
+                stored[name] = headers[shard][name]
+    else:
+        stored = opener.describe(files.weights)
+    plan = []
+    for hf_name, s in stored.items():
+        if hf_name.endswith(HF_IGNORED_SUFFIXES):
+            continue  # derived buffers (RoPE inv_freq) some versions saved; recomputed from the config
+        name = hf_to_meta_key(hf_name)
+        if name is None:
+            problems.append(f"unexpected tensor {hf_name!r} in {os.path.basename(s.file)}: not a Llama parameter")
+            continue
+        plan.append(PlannedTensor(name, s.shape, (s,), hf_name=hf_name))
+    # Read files front to back: sequential I/O on spinning or network disks.
+    plan.sort(key=lambda p: (p.parts[0].file, p.parts[0].offset))
+    return plan, problems
+
+
+def hf_name_map(names) -> dict[str, str]:
+    """Our names -> HF names, so 'missing tensor' messages use the names the user's files use."""
+    return {n: meta_to_hf_key(n) for n in names}

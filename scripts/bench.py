@@ -1,0 +1,558 @@
+#!/usr/bin/env python3
+"""Speed of llama-ref against transformers, side by side in one process, plus counting costs.
+
+Same config, same weights (transformers' model is built from ours through ``llama_ref.hf``), same
+``torch`` threads, fp32 on CPU (and bf16 on CUDA when a GPU is present). Every comparison runs the
+contenders *interleaved* (one forward of each per round, the order rotating between rounds) and
+reports medians, so a slow spell of a shared machine hits every contender alike.
+
+* prefill: llama-ref time / transformers time, 7B-layer-shaped model (dim 4096, FFN 11008, 32 heads,
+  2 layers, vocab 32000), N=256 tokens; goal <= 1.0. Our ``sdpa`` kernel is the contender; the
+  reference ``math`` kernel is reported too.
+* cached decode of 64 tokens (greedy, after a short prompt): tokens/s ratio llama-ref / transformers;
+  goal >= 1.0. Both must produce the same tokens.
+* efficiency: analytic FLOPs / measured time, divided by this machine's measured fp32 matmul peak
+  (decode also as analytic bytes / time over the measured copy bandwidth).
+* counting overhead: time of ``count_hooks`` / ``count_fvcore`` / ``count_torch`` over a plain
+  forward of the same model (math kernel, ``torch.no_grad``); goal: hooks <= 1.05x.
+* ``llama-2-70b`` counted on the meta device (a fresh subprocess, so its peak RSS is its own):
+  seconds per counter and peak RSS.
+
+    python3 scripts/bench.py                 # full size (a few minutes on 2 cores)
+    python3 scripts/bench.py --quick         # tiny shapes, seconds (what the tests run)
+
+Writes ``bench.json`` and ``bench.png`` to ``--out`` (default ``bench_out``) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+SCRIPTS = Path(__file__).resolve().parent
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
+
+import torch  # noqa: E402
+
+from llama_ref.config import LlamaConfig  # noqa: E402
+
+GOALS = {"prefill_ratio_max": 1.0, "decode_ratio_min": 1.0, "hooks_overhead_max": 1.05}
+
+FULL = dict(
+    config=LlamaConfig(name="7b-layer-shape-2L", dim=4096, n_layers=2, n_heads=32, n_kv_heads=32,
+                       vocab_size=32000, hidden_dim=11008, max_seq_len=4096),
+    prefill_tokens=256, prompt_tokens=32, decode_tokens=64, prefill_repeats=7, decode_repeats=5,
+    count_repeats=5, meta_model="llama-2-70b", meta_tokens=2048,
+)
+QUICK = dict(
+    config=LlamaConfig(name="quick-2L", dim=128, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512,
+                       hidden_dim=352, max_seq_len=256),
+    prefill_tokens=32, prompt_tokens=8, decode_tokens=8, prefill_repeats=3, decode_repeats=3,
+    count_repeats=3, meta_model="llama-2-70b", meta_tokens=2048,
+)
+
+
+# ====================================================================== timing helpers
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each contender per round; round r runs them starting at index r (rotating order)."""
+    names = list(contenders)
+    for _ in range(warmup):
+        for n in names:
+            contenders[n]()
+    sync(device)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            sync(device)
+            t0 = time.perf_counter()
+            contenders[n]()
+            sync(device)
+            samples[n].append(time.perf_counter() - t0)
+    return samples
+
+
+def medians(samples: dict[str, list[float]]) -> dict[str, float]:
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+# ====================================================================== the contenders
+def build_pair(config: LlamaConfig, *, device, dtype: torch.dtype, seed: int = 0):
+    """Our model (random weights made on ``device``) and transformers' model with the same weights."""
+    from counters.roofline import random_model
+    from validate_gpu import build_hf_twin
+
+    ours = random_model(config, device=device, dtype=dtype, seed=seed, attn_kernel="sdpa", compute_dtype=dtype)
+    hf = build_hf_twin(ours, attn_implementation="sdpa")
+    return ours, hf
+
+
+def set_kernel(model, kernel: str) -> None:
+    for layer in model.layers:
+        layer.attention.core.kernel = kernel
+
+
+def bench_prefill(ours, hf, *, n_tokens: int, repeats: int, peak_flops: float, seed: int = 0) -> dict:
+    from counters.analytic import analyze
+
+    device = ours.device
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, ours.config.vocab_size, (1, n_tokens), generator=gen).to(device)
+
+    def ours_fwd(kernel):
+        def f():
+            set_kernel(ours, kernel)
+            with torch.inference_mode():
+                return ours(tokens)
+        return f
+
+    def hf_fwd():
+        with torch.inference_mode():
+            return hf(input_ids=tokens, use_cache=False).logits
+
+    contenders = {"llama_ref_sdpa": ours_fwd("sdpa"), "llama_ref_math": ours_fwd("math"), "transformers_sdpa": hf_fwd}
+    samples = interleaved(contenders, repeats=repeats, device=device)
+    med = medians(samples)
+    with torch.inference_mode():
+        a = contenders["llama_ref_sdpa"]().float()
+        b = hf_fwd().float()
+    rel = ((a - b).abs().max() / b.abs().max()).item()
+    flops = analyze(ours.config, n_tokens=n_tokens).total.total_flops
+    return {
+        "n_tokens": n_tokens, "repeats": repeats, "median_s": med, "samples_s": samples,
+        "ratio": med["llama_ref_sdpa"] / med["transformers_sdpa"],
+        "ratio_math": med["llama_ref_math"] / med["transformers_sdpa"],
+        "goal": f"ratio <= {GOALS['prefill_ratio_max']}",
+        "met": med["llama_ref_sdpa"] / med["transformers_sdpa"] <= GOALS["prefill_ratio_max"],
+        "analytic_flops": flops,
+        "achieved_flops_per_s": {k: flops / v for k, v in med.items()},
+        "efficiency_vs_peak": {k: flops / v / peak_flops for k, v in med.items()},
+        "logits_max_rel_diff": rel,
+    }
+
+
+def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int, peak_flops: float,
+                 mem_bw: float, seed: int = 0) -> dict:
+    """Greedy decode: the prompt's forward gives the first token (untimed), then ``new_tokens`` cached
+    decode steps (N=1 each) are timed."""
+    from counters.analytic import analyze
+
+    device = ours.device
+    gen = torch.Generator().manual_seed(seed + 1)
+    prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_tokens), generator=gen).to(device)
+    produced: dict[str, list[int]] = {}
+
+    def ours_decode(kernel: str):
+        def f():
+            set_kernel(ours, kernel)
+            with torch.inference_mode():
+                ours.setup_cache(1, prompt_tokens + new_tokens)
+                nxt = ours(prompt, 0)[:, -1].argmax(-1, keepdim=True)
+                out = [nxt]
+                sync(device)
+                t0 = time.perf_counter()
+                for i in range(new_tokens):
+                    nxt = ours(nxt, prompt_tokens + i)[:, -1].argmax(-1, keepdim=True)
+                    out.append(nxt)
+                sync(device)
+                dt = time.perf_counter() - t0
+                ours.clear_cache()
+            produced[f"llama_ref_{kernel}"] = torch.cat(out, 1)[0].tolist()
+            return dt
+        return f
+
+    def hf_decode():
+        with torch.inference_mode():
+            res = hf(input_ids=prompt, use_cache=True)
+            pkv = res.past_key_values
+            nxt = res.logits[:, -1].argmax(-1, keepdim=True)
+            out = [nxt]
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(new_tokens):
+                res = hf(input_ids=nxt, past_key_values=pkv, use_cache=True)
+                pkv = res.past_key_values
+                nxt = res.logits[:, -1].argmax(-1, keepdim=True)
+                out.append(nxt)
+            sync(device)
+            dt = time.perf_counter() - t0
+        produced["transformers_sdpa"] = torch.cat(out, 1)[0].tolist()
+        return dt
+
+    contenders = {"llama_ref_sdpa": ours_decode("sdpa"), "llama_ref_math": ours_decode("math"),
+                  "transformers_sdpa": hf_decode}
+    # The contenders time their own decode loop (the prompt prefill is excluded): collect those.
+    names = list(contenders)
+    for n in names:  # warm-up
+        contenders[n]()
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        k = r % len(names)
+        for n in names[k:] + names[:k]:
+            samples[n].append(contenders[n]())
+    steps = new_tokens  # decode steps timed (the prompt's forward, which yields the first token, is not)
+    med = medians(samples)
+    tps = {k: steps / v for k, v in med.items()}
+    # Analytic cost of the timed steps: step i attends to prompt + i + 1 positions.
+    flops = nbytes = 0
+    for i in range(steps):
+        rep = analyze(ours.config, n_tokens=1, n_cached=prompt_tokens + i,
+                      weight_dtype_bytes=torch.finfo(ours.compute_dtype).bits // 8,
+                      act_dtype_bytes=torch.finfo(ours.compute_dtype).bits // 8)
+        flops += rep.total.total_flops
+        nbytes += rep.total.bytes
+    return {
+        "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "timed_steps": steps, "repeats": repeats,
+        "median_s": med, "samples_s": samples, "tokens_per_s": tps,
+        "ratio": tps["llama_ref_sdpa"] / tps["transformers_sdpa"],
+        "ratio_math": tps["llama_ref_math"] / tps["transformers_sdpa"],
+        "goal": f"ratio >= {GOALS['decode_ratio_min']}",
+        "met": tps["llama_ref_sdpa"] / tps["transformers_sdpa"] >= GOALS["decode_ratio_min"],
+        "same_tokens": len({tuple(v) for v in produced.values()}) == 1,
+        "analytic_flops": flops, "analytic_bytes": nbytes,
+        "efficiency_vs_peak": {k: flops / v / peak_flops for k, v in med.items()},
+        "bandwidth_efficiency": {k: nbytes / v / mem_bw for k, v in med.items()},
+    }
+
+
+def bench_counting(model, *, n_tokens: int, repeats: int, counters: Sequence[str] = ("hooks", "fvcore", "torch"),
+                   seed: int = 0) -> dict:
+    """Counted forward / plain forward, same model (math kernel), same tokens, both under no_grad."""
+    from counters.crosscheck import CounterUnavailable, load_counter
+
+    device = model.device
+    set_kernel(model, "math")
+    gen = torch.Generator().manual_seed(seed + 2)
+    tokens = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(device)
+
+    def plain():
+        with torch.no_grad():
+            return model(tokens)
+
+    contenders: dict[str, Callable] = {"plain": plain}
+    unavailable = {}
+    for name in counters:
+        try:
+            fn = load_counter(name)
+        except CounterUnavailable as e:
+            unavailable[name] = str(e)
+            continue
+        contenders[name] = (lambda fn=fn: fn(model, tokens, 0))
+    samples = interleaved(contenders, repeats=repeats, device=device)
+    med = medians(samples)
+    ratios = {k: v / med["plain"] for k, v in med.items() if k != "plain"}
+    return {
+        "n_tokens": n_tokens, "attn_kernel": "math", "repeats": repeats, "median_s": med, "samples_s": samples,
+        "overhead_ratio": ratios, "unavailable": unavailable,
+        "goal": f"hooks <= {GOALS['hooks_overhead_max']}x",
+        "met": ratios.get("hooks", float("inf")) <= GOALS["hooks_overhead_max"],
+    }
+
+
+# ====================================================================== 70B on meta (child process)
+def meta_count_child(model_name: str, n_tokens: int, counters: Sequence[str]) -> dict:
+    """Runs in a fresh interpreter: build ``model_name`` on the meta device and count one prefill."""
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    from counters.analytic import analyze
+    from counters.crosscheck import CounterUnavailable, load_counter
+    from llama_ref.config import PRESETS
+    from llama_ref.model import Llama
+
+    config = PRESETS[model_name]
+    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    model = Llama(config, device="meta", dtype=torch.bfloat16).eval()
+    build_s = time.perf_counter() - t0
+    tokens = torch.zeros((1, n_tokens), dtype=torch.long, device="meta")
+    t0 = time.perf_counter()
+    expected = analyze(config, n_tokens=n_tokens).as_counter_result()
+    analytic_s = time.perf_counter() - t0
+    out = {"model": model_name, "n_tokens": n_tokens, "params": model.num_params(), "build_s": build_s,
+           "analytic_s": analytic_s, "analytic_macs": expected.total.macs, "counters": {}}
+    for name in counters:
+        try:
+            fn = load_counter(name)
+        except CounterUnavailable as e:
+            out["counters"][name] = {"error": str(e)}
+            continue
+        t0 = time.perf_counter()
+        try:
+            res = fn(model, tokens, 0)
+        except Exception as e:  # noqa: BLE001 - report which counters cannot run on meta
+            out["counters"][name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}",
+                                     "seconds": time.perf_counter() - t0}
+            continue
+        dt = time.perf_counter() - t0
+        agree = all(res.get(k) == expected.get(k) for k in set(res.rows) | set(expected.rows))
+        out["counters"][name] = {"seconds": dt, "macs": res.total.macs, "agree_with_analytic": agree}
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    out.update({"peak_rss_mb": ru / 1024, "rss_after_imports_mb": rss_imports / 1024,
+                "rss_at_start_mb": rss0 / 1024})
+    return out
+
+
+def bench_meta(model_name: str, n_tokens: int, counters: Sequence[str], *, timeout: float = 600) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_meta-child", model_name, "--meta-tokens", str(n_tokens),
+           "--meta-counters", ",".join(counters)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        return {"model": model_name, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:],
+                "wall_s": wall}
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    data["process_wall_s"] = wall
+    return data
+
+
+# ====================================================================== machine
+def machine_info(threads: int) -> dict:
+    from counters.hardware import device_name
+
+    info = {
+        "cpu": device_name("cpu"), "logical_cpus": os.cpu_count(), "torch_threads": threads,
+        "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+        "loadavg_start": os.getloadavg(),
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["cuda_device"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_device(device: torch.device, dtype: torch.dtype, p: dict, *, peaks, counting: bool, log) -> dict:
+    dname = str(dtype).replace("torch.", "")
+    log(f"[{device}] building {p['config'].name} ({dname}) and its transformers twin ...")
+    t0 = time.perf_counter()
+    ours, hf = build_pair(p["config"], device=device, dtype=dtype)
+    out = {"device": str(device), "dtype": dname, "config": p["config"].to_dict(), "build_s": time.perf_counter() - t0,
+           "peak_flops": peaks.peak_flops, "mem_bw": peaks.mem_bw, "peaks_source": peaks.source}
+    log(f"[{device}] prefill N={p['prefill_tokens']} x{p['prefill_repeats']} ...")
+    out["prefill"] = bench_prefill(ours, hf, n_tokens=p["prefill_tokens"], repeats=p["prefill_repeats"],
+                                   peak_flops=peaks.peak_flops)
+    log(f"[{device}] decode {p['decode_tokens']} tokens x{p['decode_repeats']} ...")
+    out["decode"] = bench_decode(ours, hf, prompt_tokens=p["prompt_tokens"], new_tokens=p["decode_tokens"],
+                                 repeats=p["decode_repeats"], peak_flops=peaks.peak_flops, mem_bw=peaks.mem_bw)
+    del hf
+    if counting:
+        log(f"[{device}] counting overhead x{p['count_repeats']} ...")
+        out["counting"] = bench_counting(ours, n_tokens=p["prefill_tokens"], repeats=p["count_repeats"])
+    del ours
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# ====================================================================== report
+def format_report(doc: dict) -> str:
+    lines = []
+    m = doc["machine"]
+    lines.append(f"machine: {m['cpu']}, {m['torch_threads']} torch threads, torch {m['torch']}, "
+                 f"transformers {m.get('transformers', '?')}")
+    for dev, sec in doc["devices"].items():
+        cfg = sec["config"]
+        lines.append(f"\n[{dev}, {sec['dtype']}] model dim {cfg['dim']}, FFN {cfg['hidden_dim']}, {cfg['n_heads']} heads, "
+                     f"{cfg['n_layers']} layers, vocab {cfg['vocab_size']}; peak {sec['peak_flops'] / 1e9:.4g} GFLOP/s, "
+                     f"copy {sec['mem_bw'] / 1e9:.4g} GB/s")
+        rows = [("measure", "llama-ref (sdpa)", "llama-ref (math)", "transformers", "ratio", "goal", "met")]
+        pf = sec["prefill"]
+        ms = pf["median_s"]
+        rows.append((f"prefill N={pf['n_tokens']} (s)", f"{ms['llama_ref_sdpa']:.4g}", f"{ms['llama_ref_math']:.4g}",
+                     f"{ms['transformers_sdpa']:.4g}", f"{pf['ratio']:.3f}", "<= 1.0", _yn(pf["met"])))
+        eff = pf["efficiency_vs_peak"]
+        rows.append(("  efficiency vs fp32 peak", f"{100 * eff['llama_ref_sdpa']:.1f}%",
+                     f"{100 * eff['llama_ref_math']:.1f}%", f"{100 * eff['transformers_sdpa']:.1f}%", "", "", ""))
+        dc = sec["decode"]
+        tps = dc["tokens_per_s"]
+        rows.append((f"decode {dc['new_tokens']} tok (tok/s)", f"{tps['llama_ref_sdpa']:.4g}",
+                     f"{tps['llama_ref_math']:.4g}", f"{tps['transformers_sdpa']:.4g}", f"{dc['ratio']:.3f}",
+                     ">= 1.0", _yn(dc["met"])))
+        bw = dc["bandwidth_efficiency"]
+        rows.append(("  bytes/s vs copy bw", f"{100 * bw['llama_ref_sdpa']:.1f}%", f"{100 * bw['llama_ref_math']:.1f}%",
+                     f"{100 * bw['transformers_sdpa']:.1f}%", "", "", ""))
+        rows.append(("  same greedy tokens", _yn(dc["same_tokens"]), "", "", "", "", ""))
+        lines.extend(_grid(rows))
+        if "counting" in sec:
+            ct = sec["counting"]
+            rows = [("counting overhead", "plain (s)", *[f"{k} (s)" for k in ct["overhead_ratio"]], "goal", "met")]
+            rows.append((f"N={ct['n_tokens']}, math kernel", f"{ct['median_s']['plain']:.4g}",
+                         *[f"{ct['median_s'][k]:.4g} ({r:.3f}x)" for k, r in ct["overhead_ratio"].items()],
+                         "hooks <= 1.05x", _yn(ct["met"])))
+            lines.append("")
+            lines.extend(_grid(rows))
+    if doc.get("meta"):
+        mt = doc["meta"]
+        lines.append("")
+        if "error" in mt:
+            lines.append(f"{mt['model']} on meta: FAILED: {mt['error']}")
+        else:
+            parts = []
+            for name, c in mt["counters"].items():
+                if "error" in c:
+                    parts.append(f"{name}: cannot run ({c['error'][:80]})")
+                else:
+                    parts.append(f"{name} {c['seconds']:.3g} s ({'= analytic' if c['agree_with_analytic'] else 'DIFFERS'})")
+            lines.append(f"{mt['model']} on meta, N={mt['n_tokens']}: build {mt['build_s']:.3g} s, analytic "
+                         f"{mt['analytic_s'] * 1e3:.3g} ms, " + ", ".join(parts)
+                         + f"; peak RSS {mt['peak_rss_mb']:.0f} MB (after imports {mt['rss_after_imports_mb']:.0f} MB)")
+    return "\n".join(lines)
+
+
+def _yn(b: bool) -> str:
+    return "yes" if b else "NO"
+
+
+def _grid(rows: list[tuple]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for j, r in enumerate(rows):
+        out.append("  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return out
+
+
+def plot_bench(doc: dict, path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    devs = list(doc["devices"].items())
+    fig, axes = plt.subplots(len(devs), 3, figsize=(14, 3.6 * len(devs)), squeeze=False)
+    names = ("llama_ref_sdpa", "llama_ref_math", "transformers_sdpa")
+    labels = ("ours sdpa", "ours math", "HF sdpa")
+    colors = ("tab:blue", "tab:cyan", "tab:orange")
+    for row, (dev, sec) in enumerate(devs):
+        pf, dc = sec["prefill"], sec["decode"]
+        ax = axes[row][0]
+        ax.bar(labels, [pf["median_s"][n] for n in names], color=colors)
+        for i, n in enumerate(names):
+            ax.scatter([i] * len(pf["samples_s"][n]), pf["samples_s"][n], color="black", s=8, zorder=3)
+        ax.set_title(f"{dev} prefill N={pf['n_tokens']}: s (ratio {pf['ratio']:.3f})", fontsize=9)
+        ax = axes[row][1]
+        ax.bar(labels, [dc["tokens_per_s"][n] for n in names], color=colors)
+        ax.set_title(f"{dev} decode {dc['new_tokens']} tokens: tokens/s (ratio {dc['ratio']:.3f})", fontsize=9)
+        ax = axes[row][2]
+        if "counting" in sec:
+            ct = sec["counting"]
+            ks = list(ct["overhead_ratio"])
+            ax.bar(ks, [ct["overhead_ratio"][k] for k in ks], color="tab:green")
+            ax.axhline(1.0, color="black", lw=1)
+            ax.axhline(GOALS["hooks_overhead_max"], color="red", ls="--", lw=1, label="hooks goal 1.05x")
+            ax.set_yscale("log")
+            ax.set_title(f"{dev} counting overhead vs plain forward (x)", fontsize=9)
+            ax.legend(fontsize=7)
+        else:
+            ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ====================================================================== main
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (seconds; for tests)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: all cores)")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="auto: CPU (fp32), plus CUDA (bf16) when present")
+    ap.add_argument("--repeats", type=int, default=None, help="override every repeat count")
+    ap.add_argument("--no-counting", action="store_true", help="skip the counting-overhead measurement")
+    ap.add_argument("--no-meta", action="store_true", help="skip the 70B-on-meta counting")
+    ap.add_argument("--out", default="bench_out", help="directory for bench.json and bench.png")
+    ap.add_argument("--_meta-child", dest="meta_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--meta-tokens", type=int, default=None, help="tokens of the meta-device count (default 2048)")
+    ap.add_argument("--meta-counters", default="hooks,torch,fvcore", help="counters to run on the meta model")
+    return ap.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    meta_counters = [c for c in args.meta_counters.split(",") if c]
+    if args.meta_child:
+        print(json.dumps(meta_count_child(args.meta_child, args.meta_tokens or 2048, meta_counters)))
+        return 0
+    p = dict(QUICK if args.quick else FULL)
+    if args.repeats:
+        for k in ("prefill_repeats", "decode_repeats", "count_repeats"):
+            p[k] = args.repeats
+    if args.meta_tokens:
+        p["meta_tokens"] = args.meta_tokens
+    if args.threads:
+        torch.set_num_threads(args.threads)  # a script's choice, applied to every contender alike
+    threads = torch.get_num_threads()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    from counters.hardware import measure_device
+
+    t_start = time.perf_counter()
+    doc = {"command": "python3 scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "quick": args.quick, "goals": GOALS, "machine": machine_info(threads), "devices": {}}
+    if args.device in ("auto", "cpu"):
+        log("measuring this CPU's fp32 matmul peak and copy bandwidth ...")
+        cpu_peaks = measure_device("cpu", "fp32", **({"n": 512, "repeats": 2, "nbytes": 16 * 2**20} if args.quick else {}))
+        doc["machine"]["cpu_peaks"] = cpu_peaks.to_dict()
+        doc["devices"]["cpu"] = run_device(torch.device("cpu"), torch.float32, p, peaks=cpu_peaks,
+                                           counting=not args.no_counting, log=log)
+    if args.device in ("auto", "cuda") and torch.cuda.is_available():
+        from counters.hardware import detect_table_name, table_hardware
+
+        cuda = torch.device("cuda")
+        peaks = measure_device(cuda, "bf16", n=8192, nbytes=2**30, repeats=10)
+        name = detect_table_name(torch.cuda.get_device_name(cuda))
+        doc["machine"]["cuda_peaks"] = peaks.to_dict()
+        if name:
+            doc["machine"]["cuda_datasheet"] = table_hardware(name, "bf16").to_dict()
+        doc["devices"]["cuda"] = run_device(cuda, torch.bfloat16, p, peaks=peaks, counting=not args.no_counting,
+                                            log=log)
+    if not args.no_meta:
+        log(f"counting {p['meta_model']} on the meta device (subprocess) ...")
+        doc["meta"] = bench_meta(p["meta_model"], p["meta_tokens"], meta_counters)
+    doc["machine"]["loadavg_end"] = os.getloadavg()
+    doc["total_s"] = time.perf_counter() - t_start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if doc["devices"]:
+        doc["plot"] = str(plot_bench(doc, out / "bench.png"))
+    (out / "bench.json").write_text(json.dumps(doc, indent=2))
+    print(format_report(doc))
+    print(f"\nwrote {out / 'bench.json'}" + (f", {doc['plot']}" if "plot" in doc else "")
+          + f" in {doc['total_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""LlamaConfig: validation, derived values, presets (exact parameter counts), HF and Meta readers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from llama_ref import PRESETS, Llama, LlamaConfig, meta_ffn_hidden_dim
+from llama_ref.hf import hf_config_dict
+
+transformers = pytest.importorskip("transformers")
+
+BASE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, hidden_dim=96)
+
+# Meta's params.json files, as shipped (Llama-2 says vocab_size -1: the tokenizer decides).
+META_PARAMS = {
+    "llama-2-7b": {"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-05, "vocab_size": -1},
+    "llama-2-13b": {"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-05, "vocab_size": -1},
+    "llama-2-70b": {"dim": 8192, "multiple_of": 4096, "ffn_dim_multiplier": 1.3, "n_heads": 64, "n_kv_heads": 8,
+                    "n_layers": 80, "norm_eps": 1e-05, "vocab_size": -1},
+    "llama-3-8b": {"dim": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8, "vocab_size": 128256,
+                   "multiple_of": 1024, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-05, "rope_theta": 500000.0},
+}
+
+
+# ---------------------------------------------------------------- derived values, validation
+def test_derived_values():
+    c = LlamaConfig(**BASE)
+    assert (c.head_dim, c.n_rep, c.kv_dim) == (16, 2, 32)
+    mha = LlamaConfig(**{**BASE, "n_kv_heads": None})
+    assert mha.n_kv_heads == 4 and mha.n_rep == 1 and mha == LlamaConfig(**{**BASE, "n_kv_heads": 4})
+
+
+def test_derived_values_cannot_be_set_inconsistently():
+    c = LlamaConfig(**BASE)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.dim = 128  # frozen: changing dim alone would leave head_dim stale in a mutable design
+    with pytest.raises(AttributeError):
+        c.head_dim = 8
+    with pytest.raises(ValueError, match="head_dim"):
+        c.replace(head_dim=8)
+    with pytest.raises(ValueError, match="n_rep"):
+        c.replace(n_rep=1)
+    # replace() re-derives and re-validates.
+    d = c.replace(dim=128)
+    assert d.head_dim == 32 and c.head_dim == 16
+    with pytest.raises(ValueError, match="n_kv_heads=3"):
+        c.replace(n_kv_heads=3)
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"dim": 66}, "dim=66 is not divisible by n_heads=4"),
+        ({"n_heads": 4, "n_kv_heads": 3}, "n_heads=4 is not divisible by n_kv_heads=3"),
+        ({"n_kv_heads": 8}, "n_heads=4 is not divisible by n_kv_heads=8"),
+        ({"dim": 60, "n_heads": 4, "n_kv_heads": 4}, "head_dim=15"),
+        ({"dim": 0}, "dim must be positive, got 0"),
+        ({"n_layers": -1}, "n_layers must be positive, got -1"),
+        ({"n_heads": 0}, "n_heads must be positive"),
+        ({"n_kv_heads": 0}, "n_kv_heads must be positive"),
+        ({"vocab_size": 0}, "vocab_size must be positive"),
+        ({"hidden_dim": -5}, "hidden_dim must be positive"),
+        ({"max_seq_len": 0}, "max_seq_len must be positive"),
+        ({"dim": 64.0}, "dim must be an int, got 64.0"),
+        ({"n_layers": True}, "n_layers must be an int, got True"),
+        ({"norm_eps": 0.0}, "norm_eps must be a positive number, got 0.0"),
+        ({"norm_eps": float("nan")}, "norm_eps must be a positive number"),
+        ({"rope_theta": -1.0}, "rope_theta must be a positive number"),
+        ({"rope_theta": "10000"}, "rope_theta must be a positive number"),
+    ],
+)
+def test_bad_config_raises_value_error_naming_the_value(changes, match):
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig(**{**BASE, **changes})
+
+
+def test_model_rejects_non_config():
+    with pytest.raises(ValueError, match="config must be a LlamaConfig, got dict"):
+        Llama(BASE)
+
+
+# ---------------------------------------------------------------- presets
+def test_preset_names_are_exact():
+    assert LlamaConfig.from_preset("llama-2-7b") is PRESETS["llama-2-7b"]
+    for bad in ("llama-2-7B", "llama2-7b", "7b", "llama-2-7b "):
+        with pytest.raises(ValueError, match=f"unknown preset {bad!r}"):
+            LlamaConfig.from_preset(bad)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("llama-2-7b", 6_738_415_616),
+        ("llama-2-13b", 13_015_864_320),
+        ("llama-2-70b", 68_976_648_192),
+        ("llama-3-8b", 8_030_261_248),
+    ],
+)
+def test_preset_parameter_counts_exact_on_meta(name, expected):
+    model = Llama.from_preset(name, device="meta")
+    assert model.num_params() == expected
+    # The buffers (RoPE table) and absent caches must not count as parameters.
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_tiny_parameter_count_by_formula(tiny_config):
+    c = tiny_config
+    per_layer = c.dim * c.dim * 2 + c.dim * c.kv_dim * 2 + 3 * c.dim * c.hidden_dim + 2 * c.dim
+    expected = 2 * c.vocab_size * c.dim + c.n_layers * per_layer + c.dim
+    assert Llama(c, device="meta").num_params() == expected
+
+
+# ---------------------------------------------------------------- Meta params.json
+@pytest.mark.parametrize(
+    "dim, multiple_of, mult, expected",
+    [(4096, 256, None, 11008), (5120, 256, None, 13824), (8192, 4096, 1.3, 28672), (4096, 1024, 1.3, 14336)],
+)
+def test_meta_ffn_hidden_dim(dim, multiple_of, mult, expected):
+    assert meta_ffn_hidden_dim(dim, multiple_of, mult) == expected
+
+
+def test_meta_ffn_hidden_dim_rejects_bad_values():
+    with pytest.raises(ValueError, match="multiple_of must be a positive int, got 0"):
+        meta_ffn_hidden_dim(4096, 0)
+    with pytest.raises(ValueError, match="ffn_dim_multiplier must be a positive number or None, got -1.3"):
+        meta_ffn_hidden_dim(4096, 256, -1.3)
+
+
+@pytest.mark.parametrize("name", list(META_PARAMS))
+def test_from_meta_matches_presets(name, tmp_path):
+    params = META_PARAMS[name]
+    vocab = None if params["vocab_size"] > 0 else 32000
+    preset = PRESETS[name]
+    from_dict = LlamaConfig.from_meta(params, vocab_size=vocab, max_seq_len=preset.max_seq_len)
+    assert from_dict == preset  # names are not compared
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    assert LlamaConfig.from_meta(tmp_path, vocab_size=vocab, max_seq_len=preset.max_seq_len) == preset
+    assert LlamaConfig.from_meta(tmp_path / "params.json", vocab_size=vocab, max_seq_len=preset.max_seq_len) == preset
+
+
+def test_from_meta_errors(tmp_path):
+    llama2 = META_PARAMS["llama-2-7b"]
+    with pytest.raises(ValueError, match="vocab_size is -1"):
+        LlamaConfig.from_meta(llama2)
+    with pytest.raises(ValueError, match="vocab_size 128256 does not match the given vocab_size=32000"):
+        LlamaConfig.from_meta(META_PARAMS["llama-3-8b"], vocab_size=32000)
+    with pytest.raises(ValueError, match="missing required field.*n_heads"):
+        LlamaConfig.from_meta({"dim": 64, "n_layers": 2}, vocab_size=10)
+    with pytest.raises(ValueError, match="use_scaled_rope"):
+        LlamaConfig.from_meta({**META_PARAMS["llama-3-8b"], "use_scaled_rope": True})
+    with pytest.raises(FileNotFoundError, match="params.json"):
+        LlamaConfig.from_meta(tmp_path, vocab_size=32000)
+    with pytest.raises(FileNotFoundError):
+        LlamaConfig.from_meta(tmp_path / "nope.json", vocab_size=32000)
+    (tmp_path / "params.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        LlamaConfig.from_meta(tmp_path, vocab_size=32000)
+    (tmp_path / "params.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected a JSON object, got list"):
+        LlamaConfig.from_meta(tmp_path, vocab_size=32000)
+    with pytest.raises(ValueError, match="got int"):
+        LlamaConfig.from_meta(42, vocab_size=32000)
+
+
+# ---------------------------------------------------------------- HF config.json
+def _hf_kwargs(**overrides):
+    kw = dict(hidden_size=96, intermediate_size=200, num_hidden_layers=3, num_attention_heads=6,
+              num_key_value_heads=2, vocab_size=300, rope_theta=12345.0, rms_norm_eps=3e-4,
+              max_position_embeddings=77)
+    kw.update(overrides)
+    return kw
+
+
+EXPECTED_HF = LlamaConfig(dim=96, n_layers=3, n_heads=6, n_kv_heads=2, vocab_size=300, hidden_dim=200,
+                          norm_eps=3e-4, rope_theta=12345.0, max_seq_len=77)
+
+
+def test_from_hf_dict_object_file_and_dir(tmp_path):
+    hf_cfg = transformers.LlamaConfig(**_hf_kwargs())
+    assert LlamaConfig.from_hf(hf_cfg.to_dict()) == EXPECTED_HF
+    assert LlamaConfig.from_hf(hf_cfg) == EXPECTED_HF  # a live transformers config
+    hf_cfg.save_pretrained(tmp_path)
+    assert LlamaConfig.from_hf(tmp_path) == EXPECTED_HF
+    assert LlamaConfig.from_hf(str(tmp_path / "config.json")) == EXPECTED_HF
+    # Exactly what transformers itself reads back from that file.
+    reread = transformers.LlamaConfig.from_pretrained(tmp_path)
+    assert reread.rope_parameters["rope_theta"] == EXPECTED_HF.rope_theta
+
+
+def test_from_hf_mha_and_legacy_keys():
+    # Pre-5.x files: top-level rope_theta, no head_dim, no num_key_value_heads (= MHA).
+    legacy = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "vocab_size": 50, "intermediate_size": 128, "rope_theta": 500.0, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 256, "rope_scaling": None}
+    c = LlamaConfig.from_hf(legacy)
+    assert (c.n_kv_heads, c.rope_theta, c.norm_eps, c.max_seq_len) == (4, 500.0, 1e-5, 256)
+
+
+def test_hf_config_dict_round_trips(tiny_config):
+    c = tiny_config.replace(rope_theta=777.0, norm_eps=1e-4)
+    assert LlamaConfig.from_hf(hf_config_dict(c)) == c
+    # ... and transformers reads the same model out of it.
+    assert LlamaConfig.from_hf(transformers.LlamaConfig(**hf_config_dict(c)).to_dict()) == c
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"model_type": "mistral"}, "model_type is 'mistral'"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope scaling type 'llama3'"),
+        ({"head_dim": 32}, "head_dim=32"),
+        ({"num_key_value_heads": 4}, "n_heads=6 is not divisible by n_kv_heads=4"),
+    ],
+)
+def test_from_hf_rejects_unsupported(changes, match):
+    d = transformers.LlamaConfig(**_hf_kwargs()).to_dict()
+    d.update(changes)
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig.from_hf(d)
+
+
+def test_from_hf_missing_and_bad_files(tmp_path):
+    d = transformers.LlamaConfig(**_hf_kwargs()).to_dict()
+    del d["intermediate_size"]
+    with pytest.raises(ValueError, match="missing required field.*intermediate_size"):
+        LlamaConfig.from_hf(d)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        LlamaConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        LlamaConfig.from_hf(tmp_path)
+
+
+def test_presets_are_consistent_with_meta_arithmetic():
+    # The literal hidden_dim in each preset is what Meta's formula gives for that model's params.json.
+    for name, params in META_PARAMS.items():
+        got = meta_ffn_hidden_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier"))
+        assert got == PRESETS[name].hidden_dim, name
+    assert math.isclose(PRESETS["llama-3-8b"].rope_theta, 500000.0)
