@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib
 import json
 import logging
 import os
@@ -100,13 +101,18 @@ def resolve_model(spec: str, *, vocab_size: Optional[int] = None) -> ModelSource
     else:
         with open(cfg_file, encoding="utf-8") as f:
             try:
-                file_vocab = json.load(f).get("vocab_size", -1)
+                params = json.load(f)
             except json.JSONDecodeError as e:
                 raise BadInput(f"{cfg_file}: not valid JSON ({e})") from None
-        if vocab_size is None and (file_vocab is None or file_vocab <= 0):
+        if not isinstance(params, dict):
+            raise BadInput(f"{cfg_file}: expected a JSON object, got {type(params).__name__}")
+        file_vocab = params.get("vocab_size", -1)
+        if vocab_size is None and (file_vocab is None or (isinstance(file_vocab, int) and file_vocab <= 0)):
             raise BadInput(f"{cfg_file} says vocab_size={file_vocab} (the tokenizer decides) and there is no "
                            "checkpoint to read it from: pass --vocab-size (32000 for Llama-2)")
         config = LlamaConfig.from_meta(cfg_file, vocab_size=vocab_size)
+    if config.name in ("hf", "meta", "custom"):  # no name in the files: call it after its directory
+        config = config.replace(name=os.path.basename(os.path.normpath(directory)) or config.name)
     return ModelSource(config, kind, path=spec, checkpoint_dir=directory if weights else None)
 
 
@@ -143,6 +149,11 @@ def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: in
             raise BadInput(f"--device {requested}: no CUDA device available")
         if dev.type not in ("cpu", "cuda"):
             raise BadInput(f"bad --device {requested!r}: use cpu, meta or cuda[:N]")
+        weight_bytes = param_count(source.config) * dtype_bytes
+        avail = _available_ram()
+        if dev.type == "cpu" and avail and weight_bytes > avail:
+            raise BadInput(f"--device cpu: the weights need {weight_bytes / (1 << 30):.1f} GiB but only "
+                           f"{avail / (1 << 30):.1f} GiB of RAM is available; use --device meta (counts are the same)")
         return requested, f"--device {requested}"
     weight_bytes = param_count(source.config) * dtype_bytes
     avail = _available_ram()
@@ -416,8 +427,10 @@ def render_schedules(config, rows: list[dict], measure_tokens: Optional[tuple[in
             line += ("  confirmed" if r["measured_ok"] else
                      f"  MISMATCH a={r['measured_a']:,} b={r['measured_b']:,}")
         lines.append(line)
-    if any("published_a" in r for r in rows):
-        lines.append("Published a overstates ours by ~34% (FLOPs and MACs mixed); see docs/errata.md.")
+    ratios = [r["ratio_a"] for r in rows if "ratio_a" in r]
+    if ratios:
+        lines.append(f"Published a is {min(ratios):.3f}-{max(ratios):.3f} x ours (MACs and FLOPs mixed, embedding "
+                     "counted); published b is right (QK^T doubled, attention x V omitted). See docs/errata.md.")
     return "\n".join(lines)
 
 
@@ -495,7 +508,7 @@ def _register_optional_subcommands() -> None:
     if "roofline" in SUBCOMMANDS:
         return
     try:
-        from . import roofline
+        roofline = importlib.import_module("counters.roofline")
     except Exception as e:  # noqa: BLE001 - any import failure just leaves the subcommand out
         logger.debug("roofline subcommand unavailable: %s", e)
         return
@@ -526,7 +539,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_BAD_INPUT
     level = logging.WARNING if args.verbose == 0 else logging.INFO if args.verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    return args._run(args)
+    try:
+        return args._run(args)
+    except BrokenPipeError:  # output piped into e.g. `head`: not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from torch import nn
 
 from .formulas import ZERO, Count
 from .ops import (
+    INTEGER_BOOKKEEPING,
     REGISTRY,
     UNKNOWN,
     OpCall,
@@ -189,6 +190,16 @@ def _install_position_scopes(model: nn.Module) -> tuple[list, list[int]]:
 
 
 # ---------------------------------------------------------------- the counter
+def _import_fvcore():
+    """fvcore lazily (only this counter needs it); its import scripts a loss function with
+    ``torch.jit.script``, which recent torch flags as deprecated - noise for a user of this counter."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated", category=DeprecationWarning)
+        from fvcore.nn import FlopCountAnalysis, jit_analysis
+        from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
+    return FlopCountAnalysis, jit_analysis, _DEFAULT_SUPPORTED_OPS
+
+
 def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, strict: bool = False) -> CounterResult:
     """Count one forward ``model(tokens, start_pos)`` with fvcore's ``FlopCountAnalysis``.
 
@@ -199,9 +210,7 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
     ``strict``: raise :class:`counters.ops.UncountedOpError` if an op has no formula; otherwise log
     a warning and list it in ``unknown_ops``.
     """
-    from fvcore.nn import FlopCountAnalysis, jit_analysis
-    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
-
+    FlopCountAnalysis, jit_analysis, _DEFAULT_SUPPORTED_OPS = _import_fvcore()
     fvcore_matmul = {k: _DEFAULT_SUPPORTED_OPS[k] for k in FVCORE_MATMUL_KINDS if k in _DEFAULT_SUPPORTED_OPS}
 
     wrapper = _StartPosWrapper(model, start_pos)
@@ -248,6 +257,8 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
     fvcore_alone_total = 0  # what FlopCountAnalysis with its defaults would return
     fvcore_alone_unsupported: Counter[str] = Counter()
     mac_disagreements: Counter[str] = Counter()
+    bookkeeping: Counter[str] = Counter()
+    unknown_reasons: dict[str, set[str]] = {}
 
     for node in graph.nodes():
         kind = _jit_kind(node)
@@ -263,6 +274,11 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
         classified = REGISTRY.classify(_jit_call(node, name))
         if classified.status == "unknown":
             unknown[name] += 1
+            unknown_reasons.setdefault(name, set()).add(classified.reason)
+            continue
+        if classified.status == "free":
+            if classified.reason == INTEGER_BOOKKEEPING:
+                bookkeeping[kind] += 1
             continue
         count = classified.count
         if kind in fvcore_matmul:
@@ -275,10 +291,11 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
 
     fvcore_total_macs = fvcore_to_macs(fvcore_total)
     row_macs = result.total.macs
+    unsupported = ", ".join(f"{k} x{v}" for k, v in sorted(fvcore_unsupported.items())) or "none"
     result.notes.append(
         f"fvcore FlopCountAnalysis.total() = {fvcore_total_macs} MACs (fvcore counts 1 per MAC: its handles for "
         f"{', '.join(sorted(set(fvcore_matmul) & set(_kinds(graph))) or 'no op here')}, ours for the MAC part of "
-        "ops it lacks); non-matmul FLOPs come from counters.ops."
+        f"ops it lacks); non-matmul FLOPs come from counters.ops. Its unsupported_ops(): {unsupported}."
     )
     if row_macs != fvcore_total_macs:
         message = (f"fvcore: per-row MACs sum to {row_macs} but FlopCountAnalysis.total() is {fvcore_total_macs}")
@@ -299,9 +316,12 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
         alone += "; it would flag as unsupported (warning only): " + ", ".join(
             f"{k} x{v}" for k, v in sorted(fvcore_alone_unsupported.items()))
     result.notes.append(alone)
+    if bookkeeping:
+        result.notes.append("free as integer bookkeeping (traced Python-int size arithmetic on 0-dim integer "
+                            "tensors): " + ", ".join(f"{k} x{v}" for k, v in sorted(bookkeeping.items())))
 
     result.unknown_ops = dict(sorted(unknown.items()))
-    raise_or_warn_unknown("fvcore", result.unknown_ops, strict, logger)
+    raise_or_warn_unknown("fvcore", result.unknown_ops, strict, logger, unknown_reasons)
     return result
 
 

@@ -202,5 +202,9 @@ def detect_table_name(device_name_: str) -> Optional[str]:
 def get_hardware(name: str, dtype: Optional[str] = None, **measure_kwargs) -> Hardware:
     """``name`` from the table, or ``"cpu"`` (measured now). ``dtype`` defaults to bf16 for GPUs, fp32 for cpu."""
     if name == "cpu":
-        return measure_device("cpu", dtype or "fp32", **measure_kwargs)
+        dtype = dtype or "fp32"
+        if dtype in ("bf16", "fp16"):  # hundreds of times slower than fp32 on most CPUs: keep it short
+            measure_kwargs.setdefault("n", 512)
+            measure_kwargs.setdefault("repeats", 2)
+        return measure_device("cpu", dtype, **measure_kwargs)
     return table_hardware(name, dtype or "bf16")

@@ -21,7 +21,7 @@ from torch import nn
 
 from llama_ref.attention import Attention, AttentionCore, KVCache
 from llama_ref.block import TransformerBlock
-from llama_ref.layers import FeedForward, GatedSiLU, RMSNorm
+from llama_ref.layers import FeedForward, GatedSiLU, Linear, RMSNorm
 from llama_ref.model import Llama
 from llama_ref.rope import RotaryEmbedding
 
@@ -80,7 +80,8 @@ def _embedding(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Cou
 
 # Leaf modules: one formula covers the module and everything below it.
 HOOK_FORMULAS: dict[type, Callable[..., Count]] = {
-    nn.Linear: _linear,  # llama_ref.layers.Linear is an nn.Linear
+    Linear: _linear,
+    nn.Linear: _linear,
     RMSNorm: _rmsnorm,
     RotaryEmbedding: _rope,
     AttentionCore: _attention_core,
@@ -92,11 +93,27 @@ HOOK_FORMULAS: dict[type, Callable[..., Count]] = {
 NO_ARITHMETIC_MODULES: tuple[type, ...] = (Llama, Attention, FeedForward, nn.ModuleList, KVCache)
 
 
-def _formula_for(module: nn.Module) -> Optional[Callable[..., Count]]:
+def _covers(cls: type, module: nn.Module) -> bool:
+    """A formula written for ``cls`` covers ``module`` if it is a ``cls`` whose forward is ``cls``'s own
+    (a subclass that overrides ``forward`` may do other work: it gets no formula by inheritance)."""
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+def _does_no_arithmetic(module: nn.Module) -> bool:
+    return any(_covers(cls, module) for cls in NO_ARITHMETIC_MODULES)
+
+
+def _classify(module: nn.Module) -> tuple[str, Optional[type]]:
+    """("leaf", class whose formula applies) | ("block", None) | ("block-unknown", None) |
+    ("container", None) | ("unknown", None). Depends on the module's type only."""
     for cls in type(module).__mro__:
-        if cls in HOOK_FORMULAS:
-            return HOOK_FORMULAS[cls]
-    return None
+        if cls in HOOK_FORMULAS and _covers(cls, module):
+            return "leaf", cls
+    if isinstance(module, TransformerBlock):
+        return ("block" if _covers(TransformerBlock, module) else "block-unknown"), None
+    if _does_no_arithmetic(module):
+        return "container", None
+    return "unknown", None
 
 
 class HookCounter(AbstractContextManager):
@@ -114,22 +131,33 @@ class HookCounter(AbstractContextManager):
 
     # ------------------------------------------------------------ install / remove
     def __enter__(self) -> "HookCounter":
-        covered: list[str] = []  # prefixes of modules a leaf formula already covers
-        for fqn, module in self.model.named_modules():
-            if any(fqn.startswith(p + ".") for p in covered):
-                continue
-            formula = _formula_for(module)
-            if fqn == "":
-                self._handles.append(module.register_forward_pre_hook(self._on_forward_start))
-                self._handles.append(module.register_forward_hook(self._on_forward_end))
-            if formula is not None:
-                covered.append(fqn)
+        kinds: dict[type, tuple[str, Optional[type]]] = {}  # per-type decision, made once per type
+        root = self.model
+        self._handles.append(root.register_forward_pre_hook(self._on_forward_start))
+        self._handles.append(root.register_forward_hook(self._on_forward_end))
+        stack: list[tuple[str, nn.Module]] = [("", root)]
+        while stack:
+            fqn, module = stack.pop()
+            cls = type(module)
+            if cls not in kinds:
+                kinds[cls] = _classify(module)
+            kind, formula_cls = kinds[cls]
+            if kind == "leaf":  # one formula covers the module and everything below it
+                formula = HOOK_FORMULAS[formula_cls]
                 self._handles.append(module.register_forward_hook(self._make_leaf_hook(fqn, formula), with_kwargs=True))
-            elif isinstance(module, TransformerBlock):
+                continue
+            if kind == "block":
                 self._handles.append(module.register_forward_pre_hook(self._make_block_pre_hook(module)))
                 self._handles.append(module.register_forward_hook(self._make_block_post_hook(fqn)))
-            elif not isinstance(module, NO_ARITHMETIC_MODULES):
+            elif kind == "block-unknown":
+                # Positions advance for any block; its own work only has a formula if forward is
+                # TransformerBlock's.
+                self._handles.append(module.register_forward_pre_hook(self._make_block_pre_hook(module)))
+                self._handles.append(module.register_forward_hook(self._make_unknown_hook(fqn, end_run=True)))
+            elif kind == "unknown":
                 self._handles.append(module.register_forward_hook(self._make_unknown_hook(fqn)))
+            prefix = fqn + "." if fqn else ""
+            stack.extend((prefix + name, child) for name, child in module._modules.items() if child is not None)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -178,8 +206,10 @@ class HookCounter(AbstractContextManager):
             self.result.add(key, formula(module, args, kwargs, output))
         return hook
 
-    def _make_unknown_hook(self, fqn: str) -> Callable:
+    def _make_unknown_hook(self, fqn: str, end_run: bool = False) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if end_run:
+                self._position = None
             name = f"module {type(module).__module__}.{type(module).__qualname__} ({fqn or '<root>'})"
             if self.strict:
                 raise UncountedModuleError(f"no hook formula for {name}; its work would go uncounted")

@@ -20,10 +20,11 @@ Every op is in exactly one of three states, and nothing is ever counted as zero 
 
 Integer bookkeeping: the jit tracer records Python-int size arithmetic (``start_pos + seqlen``,
 ``n_heads * head_dim`` of traced sizes) as ``aten::add``/``aten::mul`` on 0-dim integer tensors,
-and ``Llama._check_inputs`` runs ``tokens.min()``/``tokens.max()`` on the integer token ids. The
-element-wise and reduction families count an op whose tensors are *all* integer/bool as zero,
-by that documented rule (model FLOPs are floating-point arithmetic); a float operand anywhere
-makes the op counted. The matmul and attention families have no such rule (an int8 matmul is work).
+and ``Llama._check_inputs`` runs ``tokens.min()``/``tokens.max()`` on the integer token ids. For
+ops registered with ``integer_free=True`` (the element-wise and reduction registrations) a call
+whose tensors are *all* integer/bool is classified free with the reason
+:data:`INTEGER_BOOKKEEPING` (model FLOPs are floating-point arithmetic); a float operand anywhere
+makes the call counted. The matmul and attention families have no such rule (an int8 matmul is work).
 
 The op-level numbers sum exactly to the module-level formulas (``tests/test_ops.py`` proves it):
 RMSNorm = pow + mean + add eps + rsqrt + mul + mul weight = rows*(4*dim+2); RoPE = complex mul
@@ -55,10 +56,10 @@ from .formulas import (
 )
 
 __all__ = [
-    "COMPLEX_ADD_FLOPS", "DuplicateRegistrationError", "FREE_OPS", "OpCall", "OpCount", "OpFormula", "OpRegistry",
-    "REAL_ELEMENTWISE_FLOPS", "REGISTRY", "SDPA_BACKEND_OPS", "TensorMeta", "UNKNOWN", "UncountableCall",
-    "UncountedOpError", "canonical_op_name", "elementwise", "fvcore_to_macs", "matmul", "raise_or_warn_unknown",
-    "reduction", "sdpa", "torch_flops_to_macs",
+    "COMPLEX_ADD_FLOPS", "DuplicateRegistrationError", "FREE_OPS", "INTEGER_BOOKKEEPING", "OpCall", "OpCount",
+    "OpFormula", "OpRegistry", "REAL_ELEMENTWISE_FLOPS", "REGISTRY", "SDPA_BACKEND_OPS", "TensorMeta", "UNKNOWN",
+    "UncountableCall", "UncountedOpError", "canonical_op_name", "elementwise", "fvcore_to_macs", "matmul",
+    "raise_or_warn_unknown", "reduction", "sdpa", "torch_flops_to_macs",
 ]
 
 # ---------------------------------------------------------------- per-element op constants
@@ -75,17 +76,19 @@ for _name, _value in (("SCALE_FLOPS", SCALE_FLOPS), ("MASK_FLOPS", MASK_FLOPS),
                           f"({REAL_ELEMENTWISE_FLOPS} FLOP per element) at op level; update counters/ops.py too")
 # RMSNorm per element: pow, mean (sum + divide), x * rsqrt, * weight; per row: + eps, rsqrt.
 if (RMSNORM_FLOPS_PER_ELEMENT, RMSNORM_FLOPS_PER_ROW) != (4 * REAL_ELEMENTWISE_FLOPS, 2 * REAL_ELEMENTWISE_FLOPS):
-    raise ImportError("formulas.RMSNORM_* no longer match the op sequence pow/mean/add/rsqrt/mul/mul")  # pragma: no cover
+    raise ImportError(  # pragma: no cover
+        "formulas.RMSNORM_* no longer match the op sequence pow/mean/add/rsqrt/mul/mul")
 
 
 # ---------------------------------------------------------------- errors
 class UncountedOpError(RuntimeError):
     """Strict mode: ops were met that no formula and no free-list entry covers."""
 
-    def __init__(self, counter: str, unknown_ops: Mapping[str, int]) -> None:
+    def __init__(self, counter: str, unknown_ops: Mapping[str, int],
+                 reasons: Optional[Mapping[str, Iterable[str]]] = None) -> None:
         self.counter = counter
         self.unknown_ops = dict(unknown_ops)
-        listing = ", ".join(f"{op} x{n}" for op, n in sorted(self.unknown_ops.items()))
+        listing = _listing(self.unknown_ops, reasons)
         super().__init__(
             f"{counter}: {sum(self.unknown_ops.values())} op call(s) have no formula in counters.ops and are not on "
             f"its free list: {listing}. Register a formula (or a reviewed free-list entry) for them; "
@@ -101,13 +104,23 @@ class DuplicateRegistrationError(ValueError):
     """An op name was registered twice (as a formula or on the free list)."""
 
 
-def raise_or_warn_unknown(counter: str, unknown_ops: Mapping[str, int], strict: bool, logger) -> None:
-    """The single policy for unknown ops: raise in strict mode, otherwise one listed warning."""
+def _listing(unknown_ops: Mapping[str, int], reasons: Optional[Mapping[str, Iterable[str]]] = None) -> str:
+    parts = []
+    for op, n in sorted(unknown_ops.items()):
+        why = sorted(set((reasons or {}).get(op, ())))
+        parts.append(f"{op} x{n}" + (f" ({'; '.join(why)})" if why else ""))
+    return ", ".join(parts)
+
+
+def raise_or_warn_unknown(counter: str, unknown_ops: Mapping[str, int], strict: bool, logger,
+                          reasons: Optional[Mapping[str, Iterable[str]]] = None) -> None:
+    """The single policy for unknown ops: raise in strict mode, otherwise one listed warning.
+    ``reasons``: op -> why its calls could not be counted (shown next to the op)."""
     if not unknown_ops:
         return
     if strict:
-        raise UncountedOpError(counter, unknown_ops)
-    listing = ", ".join(f"{op} x{n}" for op, n in sorted(unknown_ops.items()))
+        raise UncountedOpError(counter, unknown_ops, reasons)
+    listing = _listing(unknown_ops, reasons)
     logger.warning("%s: op(s) without a formula were NOT counted (listed in CounterResult.unknown_ops): %s",
                    counter, listing)
 
@@ -273,12 +286,22 @@ class OpCount:
     reason: str = ""
 
 
+INTEGER_BOOKKEEPING = ("integer bookkeeping: no floating-point operand, only integer/bool tensors or Python "
+                       "scalars (jit-traced size arithmetic, token-id range checks), not model work")
+
+
+def _all_integral(call: OpCall) -> bool:
+    """No floating/complex tensor among inputs and outputs (vacuously true for scalar-only calls)."""
+    return all(t.is_integral for t in call.tensors())
+
+
 class OpRegistry:
     """op name -> formula, plus the reviewed free list. Rejects any name registered twice."""
 
     def __init__(self) -> None:
         self._formulas: dict[str, OpFormula] = {}
         self._families: dict[str, str] = {}
+        self._integer_free: set[str] = set()
         self._free: dict[str, str] = {}
 
     def _check_new(self, name: str) -> None:
@@ -286,19 +309,28 @@ class OpRegistry:
             where = f"formula ({self._families[name]})" if name in self._formulas else "free list"
             raise DuplicateRegistrationError(f"op {name!r} is already registered ({where})")
 
-    def register(self, names: Union[str, Iterable[str]], formula: OpFormula, family: str = "") -> OpFormula:
+    def register(self, names: Union[str, Iterable[str]], formula: OpFormula, family: str = "", *,
+                 integer_free: bool = False) -> OpFormula:
+        """Register ``formula`` for ``names``. ``integer_free``: calls whose tensors are all
+        integer/bool are free (:data:`INTEGER_BOOKKEEPING`) instead of going to the formula."""
         names = [names] if isinstance(names, str) else list(names)
+        if len(set(names)) != len(names):
+            raise DuplicateRegistrationError(f"op names repeated in one registration: {names}")
         for name in names:
             self._check_new(name)
         for name in names:
             self._formulas[name] = formula
             self._families[name] = family or getattr(formula, "__name__", "?")
+            if integer_free:
+                self._integer_free.add(name)
         return formula
 
     def register_free(self, names: Union[str, Iterable[str]], reason: str) -> None:
-        if not reason:
+        if not reason or not reason.strip():
             raise ValueError("every free-list entry needs a one-line reason")
         names = [names] if isinstance(names, str) else list(names)
+        if len(set(names)) != len(names):
+            raise DuplicateRegistrationError(f"op names repeated in one registration: {names}")
         for name in names:
             self._check_new(name)
         for name in names:
@@ -325,12 +357,15 @@ class OpRegistry:
     def classify(self, call: OpCall) -> OpCount:
         formula = self._formulas.get(call.op)
         if formula is not None:
+            if call.op in self._integer_free and _all_integral(call):
+                return OpCount("free", ZERO, INTEGER_BOOKKEEPING)
             try:
                 count = formula(call)
             except UncountableCall as e:
                 return OpCount("unknown", ZERO, str(e))
-            if not (isinstance(count, Count) and isinstance(count.macs, int) and isinstance(count.nonmatmul_flops, int)):
-                raise TypeError(f"formula for {call.op!r} returned {count!r}, not a Count of ints")
+            values = (count.macs, count.nonmatmul_flops) if isinstance(count, Count) else (None,)
+            if not all(type(v) is int and v >= 0 for v in values):
+                raise TypeError(f"formula for {call.op!r} returned {count!r}, not a Count of non-negative ints")
             return OpCount("counted", count)
         if call.op in self._free:
             return OpCount("free", ZERO, self._free[call.op])
@@ -346,20 +381,17 @@ REGISTRY = OpRegistry()
 
 
 # ---------------------------------------------------------------- op families (factories)
-def _all_integral(call: OpCall) -> bool:
-    tensors = call.tensors()
-    return bool(tensors) and all(t.is_integral for t in tensors)
-
-
-def elementwise(flops_per_element: int, *, complex_flops: Optional[int] = None, name: str = "") -> OpFormula:
+def elementwise(flops_per_element: int, *, complex_flops: Optional[int] = None, unit_args: Sequence[str] = (),
+                name: str = "") -> OpFormula:
     """Unary/binary/ternary element-wise op: ``flops_per_element`` per *output* element (so a
     broadcast ``scores + mask`` costs the scores' numel). Complex output: ``complex_flops`` per
-    complex element, or :class:`UncountableCall` if the op has no complex cost here. All-integer
-    operands: zero (integer bookkeeping, see the module docstring)."""
+    complex element, or :class:`UncountableCall` if the op has no complex cost here.
+    ``unit_args`` (add's ``alpha``) must be 1: other values are extra work not counted here."""
 
     def formula(call: OpCall) -> Count:
-        if _all_integral(call):
-            return ZERO
+        for arg in unit_args:
+            if call.get(arg, 1) != 1:
+                raise UncountableCall(f"{call.op}: {arg}={call.get(arg)!r} (only 1 is counted)")
         out = call.out
         if out.is_complex:
             if complex_flops is None:
@@ -374,12 +406,9 @@ def elementwise(flops_per_element: int, *, complex_flops: Optional[int] = None, 
 def reduction(per_input_element: int, per_output_element: int = 0, *, input_arg: str = "self",
               name: str = "") -> OpFormula:
     """``per_input_element * numel(input) + per_output_element * numel(output)``: ``mean`` is
-    (1, 0) - (n-1) adds + 1 divide per output, summed: numel(input); ``sum``/``max``/``min`` are (1, -1).
-    All-integer operands: zero (token-id range checks, size bookkeeping)."""
+    (1, 0) - (n-1) adds + 1 divide per output, summed: numel(input); ``sum``/``max``/``min`` are (1, -1)."""
 
     def formula(call: OpCall) -> Count:
-        if _all_integral(call):
-            return ZERO
         x = call.tensor(input_arg)
         if x.is_complex:
             raise UncountableCall(f"{call.op} on complex tensors has no formula")
@@ -461,31 +490,48 @@ REGISTRY.register("mm", matmul("self", "mat2", name="mm"), "matmul")
 REGISTRY.register("bmm", matmul("self", "mat2", name="bmm"), "matmul")
 REGISTRY.register("matmul", matmul("self", "other", name="matmul"), "matmul")
 REGISTRY.register("linear", matmul("input", "weight", bias_arg="bias", b_is_weight=True, name="linear"), "matmul")
-REGISTRY.register("addmm", matmul("mat1", "mat2", bias_arg="self", scale_args=("alpha", "beta"), name="addmm"), "matmul")
+REGISTRY.register("addmm", matmul("mat1", "mat2", bias_arg="self", scale_args=("alpha", "beta"), name="addmm"),
+                  "matmul")
 REGISTRY.register("baddbmm", matmul("batch1", "batch2", bias_arg="self", scale_args=("alpha", "beta"),
                                     name="baddbmm"), "matmul")
 
 # Element-wise arithmetic: one FLOP per output element. Covers the RMSNorm x*x (pow 2), + eps,
 # x * rsqrt, * weight; the scale (div) and mask add of attention; the residual adds; the SwiGLU
 # gate multiply. mul on complex tensors is RoPE's rotation: COMPLEX_MUL_FLOPS per complex element.
-REGISTRY.register("mul", elementwise(REAL_ELEMENTWISE_FLOPS, complex_flops=COMPLEX_MUL_FLOPS, name="mul"), "elementwise")
+_ELEMENTWISE = dict(family="elementwise", integer_free=True)
+REGISTRY.register("mul", elementwise(REAL_ELEMENTWISE_FLOPS, complex_flops=COMPLEX_MUL_FLOPS, name="mul"),
+                  **_ELEMENTWISE)
 REGISTRY.register(["add", "sub"], elementwise(REAL_ELEMENTWISE_FLOPS, complex_flops=COMPLEX_ADD_FLOPS,
-                                              name="add/sub"), "elementwise")
-REGISTRY.register("div", elementwise(REAL_ELEMENTWISE_FLOPS, name="div"), "elementwise")
+                                              unit_args=("alpha",), name="add/sub"), **_ELEMENTWISE)
+REGISTRY.register("div", elementwise(REAL_ELEMENTWISE_FLOPS, name="div"), **_ELEMENTWISE)
 # x.pow(2) = x*x (the only power Llama takes); counted one FLOP per element like any other power.
-REGISTRY.register("pow", elementwise(REAL_ELEMENTWISE_FLOPS, name="pow"), "elementwise")
-REGISTRY.register("rsqrt", elementwise(REAL_ELEMENTWISE_FLOPS, name="rsqrt"), "elementwise")
+REGISTRY.register("pow", elementwise(REAL_ELEMENTWISE_FLOPS, name="pow"), **_ELEMENTWISE)
+REGISTRY.register("rsqrt", elementwise(REAL_ELEMENTWISE_FLOPS, name="rsqrt"), **_ELEMENTWISE)
+# element-wise maximum/minimum of two tensors: one comparison per element.
+REGISTRY.register(["maximum", "minimum"], elementwise(REAL_ELEMENTWISE_FLOPS, name="maximum/minimum"),
+                  **_ELEMENTWISE)
 # torch.where(cond, a, b): one select per element (seen only inside SDPA's math decomposition).
-REGISTRY.register("where", elementwise(REAL_ELEMENTWISE_FLOPS, name="where"), "elementwise")
+REGISTRY.register("where", elementwise(REAL_ELEMENTWISE_FLOPS, name="where"), **_ELEMENTWISE)
 REGISTRY.register("silu", elementwise(SILU_FLOPS, name="silu"), "elementwise")
 # softmax over the last dim: max, subtract, exp, sum, divide per element. _safe_softmax is the
 # same computation with fully masked rows set to 0 (SDPA's math decomposition uses it).
 REGISTRY.register(["softmax", "_softmax", "_safe_softmax"], elementwise(SOFTMAX_FLOPS, name="softmax"), "softmax")
 
 # Reductions.
-REGISTRY.register("mean", reduction(1, 0, name="mean"), "reduction")
-REGISTRY.register("sum", reduction(1, -1, name="sum"), "reduction")
-REGISTRY.register(["max", "min"], reduction(1, -1, name="max/min"), "reduction")
+REGISTRY.register("mean", reduction(1, 0, name="mean"), "reduction", integer_free=True)
+REGISTRY.register("sum", reduction(1, -1, name="sum"), "reduction", integer_free=True)
+_MIN_MAX_REDUCTION = reduction(1, -1, name="max/min")
+
+
+def _min_max(call: OpCall) -> Count:
+    """``max``/``min``: a reduction (``max.default``, ``max.dim``: n-1 comparisons per output), or
+    with a second tensor (``max.other``) an element-wise maximum: one comparison per output element."""
+    if isinstance(call.get("other"), TensorMeta):
+        return Count(nonmatmul_flops=REAL_ELEMENTWISE_FLOPS * call.out.numel)
+    return _MIN_MAX_REDUCTION(call)
+
+
+REGISTRY.register(["max", "min"], _min_max, "reduction", integer_free=True)
 
 # Attention. The composite (jit records it), its math decomposition's entry point, and the fused
 # backends FlopCounterMode sees at dispatch level (CPU flash, CUDA flash/efficient/cuDNN).
@@ -497,7 +543,8 @@ SDPA_BACKEND_OPS = (
 )
 REGISTRY.register(["scaled_dot_product_attention", "_scaled_dot_product_attention_math"],
                   sdpa("attn_mask", name="sdpa"), "attention")
-REGISTRY.register("_scaled_dot_product_flash_attention_for_cpu", sdpa("attn_mask", name="sdpa_flash_cpu"), "attention")
+REGISTRY.register("_scaled_dot_product_flash_attention_for_cpu", sdpa("attn_mask", name="sdpa_flash_cpu"),
+                  "attention")
 REGISTRY.register("_scaled_dot_product_flash_attention", sdpa(None, name="sdpa_flash"), "attention")
 REGISTRY.register(["_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"],
                   sdpa("attn_bias", name="sdpa_efficient/cudnn"), "attention")

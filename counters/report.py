@@ -79,14 +79,15 @@ def render_table(report: CrosscheckReport, *, detail: bool = False, title: Optio
         lines.append(f"{name:<10} {fmt(t['macs']):>22} {fmt(t['flops']):>22} {fmt(t['nonmatmul_flops']):>20}  "
                      + (", ".join(f"{op} x{k}" for op, k in sorted(unknown.items())) if unknown else "none"))
     a = report.analytic
+    lines.append("")
     if a is not None:
-        lines.append("")
-        lines.append(f"params {fmt(report.params)} | causal-useful MACs {fmt(a.macs_causal)} | exact FLOPs "
-                     f"M*N*(2K-1) {fmt(a.flops_exact)} | bytes moved {fmt(a.bytes)} (weights {fmt(a.total.weight_bytes)}, "
-                     f"activations {fmt(a.total.act_bytes)}, KV read {fmt(a.total.kv_read_bytes)}, KV write "
-                     f"{fmt(a.total.kv_write_bytes)}) | KV cache {fmt(a.kv_cache_bytes)} bytes | intensity "
-                     f"{a.total.intensity:.1f} FLOPs/byte (bytes at {a.weight_dtype_bytes}-byte weights, "
-                     f"{a.act_dtype_bytes}-byte activations)")
+        t = a.total
+        lines.append(f"params {fmt(report.params)} | KV cache {fmt(a.kv_cache_bytes)} bytes | causal-useful MACs "
+                     f"{fmt(a.macs_causal)} | exact FLOPs M*N*(2K-1) {fmt(a.flops_exact)}")
+        lines.append(f"bytes moved {fmt(t.bytes)} = weights {fmt(t.weight_bytes)} + activations {fmt(t.act_bytes)} "
+                     f"+ KV read {fmt(t.kv_read_bytes)} + KV write {fmt(t.kv_write_bytes)} "
+                     f"({a.weight_dtype_bytes}-byte weights, {a.act_dtype_bytes}-byte activations); "
+                     f"intensity {t.intensity:.1f} FLOPs/byte")
     else:
         lines.append(f"params {fmt(report.params)}")
     lines.append("")

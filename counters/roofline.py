@@ -686,7 +686,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for CPU measurement")
-    parser.add_argument("--out", default="roofline_out", help="directory for roofline.json and the PNGs (default roofline_out)")
+    parser.add_argument("--out", default="out/roofline", help="directory for roofline.json and the PNGs (default out/roofline)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
 
 

@@ -41,6 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .formulas import ZERO, Count
 from .ops import (
+    INTEGER_BOOKKEEPING,
     REGISTRY,
     SDPA_BACKEND_OPS,
     OpCall,
@@ -100,6 +101,8 @@ class _Tally:
         self.torch_only: Counter[str] = Counter()
         self.decomposed_sdpa = 0
         self.mac_disagreements: Counter[str] = Counter()
+        self.bookkeeping: Counter[str] = Counter()
+        self.unknown_reasons: dict[str, set[str]] = {}
 
     # ------------------------------------------------------------ attribution
     def row(self) -> RowKey:
@@ -109,6 +112,10 @@ class _Tally:
         return row_for_module(fqn, position)
 
     # ------------------------------------------------------------ ops
+    def add_unknown(self, name: str, reason: str) -> None:
+        self.unknown[name] += 1
+        self.unknown_reasons.setdefault(name, set()).add(reason)
+
     def on_op(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> None:
         name = canonical_op_name(func)
         packet = func.overloadpacket
@@ -141,7 +148,11 @@ class _Tally:
                 count, left = Count(macs=macs), ZERO
                 self.torch_only[entry.name] += 1
         elif ours.status == "unknown":
-            self.unknown[entry.name] += 1
+            self.add_unknown(entry.name, ours.reason)
+            return
+        elif ours.status == "free":
+            if ours.reason == INTEGER_BOOKKEEPING:
+                self.bookkeeping[entry.name] += 1
             return
         else:
             count = left = ours.count
@@ -172,10 +183,10 @@ class _Tally:
         self.decomposed_sdpa += 1
         for e in region.entries:
             if e.ours.status == "unknown" and e.torch_flops is None:
-                self.unknown[e.name] += 1
+                self.add_unknown(e.name, e.ours.reason)
         fused = REGISTRY.classify(call)
         if fused.status == "unknown":
-            self.unknown[call.op] += 1
+            self.add_unknown(call.op, fused.reason)
             return
         torch_macs = sum(torch_flops_to_macs(e.torch_flops) for e in region.entries if e.torch_flops is not None)
         if torch_macs != fused.count.macs:
@@ -289,9 +300,12 @@ def count_torch(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, s
     if tally.mac_disagreements:
         result.notes.append("FlopCounterMode's MACs differ from counters.ops for: "
                             + ", ".join(f"{k} x{v}" for k, v in sorted(tally.mac_disagreements.items())))
+    if tally.bookkeeping:
+        result.notes.append("free as integer bookkeeping (integer-only operands, e.g. the token-id range check): "
+                            + ", ".join(f"{k} x{v}" for k, v in sorted(tally.bookkeeping.items())))
     if tally.torch_only:
         result.notes.append("counted with FlopCounterMode's MACs only (no formula in counters.ops): "
                             + ", ".join(f"{k} x{v}" for k, v in sorted(tally.torch_only.items())))
     result.unknown_ops = dict(sorted(tally.unknown.items()))
-    raise_or_warn_unknown("torch", result.unknown_ops, strict, logger)
+    raise_or_warn_unknown("torch", result.unknown_ops, strict, logger, tally.unknown_reasons)
     return result

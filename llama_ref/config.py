@@ -133,7 +133,8 @@ class LlamaConfig:
             dim=cfg["hidden_size"],
             n_layers=cfg["num_hidden_layers"],
             n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            # Absent or null means MHA; an explicit 0 is passed on so validation rejects it (no silent MHA).
+            n_kv_heads=n_heads if cfg.get("num_key_value_heads") is None else cfg["num_key_value_heads"],
             vocab_size=cfg["vocab_size"],
             hidden_dim=cfg["intermediate_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-6),
@@ -179,7 +180,7 @@ class LlamaConfig:
             dim=params["dim"],
             n_layers=params["n_layers"],
             n_heads=params["n_heads"],
-            n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+            n_kv_heads=params["n_heads"] if params.get("n_kv_heads") is None else params["n_kv_heads"],
             vocab_size=vocab_size,
             hidden_dim=meta_ffn_hidden_dim(
                 params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")

@@ -34,7 +34,10 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
         if prompts.dim() != 2:
             raise ValueError(f"prompt tensor must have shape (bsz, seqlen), got {tuple(prompts.shape)}")
         prompts = prompts.tolist()
-    prompts = [list(p) for p in prompts]
+    try:
+        prompts = [list(p) for p in prompts]
+    except TypeError:
+        raise ValueError(f"prompts must be a (bsz, seqlen) tensor or a list of token-id lists, got {prompts!r}") from None
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:

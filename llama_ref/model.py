@@ -38,6 +38,13 @@ class Llama(nn.Module):
         super().__init__()
         if not isinstance(config, LlamaConfig):
             raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
+        for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
+            if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
+                raise ValueError(f"{name} must be a floating-point torch.dtype, got {value!r}")
+        try:
+            device = None if device is None else torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r} is not a valid torch device ({e})") from None
         self.config = config
         self._compute_dtype = compute_dtype
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)

@@ -3,8 +3,12 @@
 
 Same config, same weights (transformers' model is built from ours through ``llama_ref.hf``), same
 ``torch`` threads, fp32 on CPU (and bf16 on CUDA when a GPU is present). Every comparison runs the
-contenders *interleaved* (one forward of each per round, the order rotating between rounds) and
-reports medians, so a slow spell of a shared machine hits every contender alike.
+contenders *interleaved* (one run of each per round, the order rotating between rounds). A ratio is
+the median over rounds of the within-round ratio (the contenders ran seconds apart, so a slow spell
+of a shared machine mostly cancels), with a bootstrap 95% interval; ratios of medians and of minima
+are in the JSON beside it. A goal is reported ``met`` / ``not met`` only when the whole interval is
+on one side of it, else ``within noise`` (on a shared 2-core VM runs of the same forward vary by
++-15%, so a few percent cannot be resolved).
 
 * prefill: llama-ref time / transformers time, 7B-layer-shaped model (dim 4096, FFN 11008, 32 heads,
   2 layers, vocab 32000), N=256 tokens; goal <= 1.0. Our ``sdpa`` kernel is the contender; the
@@ -21,7 +25,7 @@ reports medians, so a slow spell of a shared machine hits every contender alike.
     python3 scripts/bench.py                 # full size (a few minutes on 2 cores)
     python3 scripts/bench.py --quick         # tiny shapes, seconds (what the tests run)
 
-Writes ``bench.json`` and ``bench.png`` to ``--out`` (default ``bench_out``) and prints a table.
+Writes ``bench.json`` and ``bench.png`` to ``--out`` (default ``out/bench``) and prints a table.
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ GOALS = {"prefill_ratio_max": 1.0, "decode_ratio_min": 1.0, "hooks_overhead_max"
 FULL = dict(
     config=LlamaConfig(name="7b-layer-shape-2L", dim=4096, n_layers=2, n_heads=32, n_kv_heads=32,
                        vocab_size=32000, hidden_dim=11008, max_seq_len=4096),
-    prefill_tokens=256, prompt_tokens=32, decode_tokens=64, prefill_repeats=7, decode_repeats=5,
-    count_repeats=5, meta_model="llama-2-70b", meta_tokens=2048,
+    prefill_tokens=256, prompt_tokens=32, decode_tokens=64, prefill_repeats=15, decode_repeats=5,
+    count_repeats=7, meta_model="llama-2-70b", meta_tokens=2048,
 )
 QUICK = dict(
     config=LlamaConfig(name="quick-2L", dim=128, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512,
@@ -95,6 +99,45 @@ def medians(samples: dict[str, list[float]]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def paired_ratio(samples: dict[str, list[float]], num: str, den: str) -> dict:
+    """``num`` time over ``den`` time, estimated three ways from interleaved rounds.
+
+    ``paired_median`` (the headline): the median over rounds of the ratio *within* a round; the two
+    ran seconds apart, so a slow spell of a shared machine mostly cancels. ``of_medians`` and
+    ``of_mins`` (the min is each contender's least-disturbed run) are reported beside it."""
+    a, b = samples[num], samples[den]
+    per_round = [x / y for x, y in zip(a, b)]
+    return {
+        "paired_median": statistics.median(per_round),
+        "ci95": bootstrap_median_ci(per_round),
+        "of_medians": statistics.median(a) / statistics.median(b),
+        "of_mins": min(a) / min(b),
+        "per_round": per_round,
+    }
+
+
+def bootstrap_median_ci(values: Sequence[float], *, level: float = 0.95, resamples: int = 2000,
+                        seed: int = 0) -> list[float]:
+    """Percentile-bootstrap confidence interval of the median (deterministic: fixed seed)."""
+    import random
+
+    if len(values) < 2:
+        return [values[0], values[0]] if values else [float("nan")] * 2
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    lo = meds[int((1 - level) / 2 * resamples)]
+    hi = meds[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return [lo, hi]
+
+
+def verdict(ratio: float, ci: Sequence[float], goal: float, *, higher_is_better: bool) -> str:
+    """``met`` / ``not met`` when the whole 95% interval is on one side of the goal, else ``within noise``."""
+    lo, hi = ci
+    if higher_is_better:
+        return "met" if lo >= goal else ("not met" if hi < goal else "within noise")
+    return "met" if hi <= goal else ("not met" if lo > goal else "within noise")
+
+
 # ====================================================================== the contenders
 def build_pair(config: LlamaConfig, *, device, dtype: torch.dtype, seed: int = 0):
     """Our model (random weights made on ``device``) and transformers' model with the same weights."""
@@ -111,7 +154,7 @@ def set_kernel(model, kernel: str) -> None:
         layer.attention.core.kernel = kernel
 
 
-def bench_prefill(ours, hf, *, n_tokens: int, repeats: int, peak_flops: float, seed: int = 0) -> dict:
+def bench_prefill(ours, hf, *, n_tokens: int, repeats: int, seed: int = 0) -> dict:
     from counters.analytic import analyze
 
     device = ours.device
@@ -137,21 +180,22 @@ def bench_prefill(ours, hf, *, n_tokens: int, repeats: int, peak_flops: float, s
         b = hf_fwd().float()
     rel = ((a - b).abs().max() / b.abs().max()).item()
     flops = analyze(ours.config, n_tokens=n_tokens).total.total_flops
+    pr = paired_ratio(samples, "llama_ref_sdpa", "transformers_sdpa")
     return {
         "n_tokens": n_tokens, "repeats": repeats, "median_s": med, "samples_s": samples,
-        "ratio": med["llama_ref_sdpa"] / med["transformers_sdpa"],
-        "ratio_math": med["llama_ref_math"] / med["transformers_sdpa"],
+        # time ratio llama-ref / transformers (lower is better)
+        "ratio": pr["paired_median"], "ci95": pr["ci95"], "ratio_detail": pr,
+        "ratio_math": paired_ratio(samples, "llama_ref_math", "transformers_sdpa")["paired_median"],
         "goal": f"ratio <= {GOALS['prefill_ratio_max']}",
-        "met": med["llama_ref_sdpa"] / med["transformers_sdpa"] <= GOALS["prefill_ratio_max"],
+        "met": pr["paired_median"] <= GOALS["prefill_ratio_max"],
+        "verdict": verdict(pr["paired_median"], pr["ci95"], GOALS["prefill_ratio_max"], higher_is_better=False),
         "analytic_flops": flops,
         "achieved_flops_per_s": {k: flops / v for k, v in med.items()},
-        "efficiency_vs_peak": {k: flops / v / peak_flops for k, v in med.items()},
         "logits_max_rel_diff": rel,
     }
 
 
-def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int, peak_flops: float,
-                 mem_bw: float, seed: int = 0) -> dict:
+def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
     """Greedy decode: the prompt's forward gives the first token (untimed), then ``new_tokens`` cached
     decode steps (N=1 each) are timed."""
     from counters.analytic import analyze
@@ -210,6 +254,7 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
         for n in names[k:] + names[:k]:
             samples[n].append(contenders[n]())
     steps = new_tokens  # decode steps timed (the prompt's forward, which yields the first token, is not)
+    pr = paired_ratio(samples, "transformers_sdpa", "llama_ref_sdpa")  # HF time / our time = our tok/s / HF tok/s
     med = medians(samples)
     tps = {k: steps / v for k, v in med.items()}
     # Analytic cost of the timed steps: step i attends to prompt + i + 1 positions.
@@ -223,14 +268,16 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
     return {
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "timed_steps": steps, "repeats": repeats,
         "median_s": med, "samples_s": samples, "tokens_per_s": tps,
-        "ratio": tps["llama_ref_sdpa"] / tps["transformers_sdpa"],
-        "ratio_math": tps["llama_ref_math"] / tps["transformers_sdpa"],
+        # tokens/s ratio llama-ref / transformers = transformers time / llama-ref time (higher is better)
+        "ratio": pr["paired_median"], "ci95": pr["ci95"], "ratio_detail": pr,
+        "ratio_math": paired_ratio(samples, "transformers_sdpa", "llama_ref_math")["paired_median"],
         "goal": f"ratio >= {GOALS['decode_ratio_min']}",
-        "met": tps["llama_ref_sdpa"] / tps["transformers_sdpa"] >= GOALS["decode_ratio_min"],
+        "met": pr["paired_median"] >= GOALS["decode_ratio_min"],
+        "verdict": verdict(pr["paired_median"], pr["ci95"], GOALS["decode_ratio_min"], higher_is_better=True),
         "same_tokens": len({tuple(v) for v in produced.values()}) == 1,
         "analytic_flops": flops, "analytic_bytes": nbytes,
-        "efficiency_vs_peak": {k: flops / v / peak_flops for k, v in med.items()},
-        "bandwidth_efficiency": {k: nbytes / v / mem_bw for k, v in med.items()},
+        "achieved_flops_per_s": {k: flops / v for k, v in med.items()},
+        "achieved_bytes_per_s": {k: nbytes / v for k, v in med.items()},
     }
 
 
@@ -259,26 +306,44 @@ def bench_counting(model, *, n_tokens: int, repeats: int, counters: Sequence[str
         contenders[name] = (lambda fn=fn: fn(model, tokens, 0))
     samples = interleaved(contenders, repeats=repeats, device=device)
     med = medians(samples)
-    ratios = {k: v / med["plain"] for k, v in med.items() if k != "plain"}
+    details = {k: paired_ratio(samples, k, "plain") for k in samples if k != "plain"}
+    ratios = {k: d["paired_median"] for k, d in details.items()}
     return {
         "n_tokens": n_tokens, "attn_kernel": "math", "repeats": repeats, "median_s": med, "samples_s": samples,
-        "overhead_ratio": ratios, "unavailable": unavailable,
+        "overhead_ratio": ratios, "overhead_detail": details, "unavailable": unavailable,
         "goal": f"hooks <= {GOALS['hooks_overhead_max']}x",
         "met": ratios.get("hooks", float("inf")) <= GOALS["hooks_overhead_max"],
+        "verdict": (verdict(ratios["hooks"], details["hooks"]["ci95"], GOALS["hooks_overhead_max"],
+                            higher_is_better=False) if "hooks" in ratios else "not measured"),
     }
 
 
 # ====================================================================== 70B on meta (child process)
+def peak_rss_mb() -> float:
+    """This process's peak resident set (``VmHWM``), in MiB.
+
+    Not ``getrusage().ru_maxrss``: Linux carries that across ``execve``, so a child spawned by a big
+    parent would report the parent's peak. ``VmHWM`` belongs to the process's own address space."""
+    try:
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def meta_count_child(model_name: str, n_tokens: int, counters: Sequence[str]) -> dict:
     """Runs in a fresh interpreter: build ``model_name`` on the meta device and count one prefill."""
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss0 = peak_rss_mb()
     from counters.analytic import analyze
     from counters.crosscheck import CounterUnavailable, load_counter
     from llama_ref.config import PRESETS
     from llama_ref.model import Llama
 
     config = PRESETS[model_name]
-    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss_imports = peak_rss_mb()
     t0 = time.perf_counter()
     model = Llama(config, device="meta", dtype=torch.bfloat16).eval()
     build_s = time.perf_counter() - t0
@@ -304,9 +369,7 @@ def meta_count_child(model_name: str, n_tokens: int, counters: Sequence[str]) ->
         dt = time.perf_counter() - t0
         agree = all(res.get(k) == expected.get(k) for k in set(res.rows) | set(expected.rows))
         out["counters"][name] = {"seconds": dt, "macs": res.total.macs, "agree_with_analytic": agree}
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    out.update({"peak_rss_mb": ru / 1024, "rss_after_imports_mb": rss_imports / 1024,
-                "rss_at_start_mb": rss0 / 1024})
+    out.update({"peak_rss_mb": peak_rss_mb(), "rss_after_imports_mb": rss_imports, "rss_at_start_mb": rss0})
     return out
 
 
@@ -344,19 +407,21 @@ def machine_info(threads: int) -> dict:
     return info
 
 
-def run_device(device: torch.device, dtype: torch.dtype, p: dict, *, peaks, counting: bool, log) -> dict:
+def run_device(device: torch.device, dtype: torch.dtype, p: dict, *, measure_peaks: Callable[[], object],
+               counting: bool, log) -> dict:
+    """The comparisons on one device. ``measure_peaks()`` is called before and after them: on a shared
+    machine a single measurement can land in a busy spell, so the higher of the two is the peak."""
     dname = str(dtype).replace("torch.", "")
+    before = measure_peaks()
     log(f"[{device}] building {p['config'].name} ({dname}) and its transformers twin ...")
     t0 = time.perf_counter()
     ours, hf = build_pair(p["config"], device=device, dtype=dtype)
-    out = {"device": str(device), "dtype": dname, "config": p["config"].to_dict(), "build_s": time.perf_counter() - t0,
-           "peak_flops": peaks.peak_flops, "mem_bw": peaks.mem_bw, "peaks_source": peaks.source}
+    out = {"device": str(device), "dtype": dname, "config": p["config"].to_dict(), "build_s": time.perf_counter() - t0}
     log(f"[{device}] prefill N={p['prefill_tokens']} x{p['prefill_repeats']} ...")
-    out["prefill"] = bench_prefill(ours, hf, n_tokens=p["prefill_tokens"], repeats=p["prefill_repeats"],
-                                   peak_flops=peaks.peak_flops)
+    out["prefill"] = bench_prefill(ours, hf, n_tokens=p["prefill_tokens"], repeats=p["prefill_repeats"])
     log(f"[{device}] decode {p['decode_tokens']} tokens x{p['decode_repeats']} ...")
     out["decode"] = bench_decode(ours, hf, prompt_tokens=p["prompt_tokens"], new_tokens=p["decode_tokens"],
-                                 repeats=p["decode_repeats"], peak_flops=peaks.peak_flops, mem_bw=peaks.mem_bw)
+                                 repeats=p["decode_repeats"])
     del hf
     if counting:
         log(f"[{device}] counting overhead x{p['count_repeats']} ...")
@@ -364,7 +429,20 @@ def run_device(device: torch.device, dtype: torch.dtype, p: dict, *, peaks, coun
     del ours
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    after = measure_peaks()
+    add_efficiency(out, peak_flops=max(before.peak_flops, after.peak_flops), mem_bw=max(before.mem_bw, after.mem_bw))
+    out["peaks_measured"] = {"before": before.to_dict(), "after": after.to_dict()}
+    out["peaks_source"] = before.source + "; the higher of a measurement before and after the comparisons"
     return out
+
+
+def add_efficiency(sec: dict, *, peak_flops: float, mem_bw: float) -> None:
+    """Efficiency = achieved (analytic FLOPs or bytes over measured time) / this machine's measured peak."""
+    sec["peak_flops"], sec["mem_bw"] = peak_flops, mem_bw
+    pf, dc = sec["prefill"], sec["decode"]
+    pf["efficiency_vs_peak"] = {k: v / peak_flops for k, v in pf["achieved_flops_per_s"].items()}
+    dc["efficiency_vs_peak"] = {k: v / peak_flops for k, v in dc["achieved_flops_per_s"].items()}
+    dc["bandwidth_efficiency"] = {k: v / mem_bw for k, v in dc["achieved_bytes_per_s"].items()}
 
 
 # ====================================================================== report
@@ -378,19 +456,20 @@ def format_report(doc: dict) -> str:
         lines.append(f"\n[{dev}, {sec['dtype']}] model dim {cfg['dim']}, FFN {cfg['hidden_dim']}, {cfg['n_heads']} heads, "
                      f"{cfg['n_layers']} layers, vocab {cfg['vocab_size']}; peak {sec['peak_flops'] / 1e9:.4g} GFLOP/s, "
                      f"copy {sec['mem_bw'] / 1e9:.4g} GB/s")
-        rows = [("measure", "llama-ref (sdpa)", "llama-ref (math)", "transformers", "ratio", "goal", "met")]
+        rows = [("measure (median)", "llama-ref (sdpa)", "llama-ref (math)", "transformers", "ratio [95% CI]", "goal",
+                 "verdict")]
         pf = sec["prefill"]
         ms = pf["median_s"]
         rows.append((f"prefill N={pf['n_tokens']} (s)", f"{ms['llama_ref_sdpa']:.4g}", f"{ms['llama_ref_math']:.4g}",
-                     f"{ms['transformers_sdpa']:.4g}", f"{pf['ratio']:.3f}", "<= 1.0", _yn(pf["met"])))
+                     f"{ms['transformers_sdpa']:.4g}", _ci(pf), "<= 1.0", pf["verdict"]))
         eff = pf["efficiency_vs_peak"]
-        rows.append(("  efficiency vs fp32 peak", f"{100 * eff['llama_ref_sdpa']:.1f}%",
+        rows.append((f"  FLOP/s vs {sec['dtype']} peak", f"{100 * eff['llama_ref_sdpa']:.1f}%",
                      f"{100 * eff['llama_ref_math']:.1f}%", f"{100 * eff['transformers_sdpa']:.1f}%", "", "", ""))
         dc = sec["decode"]
         tps = dc["tokens_per_s"]
         rows.append((f"decode {dc['new_tokens']} tok (tok/s)", f"{tps['llama_ref_sdpa']:.4g}",
-                     f"{tps['llama_ref_math']:.4g}", f"{tps['transformers_sdpa']:.4g}", f"{dc['ratio']:.3f}",
-                     ">= 1.0", _yn(dc["met"])))
+                     f"{tps['llama_ref_math']:.4g}", f"{tps['transformers_sdpa']:.4g}", _ci(dc),
+                     ">= 1.0", dc["verdict"]))
         bw = dc["bandwidth_efficiency"]
         rows.append(("  bytes/s vs copy bw", f"{100 * bw['llama_ref_sdpa']:.1f}%", f"{100 * bw['llama_ref_math']:.1f}%",
                      f"{100 * bw['transformers_sdpa']:.1f}%", "", "", ""))
@@ -398,10 +477,12 @@ def format_report(doc: dict) -> str:
         lines.extend(_grid(rows))
         if "counting" in sec:
             ct = sec["counting"]
-            rows = [("counting overhead", "plain (s)", *[f"{k} (s)" for k in ct["overhead_ratio"]], "goal", "met")]
+            rows = [("counting overhead", "plain (s)", *[f"{k} (s, ratio [95% CI])" for k in ct["overhead_ratio"]],
+                     "goal", "verdict")]
             rows.append((f"N={ct['n_tokens']}, math kernel", f"{ct['median_s']['plain']:.4g}",
-                         *[f"{ct['median_s'][k]:.4g} ({r:.3f}x)" for k, r in ct["overhead_ratio"].items()],
-                         "hooks <= 1.05x", _yn(ct["met"])))
+                         *[f"{ct['median_s'][k]:.4g} ({r:.3f}x [{ct['overhead_detail'][k]['ci95'][0]:.3f}, "
+                           f"{ct['overhead_detail'][k]['ci95'][1]:.3f}])" for k, r in ct["overhead_ratio"].items()],
+                         "hooks <= 1.05x", ct["verdict"]))
             lines.append("")
             lines.extend(_grid(rows))
     if doc.get("meta"):
@@ -420,6 +501,11 @@ def format_report(doc: dict) -> str:
                          f"{mt['analytic_s'] * 1e3:.3g} ms, " + ", ".join(parts)
                          + f"; peak RSS {mt['peak_rss_mb']:.0f} MB (after imports {mt['rss_after_imports_mb']:.0f} MB)")
     return "\n".join(lines)
+
+
+def _ci(sec: dict) -> str:
+    lo, hi = sec["ci95"]
+    return f"{sec['ratio']:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
 def _yn(b: bool) -> str:
@@ -487,7 +573,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="override every repeat count")
     ap.add_argument("--no-counting", action="store_true", help="skip the counting-overhead measurement")
     ap.add_argument("--no-meta", action="store_true", help="skip the 70B-on-meta counting")
-    ap.add_argument("--out", default="bench_out", help="directory for bench.json and bench.png")
+    ap.add_argument("--out", default="out/bench", help="directory for bench.json and bench.png (default out/bench)")
     ap.add_argument("--_meta-child", dest="meta_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--meta-tokens", type=int, default=None, help="tokens of the meta-device count (default 2048)")
     ap.add_argument("--meta-counters", default="hooks,torch,fvcore", help="counters to run on the meta model")
@@ -522,22 +608,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     doc = {"command": "python3 scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "quick": args.quick, "goals": GOALS, "machine": machine_info(threads), "devices": {}}
     if args.device in ("auto", "cpu"):
-        log("measuring this CPU's fp32 matmul peak and copy bandwidth ...")
-        cpu_peaks = measure_device("cpu", "fp32", **({"n": 512, "repeats": 2, "nbytes": 16 * 2**20} if args.quick else {}))
-        doc["machine"]["cpu_peaks"] = cpu_peaks.to_dict()
-        doc["devices"]["cpu"] = run_device(torch.device("cpu"), torch.float32, p, peaks=cpu_peaks,
+        kw = {"n": 512, "repeats": 2, "nbytes": 16 * 2**20} if args.quick else {}
+
+        def cpu_peaks():
+            log("measuring this CPU's fp32 matmul peak and copy bandwidth ...")
+            return measure_device("cpu", "fp32", cache=False, **kw)
+
+        doc["devices"]["cpu"] = run_device(torch.device("cpu"), torch.float32, p, measure_peaks=cpu_peaks,
                                            counting=not args.no_counting, log=log)
     if args.device in ("auto", "cuda") and torch.cuda.is_available():
         from counters.hardware import detect_table_name, table_hardware
 
         cuda = torch.device("cuda")
-        peaks = measure_device(cuda, "bf16", n=8192, nbytes=2**30, repeats=10)
         name = detect_table_name(torch.cuda.get_device_name(cuda))
-        doc["machine"]["cuda_peaks"] = peaks.to_dict()
         if name:
             doc["machine"]["cuda_datasheet"] = table_hardware(name, "bf16").to_dict()
-        doc["devices"]["cuda"] = run_device(cuda, torch.bfloat16, p, peaks=peaks, counting=not args.no_counting,
-                                            log=log)
+        doc["devices"]["cuda"] = run_device(
+            cuda, torch.bfloat16, p, counting=not args.no_counting, log=log,
+            measure_peaks=lambda: measure_device(cuda, "bf16", n=8192, nbytes=2**30, repeats=10, cache=False))
     if not args.no_meta:
         log(f"counting {p['meta_model']} on the meta device (subprocess) ...")
         doc["meta"] = bench_meta(p["meta_model"], p["meta_tokens"], meta_counters)

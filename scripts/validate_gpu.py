@@ -51,11 +51,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 COUNTER_NAMES = ("hooks", "fvcore", "torch")
 # Logits vs transformers, per compute dtype. Both sides round differently (our RoPE is a complex
 # multiply in fp32, HF's rotate-half runs in the model dtype; softmax/sdpa kernels differ), so bf16
-# is judged on the shape of the distribution, fp32 on the numbers.
+# is judged on the shape of the distribution, fp32 on the numbers. Random (synthetic) weights give
+# flat logits whose top two are often closer than bf16 rounding, so in bf16/fp16 the top-1 of ours
+# must be among the reference's top 5, not equal to its top 1 (a CPU stand-in, 32 layers in bf16,
+# measured max_rel 0.016, min cosine 0.99987, argmax agreement 0.97, top-1-in-top-5 1.0).
 LOGIT_TOLERANCE = {
-    torch.float32: {"max_rel": 1e-4, "min_cosine": 0.999999, "min_argmax_agree": 1.0},
-    torch.bfloat16: {"max_rel": 5e-2, "min_cosine": 0.999, "min_argmax_agree": 0.9},
-    torch.float16: {"max_rel": 1e-2, "min_cosine": 0.9999, "min_argmax_agree": 0.95},
+    torch.float32: {"max_rel": 1e-4, "min_cosine": 0.999999, "min_argmax_agree": 1.0, "min_top1_in_top5": 1.0},
+    torch.bfloat16: {"max_rel": 5e-2, "min_cosine": 0.999, "min_argmax_agree": 0.0, "min_top1_in_top5": 0.99},
+    torch.float16: {"max_rel": 1e-2, "min_cosine": 0.9999, "min_argmax_agree": 0.0, "min_top1_in_top5": 0.99},
 }
 
 
@@ -226,6 +229,8 @@ def logits_metrics(ours: torch.Tensor, ref: torch.Tensor) -> dict:
         "max_rel": diff.max().item() / scale if scale > 0 else float("inf"),
         "min_cosine": cos.min().item(), "mean_cosine": cos.mean().item(),
         "argmax_agree": (a.argmax(-1) == b.argmax(-1)).float().mean().item(),
+        "top1_in_ref_top5": (b.topk(min(5, b.shape[-1]), dim=-1).indices == a.argmax(-1, keepdim=True))
+        .any(-1).float().mean().item(),
         "positions": a.shape[0],
     }
 
@@ -239,12 +244,17 @@ def logits_ok(metrics: dict, dtype: torch.dtype) -> tuple[bool, list[str]]:
         bad.append(f"min cosine {metrics['min_cosine']:.7f} < {tol['min_cosine']}")
     if not metrics["argmax_agree"] >= tol["min_argmax_agree"]:
         bad.append(f"argmax agreement {metrics['argmax_agree']:.3f} < {tol['min_argmax_agree']}")
+    if not metrics["top1_in_ref_top5"] >= tol["min_top1_in_top5"]:
+        bad.append(f"our top-1 in the reference's top-5 at {metrics['top1_in_ref_top5']:.3f} of positions "
+                   f"< {tol['min_top1_in_top5']}")
     return not bad, bad
 
 
 @torch.inference_mode()
 def compare_with_hf(model, hf, phase: Phase, *, batch: int, seed: int = 0) -> dict:
     """Logits of the phase's new tokens, ours vs HF; the cached prefix is prefilled on both sides."""
+    if tuple(model.schedule) != tuple(range(model.config.n_layers)):
+        raise ValueError(f"cannot compare schedule {model.schedule_str} with transformers, which runs every layer once")
     set_attn_kernel(model, "sdpa")
     c, n = phase.n_cached, phase.n_tokens
     tokens = make_tokens(model.config, batch, c + n, seed=seed + 7, device=model.device)
@@ -325,7 +335,7 @@ def device_peaks(device, dtype_name: str, hardware: Optional[str], *, measure: b
 def run_validation(config: LlamaConfig, *, device, dtype_name: str = "bf16", checkpoint: Optional[str] = None,
                    phases: Sequence[Phase], batch: int = 1, counters: Sequence[str] = ("hooks", "fvcore", "torch"),
                    kernels: Sequence[str] = ("math", "sdpa"), warmup: int = 3, repeats: int = 10,
-                   hardware: Optional[str] = "auto", compare_hf: bool = True, out_dir="validate_gpu_out",
+                   hardware: Optional[str] = "auto", compare_hf: bool = True, out_dir="out/validate_gpu",
                    seed: int = 0, timer=None, measure_peaks: bool = True, peak_kwargs: Optional[dict] = None,
                    log: Callable[[str], None] = print) -> dict:
     """Every step on ``device``; returns the JSON-able result (``result["ok"]`` says whether all passed)."""
@@ -402,7 +412,8 @@ def run_validation(config: LlamaConfig, *, device, dtype_name: str = "bf16", che
             m = compare_with_hf(model, hf, ph, batch=batch, seed=seed)
             result["hf_comparison"][ph.name] = m
             log(f"[{ph.name}] logits vs transformers: max|diff| {m['max_abs']:.3g} (rel {m['max_rel']:.3g}), "
-                f"min cosine {m['min_cosine']:.6f}, argmax agree {m['argmax_agree']:.3f}: {'ok' if m['ok'] else 'FAIL'}")
+                f"min cosine {m['min_cosine']:.6f}, argmax agree {m['argmax_agree']:.3f}, top-1 in top-5 "
+                f"{m['top1_in_ref_top5']:.3f}: {'ok' if m['ok'] else 'FAIL'}")
             if not m["ok"]:
                 failures.append(f"{ph.name}: logits differ from transformers: {'; '.join(m['problems'])}")
         del hf
@@ -460,7 +471,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--hardware", default="auto", help="peak table entry (h100-sxm, h100-pcie, a100-80g) or auto")
     p.add_argument("--no-hf", action="store_true", help="skip the comparison with transformers")
     p.add_argument("--no-measure-peaks", action="store_true", help="do not measure matmul/copy peaks on the device")
-    p.add_argument("--out", default="validate_gpu_out", help="directory for validate_gpu.json and PNGs")
+    p.add_argument("--out", default="out/validate_gpu", help="directory for validate_gpu.json and PNGs (default out/validate_gpu)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -150,6 +150,8 @@ def test_from_meta_errors(tmp_path):
         LlamaConfig.from_meta(META_PARAMS["llama-3-8b"], vocab_size=32000)
     with pytest.raises(ValueError, match="missing required field.*n_heads"):
         LlamaConfig.from_meta({"dim": 64, "n_layers": 2}, vocab_size=10)
+    with pytest.raises(ValueError, match="n_kv_heads must be positive, got 0"):
+        LlamaConfig.from_meta({**META_PARAMS["llama-2-70b"], "n_kv_heads": 0}, vocab_size=32000)
     with pytest.raises(ValueError, match="use_scaled_rope"):
         LlamaConfig.from_meta({**META_PARAMS["llama-3-8b"], "use_scaled_rope": True})
     with pytest.raises(FileNotFoundError, match="params.json"):
@@ -217,6 +219,7 @@ def test_hf_config_dict_round_trips(tiny_config):
         ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope scaling type 'llama3'"),
         ({"head_dim": 32}, "head_dim=32"),
         ({"num_key_value_heads": 4}, "n_heads=6 is not divisible by n_kv_heads=4"),
+        ({"num_key_value_heads": 0}, "n_kv_heads must be positive, got 0"),
     ],
 )
 def test_from_hf_rejects_unsupported(changes, match):

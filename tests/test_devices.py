@@ -10,7 +10,24 @@ from llama_ref import Llama, generate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_skip_without_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def requires_cuda(test):
+    """Mark a test ``cuda`` (select with ``-m cuda``) and skip it cleanly without a GPU."""
+    return pytest.mark.cuda(_skip_without_cuda(test))
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 matmuls round inputs to 10 mantissa bits (~1e-3): fp32 parity would be meaningless with them.
+    Off by default in torch, but an environment may turn them on; restore whatever was set."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
 
 
 def _tokens(bsz, seqlen, vocab, seed=0, device="cpu"):
@@ -110,14 +127,12 @@ def test_explicit_compute_dtype(tiny_config, make_model):
 # ---------------------------------------------------------------- CUDA (skipped on this machine)
 @requires_cuda
 @pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_cuda_fp32_matches_cpu(tiny_config, make_model, kernel):
+def test_cuda_fp32_matches_cpu(tiny_config, make_model, kernel, no_tf32):
     cpu = make_model(tiny_config, attn_kernel=kernel)
     tokens = _tokens(2, 12, tiny_config.vocab_size)
     expected = cpu(tokens)
     gpu = make_model(tiny_config, attn_kernel=kernel).to("cuda")
     assert gpu.freqs_cis.device.type == "cuda" and gpu.freqs_cis.dtype == torch.complex64
-    # TF32 matmuls (off by default in torch) would round to ~1e-3 and make fp32 parity meaningless.
-    assert not torch.backends.cuda.matmul.allow_tf32
     with torch.no_grad():
         logits = gpu(tokens.cuda())
     torch.testing.assert_close(logits.cpu(), expected, atol=1e-4, rtol=0)
@@ -140,12 +155,11 @@ def test_cuda_bf16_computes_in_bf16(tiny_config, make_model):
 
 
 @requires_cuda
-def test_cuda_hf_parity(hf_llama_factory):
+def test_cuda_hf_parity(hf_llama_factory, no_tf32):
     hf = hf_llama_factory(rope_theta=2500.0, rms_norm_eps=1e-5).to("cuda")
     ours = Llama.from_hf(hf)
     assert ours.device.type == "cuda"
     tokens = _tokens(2, 16, 256, device="cuda")
-    assert not torch.backends.cuda.matmul.allow_tf32
     with torch.no_grad():
         expected = hf(tokens).logits.float()
         logits = ours(tokens)

@@ -127,6 +127,7 @@ def test_sample_top_p_distribution():
         ([[1]], {"top_p": 1.5}, "top_p must be in \\(0, 1\\], got 1.5"),
         ([[1]], {"eos_id": 300}, "eos_id 300 is not a token id"),
         (torch.tensor([1, 2, 3]), {}, "prompt tensor must have shape \\(bsz, seqlen\\), got \\(3,\\)"),
+        ([1, 2, 3], {}, "list of token-id lists, got \\[1, 2, 3\\]"),
     ],
 )
 def test_bad_generate_input(tiny_model, prompts, kwargs, match):

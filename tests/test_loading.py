@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from llama_ref import Llama
-from llama_ref.hf import hf_config_dict
 from llama_ref.loading import CheckpointError, detect_format, load_pretrained
 from llama_ref.loading import api as loading_api
 from llama_ref.loading.readers import OpenFiles
@@ -104,22 +102,15 @@ def test_meta_sharded_uses_shard_dims(ckpts):
     assert shard["layers.0.attention_norm.weight"].shape == (64,)
 
 
-def test_transformers_save_pretrained_loads(tmp_path):
-    transformers = pytest.importorskip("transformers")
-    config = tiny_config()
-    torch.manual_seed(0)
-    hf_cfg = transformers.LlamaConfig(**hf_config_dict(config), attn_implementation="eager")
-    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # HF's init has unit norms and 0.02 embeddings; make every weight matter
-        for name, p in hf.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else torch.randn_like(p) * (1 if "embed" in name else 0.05))
+def test_transformers_save_pretrained_loads(tmp_path, hf_llama_factory):
+    # hf_llama_factory (conftest): random HF model, norms randomized too, global RNG untouched.
+    hf = hf_llama_factory(num_hidden_layers=4)
     hf.save_pretrained(tmp_path / "hf")
-    toks = tokens(config)
+    toks = tokens(tiny_config())
     with torch.no_grad():
         want = hf(toks).logits
-    model = load_pretrained(tmp_path / "hf")
-    got = logits(model, toks)
-    assert want.abs().max() > 1  # not a degenerate comparison
+    got = logits(load_pretrained(tmp_path / "hf"), toks)
+    assert want.std() > 0.1  # not a degenerate comparison
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
@@ -364,6 +355,14 @@ def test_garbage_torch_file(ckpts, tmp_path):
     d = copy_ckpt(ckpts["hf-bin"], tmp_path / "ck")
     (d / "pytorch_model-00001-of-00002.bin").write_bytes(b"this is not a checkpoint" * 10)
     _raises(d, CheckpointError, "pytorch_model-00001-of-00002.bin", "not a PyTorch checkpoint")
+
+
+def test_weight_file_without_llama_tensors(ckpts, tmp_path):
+    d = copy_ckpt(ckpts["hf-single"], tmp_path / "ck")
+    from safetensors.torch import save_file
+
+    save_file({"classifier.weight": torch.zeros(2, 2)}, d / "model.safetensors")
+    _raises(d, CheckpointError, "model.safetensors", "no Llama weight tensors", "'classifier.weight'")
 
 
 def test_unknown_safetensors_dtype(ckpts, tmp_path):

@@ -104,9 +104,15 @@ def test_math_and_sdpa_kernels_agree(tiny_config, make_model):
     torch.testing.assert_close(sdpa_logits, math_logits, atol=ATOL, rtol=0)
 
 
-def test_unknown_kernel(tiny_config):
+def test_bad_constructor_arguments(tiny_config):
     with pytest.raises(ValueError, match="unknown attention kernel 'flash'"):
         Llama(tiny_config, attn_kernel="flash")
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype, got torch.int64"):
+        Llama(tiny_config, dtype=torch.int64)
+    with pytest.raises(ValueError, match="compute_dtype must be a floating-point torch.dtype, got 'fp32'"):
+        Llama(tiny_config, compute_dtype="fp32")
+    with pytest.raises(ValueError, match="device='nope' is not a valid torch device"):
+        Llama(tiny_config, device="nope")
 
 
 # ---------------------------------------------------------------- RoPE and GQA building blocks

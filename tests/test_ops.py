@@ -17,10 +17,11 @@ from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
 from counters import formulas as fm
-from counters.fvcore_counter import _jit_call, _jit_kind, _StartPosWrapper
+from counters.fvcore_counter import _import_fvcore, _jit_call, _jit_kind, _StartPosWrapper
 from counters.formulas import ZERO, Count
 from counters.ops import (
     FREE_OPS,
+    INTEGER_BOOKKEEPING,
     REGISTRY,
     SDPA_BACKEND_OPS,
     DuplicateRegistrationError,
@@ -35,6 +36,10 @@ from counters.ops import (
     torch_flops_to_macs,
 )
 from llama_ref import PRESETS, AttentionCore, GatedSiLU, Llama, RMSNorm, RotaryEmbedding, precompute_freqs_cis
+
+
+# Thousands of tiny ops: one intra-op thread (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------- helpers
@@ -171,7 +176,7 @@ def test_complex_mul_is_six_real_mul_is_one():
 def test_complex_division_is_unknown_not_zero():
     a = torch.randn(3, 5, dtype=torch.complex64)
     ops = dispatch_ops(torch.div, a, a)
-    assert [oc.status for _, oc in ops] == ["unknown"]
+    assert [(oc.status, oc.reason) for _, oc in ops] == [("unknown", "div on complex tensors has no formula")]
 
 
 @BOTH
@@ -210,16 +215,27 @@ def test_mean_and_sum_reductions():
     assert total(dispatch_ops(lambda t: t.sum(-1), x)) == Count(nonmatmul_flops=20)
 
 
+def test_max_min_reduction_and_elementwise():
+    x, y = torch.randn(4, 6), torch.randn(4, 6)
+    # reduction over 6: 5 comparisons per row, 4 rows -> 20; full reduction: 24 - 1 = 23
+    assert total(dispatch_ops(lambda t: t.max(-1), x)) == Count(nonmatmul_flops=20)
+    assert total(dispatch_ops(torch.max, x)) == Count(nonmatmul_flops=23)
+    # element-wise max of two tensors: one comparison per element -> 24 (dispatch: maximum; jit: max.other)
+    assert total(dispatch_ops(torch.max, x, y)) == Count(nonmatmul_flops=24)
+    assert total(jit_ops(torch.max, x, y)) == Count(nonmatmul_flops=24)
+
+
 def test_integer_bookkeeping_is_free():
     tokens = torch.tensor([[3, 1, 4], [1, 5, 9]])
     # Token-id range check (Llama._check_inputs): integer min/max, read back to Python.
     ops = dispatch_ops(lambda t: (int(t.min()), int(t.max())), tokens)
-    assert {name for name, _ in ops} == {"min", "max", "_local_scalar_dense"}
-    assert total(ops) == ZERO
-    # jit records traced size arithmetic as integer 0-dim tensor ops: aten::add / aten::mul on Long.
-    ops = jit_ops(lambda x: x.reshape(x.shape[0] * x.shape[1] + 0, -1), torch.randn(2, 3, 4))
-    names = [n for n, oc in ops if oc.status == "counted"]
-    assert "mul" in names and total(ops) == ZERO
+    assert [(n, oc.status, oc.reason) for n, oc in ops] == [
+        ("min", "free", INTEGER_BOOKKEEPING), ("_local_scalar_dense", "free", FREE_OPS["_local_scalar_dense"]),
+        ("max", "free", INTEGER_BOOKKEEPING), ("_local_scalar_dense", "free", FREE_OPS["_local_scalar_dense"])]
+    # jit records traced size arithmetic as integer 0-dim tensor ops: aten::mul / aten::add on Long.
+    ops = jit_ops(lambda x: x.reshape((x.shape[0] + 1) * x.shape[1] - 3, -1), torch.randn(2, 3, 4))
+    assert {n for n, oc in ops if oc.reason == INTEGER_BOOKKEEPING} == {"add", "mul", "sub"}
+    assert all(oc.status == "free" for _, oc in ops) and total(ops) == ZERO
     # ... but a float operand makes it counted: 2 elements
     assert total(dispatch_ops(torch.add, tokens[0, :2], torch.randn(2))) == Count(nonmatmul_flops=2)
 
@@ -246,7 +262,8 @@ def test_attention_core_kernels_agree_with_formula(level, case):
     scores = bsz * n_heads * seqlen * (cached + seqlen)
     expected = Count(macs=2 * scores * head_dim, nonmatmul_flops=scores * (1 + (seqlen > 1) + 5))
     assert expected == fm.attention_core(bsz, n_heads, seqlen, cached + seqlen, head_dim)
-    counts = {kernel: total(level(AttentionCore(n_heads // n_kv, kernel), xq, k, v, mask)) for kernel in ("math", "sdpa")}
+    counts = {kernel: total(level(AttentionCore(n_heads // n_kv, kernel), xq, k, v, mask))
+              for kernel in ("math", "sdpa")}
     assert counts == {"math": expected, "sdpa": expected}
 
 
@@ -355,7 +372,7 @@ def test_torch_flops_to_macs():
 
 
 def test_fvcore_to_macs():
-    from fvcore.nn import FlopCountAnalysis
+    FlopCountAnalysis = _import_fvcore()[0]
 
     # fvcore: linear 3 rows x 4 in x 5 out = 60, 1 per MAC
     fca = FlopCountAnalysis(nn.Linear(4, 5, bias=False), (torch.randn(3, 4),))

@@ -11,7 +11,7 @@ import torch
 
 from ..model import Llama
 from ..schedule import ScheduleSpec
-from .detect import META, find_checkpoint_files
+from .detect import META, CheckpointFiles, find_checkpoint_files
 from .errors import CheckpointError
 from .hf_files import hf_name_map, plan_hf, read_hf_config
 from .materialize import materialize
@@ -56,15 +56,7 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
     files = find_checkpoint_files(path)
     t0 = time.perf_counter()
     with OpenFiles() as opener:
-        if files.format == META:
-            config = read_meta_config(files, opener)
-            config_dtype = None
-            plan, problems = plan_meta(files, opener)
-            source = ", ".join(os.path.basename(s) for s in files.shards)
-        else:
-            config, config_dtype = read_hf_config(files)
-            plan, problems = plan_hf(files, opener, config)
-            source = os.path.basename(files.index or files.weights)
+        config, config_dtype, plan, problems, source = _read_plan(files, opener)
         if max_seq_len is not None:
             config = config.replace(max_seq_len=max_seq_len)
         target = dtype or config_dtype or stored_dtype(plan)
@@ -88,6 +80,23 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
     logger.info("loaded %s checkpoint %s (%d tensors, %s) in %.1f s", files.format, files.root, len(plan),
                 target, time.perf_counter() - t0)
     return model.eval()
+
+
+def _read_plan(files: CheckpointFiles, opener: OpenFiles):
+    """(config, dtype the config states or None, plan, problems so far, name of the tensor list)."""
+    if files.format == META:
+        config = read_meta_config(files, opener)
+        config_dtype = None
+        plan, problems = plan_meta(files, opener)
+        source = ", ".join(os.path.basename(s) for s in files.shards)
+    else:
+        config, config_dtype = read_hf_config(files)
+        plan, problems = plan_hf(files, opener, config)
+        source = os.path.basename(files.index or files.weights)
+    if not plan:
+        raise CheckpointError(f"{files.root}: {source} hold(s) no Llama weight tensors"
+                              + (f" ({problems[0]})" if problems else ""))
+    return config, config_dtype, plan, problems, source
 
 
 def parse_dtype(value: Union[None, str, torch.dtype], what: str) -> Optional[torch.dtype]:

@@ -75,12 +75,19 @@ def plan_hf(files: CheckpointFiles, opener: OpenFiles, config: LlamaConfig) -> t
                                 f"{os.path.basename(shard)}, which does not contain it")
             else:
                 stored[name] = headers[shard][name]
+        for shard, tensors in headers.items():
+            unlisted = [k for k in tensors if weight_map.get(k) != shard]
+            if unlisted:  # transformers reads only what the index lists; so do we
+                logger.debug("%s: ignoring %d tensor(s) the index does not list here, e.g. %s",
+                             shard, len(unlisted), unlisted[0])
     else:
         stored = opener.describe(files.weights)
     plan = []
     for hf_name, s in stored.items():
         if hf_name.endswith(HF_IGNORED_SUFFIXES):
-            continue  # derived buffers (RoPE inv_freq) some versions saved; recomputed from the config
+            # Derived buffers (RoPE inv_freq) some versions saved; recomputed from the config.
+            logger.debug("%s: ignoring %s", s.file, hf_name)
+            continue
         name = hf_to_meta_key(hf_name)
         if name is None:
             problems.append(f"unexpected tensor {hf_name!r} in {os.path.basename(s.file)}: not a Llama parameter")

@@ -1,0 +1,160 @@
+"""count_fvcore: every (position, module) row equals the module-level formula, computed by hand
+from the config; totals agree with fvcore's own FlopCountAnalysis; unknown ops are never zero."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from counters import formulas as fm
+from counters.formulas import ZERO, Count
+from counters.fvcore_counter import _import_fvcore, _StartPosWrapper, count_fvcore
+from counters.ops import UncountedOpError
+from counters.result import BLOCK_ROWS, row_order
+from llama_ref import PRESETS, Llama
+
+# Thousands of tiny ops: one intra-op thread (see conftest.single_thread).
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+TINY = PRESETS["tiny"]  # GQA: 4 query heads, 2 kv heads
+TINY_MHA = TINY.replace(n_kv_heads=4, name="tiny-mha")
+CONFIGS = {"tiny": TINY, "tiny-mha": TINY_MHA}
+SCHEDULE = "0,1,1,2,3"  # layer 1 runs twice: positions 1 and 2
+BSZ = 2
+# (start_pos, seqlen): causal prefill; a cached chunk (explicit mask over prefix + new tokens); decode
+MODES = {"prefill": (0, 5), "cached-chunk": (4, 3), "decode": (7, 1)}
+
+
+def expected_rows(config, schedule_len: int, bsz: int, start_pos: int, seqlen: int) -> dict:
+    """The module-level formulas of counters.formulas for every row of one forward."""
+    c = config
+    rows = bsz * seqlen
+    block = {
+        "attention_norm": fm.rmsnorm(rows, c.dim),
+        "attention.wq": fm.linear(rows, c.dim, c.n_heads * c.head_dim),
+        "attention.wk": fm.linear(rows, c.dim, c.kv_dim),
+        "attention.wv": fm.linear(rows, c.dim, c.kv_dim),
+        "attention.rope": fm.rope(rows, c.n_heads, c.n_kv_heads, c.head_dim),
+        "attention.core": fm.attention_core(bsz, c.n_heads, seqlen, start_pos + seqlen, c.head_dim),
+        "attention.wo": fm.linear(rows, c.n_heads * c.head_dim, c.dim),
+        "attention": ZERO,  # views and cache writes
+        "ffn_norm": fm.rmsnorm(rows, c.dim),
+        "feed_forward.w1": fm.linear(rows, c.dim, c.hidden_dim),
+        "feed_forward.w3": fm.linear(rows, c.dim, c.hidden_dim),
+        "feed_forward.act": fm.gated_silu(rows, c.hidden_dim),
+        "feed_forward.w2": fm.linear(rows, c.hidden_dim, c.dim),
+        "feed_forward": ZERO,
+        "residual": fm.residuals(rows, c.dim),
+    }
+    assert set(block) == set(BLOCK_ROWS)
+    top = {"(root)": ZERO, "tok_embeddings": fm.embedding(rows, c.dim), "norm": fm.rmsnorm(rows, c.dim),
+           "output": fm.linear(rows, c.dim, c.vocab_size)}
+    return {(pos, name): (top[name] if pos is None else block[name]) for pos, name in row_order(schedule_len)}
+
+
+def make_model(config, kernel: str, device: str, start_pos: int, schedule=SCHEDULE) -> tuple[Llama, torch.Tensor]:
+    """A model and ``tokens`` for one step; for start_pos > 0 the KV cache is set up and pre-filled."""
+    torch.manual_seed(0)
+    model = Llama(config, device=device, attn_kernel=kernel, schedule=schedule)
+    tokens = torch.randint(0, config.vocab_size, (BSZ, 16)).to(device)
+    if start_pos > 0:
+        model.setup_cache(BSZ, 16)
+        with torch.no_grad():
+            model(tokens[:, :start_pos], 0)
+    return model, tokens
+
+
+# Every combination on meta (cheap); on CPU (real kernels, slower) all of GQA and MHA's cached chunk.
+CASES = [(p, m, k, "meta") for p in CONFIGS for m in MODES for k in ("math", "sdpa")] + \
+        [("tiny", m, k, "cpu") for m in MODES for k in ("math", "sdpa")] + \
+        [("tiny-mha", "cached-chunk", k, "cpu") for k in ("math", "sdpa")]
+
+
+@pytest.mark.parametrize("preset,mode,kernel,device", CASES, ids=["-".join(c) for c in CASES])
+def test_rows_equal_module_formulas(preset, mode, kernel, device):
+    config = CONFIGS[preset]
+    start_pos, seqlen = MODES[mode]
+    model, tokens = make_model(config, kernel, device, start_pos)
+    result = count_fvcore(model, tokens[:, start_pos:start_pos + seqlen], start_pos, strict=True)
+    expected = expected_rows(config, len(model.schedule), BSZ, start_pos, seqlen)
+    assert list(result.rows) == list(expected)  # every row, in execution order
+    for key, count in expected.items():
+        assert result.rows[key] == count, key
+    assert result.total == sum(expected.values(), ZERO)
+    assert result.unknown_ops == {}
+    assert result.name == "fvcore"
+    # the repeated layer got two rows, one per run
+    assert result.position_total(1) == result.position_total(2) != ZERO
+
+
+def test_macs_equal_plain_fvcore_and_notes():
+    """For kernel=math fvcore alone already sees every matrix product (linear + matmul), so its
+    plain FlopCountAnalysis total (1 per MAC) is the MAC total; for sdpa it misses QK^T and AV."""
+    FlopCountAnalysis = _import_fvcore()[0]
+
+    start_pos, seqlen = 0, 5
+    totals = {}
+    for kernel in ("math", "sdpa"):
+        model, tokens = make_model(TINY, kernel, "meta", start_pos)
+        result = count_fvcore(model, tokens[:, :seqlen], start_pos, strict=True)
+        plain = FlopCountAnalysis(_StartPosWrapper(model, start_pos), (tokens[:, :seqlen],))
+        plain.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        totals[kernel] = (result.total.macs, plain.total())
+        assert f"FlopCountAnalysis.total() = {result.total.macs} MACs" in result.notes[0]
+        assert result.notes[0].endswith("Its unsupported_ops(): none.")
+    macs, plain_math = totals["math"]
+    assert plain_math == macs
+    macs_sdpa, plain_sdpa = totals["sdpa"]
+    assert macs_sdpa == macs
+    # what fvcore alone misses with kernel=sdpa: 2 attention matmuls x 5 runs x bsz 2 x 4 heads x 5 x 5 x 16
+    assert macs - plain_sdpa == 5 * 2 * BSZ * 4 * 5 * 5 * 16
+
+
+@pytest.mark.parametrize("preset", ["llama-2-7b", "llama-2-70b"])
+def test_baseline_schedule_full_size_shapes_on_meta(preset):
+    # Full-size layer shapes (70b: GQA 64/8 heads) on meta - no storage; 2 layers keep it quick.
+    config = PRESETS[preset].replace(n_layers=2)
+    model = Llama(config, device="meta", attn_kernel="sdpa")
+    n = 64
+    tokens = torch.zeros(1, n, dtype=torch.long, device="meta")
+    result = count_fvcore(model, tokens, 0, strict=True)
+    assert result.rows == expected_rows(config, config.n_layers, 1, 0, n)
+
+
+@pytest.mark.parametrize("kernel", ["math", "sdpa"])
+def test_bf16_weights_and_compute_on_meta(kernel):
+    # meta: the compute dtype is the weights' (bf16); the fp32 upcasts of RMSNorm/RoPE/softmax are free casts
+    start_pos, seqlen = MODES["cached-chunk"]
+    torch.manual_seed(0)
+    model = Llama(TINY, device="meta", dtype=torch.bfloat16, attn_kernel=kernel, schedule=SCHEDULE)
+    model.setup_cache(BSZ, 16)
+    tokens = torch.zeros(BSZ, 16, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        model(tokens[:, :start_pos], 0)
+    result = count_fvcore(model, tokens[:, start_pos:start_pos + seqlen], start_pos, strict=True)
+    assert model.compute_dtype == torch.bfloat16
+    assert result.rows == expected_rows(TINY, len(model.schedule), BSZ, start_pos, seqlen)
+
+
+class _SinGate(nn.Module):
+    """A gate with an op that has no formula (sin)."""
+
+    def forward(self, gate, up):
+        return torch.sin(gate) * up
+
+
+def test_unknown_op_strict_raises_and_lenient_lists(caplog):
+    model, tokens = make_model(TINY, "math", "meta", 0)
+    model.layers[0].feed_forward.act = _SinGate()  # layer 0 runs once in SCHEDULE
+    with pytest.raises(UncountedOpError, match="sin x1"):
+        count_fvcore(model, tokens[:, :5], 0, strict=True)
+    with caplog.at_level(logging.WARNING):
+        result = count_fvcore(model, tokens[:, :5], 0, strict=False)
+    assert result.unknown_ops == {"sin": 1}
+    assert "sin x1" in caplog.text
+    # the rest is still counted: the gate's multiply (2*5*176 = 1760 FLOPs), but nothing for sin
+    assert result.rows[(0, "feed_forward.act")] == Count(nonmatmul_flops=BSZ * 5 * TINY.hidden_dim)
