@@ -197,64 +197,68 @@ def bench_prefill(ours, hf, *, n_tokens: int, repeats: int, seed: int = 0) -> di
 
 def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int, seed: int = 0) -> dict:
     """Greedy decode: the prompt's forward gives the first token (untimed), then ``new_tokens`` cached
-    decode steps (N=1 each) are timed."""
-    from counters.analytic import analyze
+    decode steps (N=1 each) are timed.
 
+    Interleaved *step by step*: at every position each contender takes its own next step (order
+    rotating), so the two steps of a pair run milliseconds apart and a shared machine's slow spells
+    cancel in their ratio. Each contender keeps its own KV cache and its own tokens."""
     device = ours.device
     gen = torch.Generator().manual_seed(seed + 1)
     prompt = torch.randint(0, ours.config.vocab_size, (1, prompt_tokens), generator=gen).to(device)
+    names = ("llama_ref_sdpa", "llama_ref_math", "transformers_sdpa")
     produced: dict[str, list[int]] = {}
+    step_samples: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict[str, list[float]] = {n: [] for n in names}  # per round: total of its timed steps
 
-    def ours_decode(kernel: str):
-        def f():
-            set_kernel(ours, kernel)
-            with torch.inference_mode():
+    for r in range(repeats + 1):  # round 0 is the warm-up
+        state: dict[str, dict] = {}
+        with torch.inference_mode():
+            for kernel in ("sdpa", "math"):
+                set_kernel(ours, kernel)
                 ours.setup_cache(1, prompt_tokens + new_tokens)
                 nxt = ours(prompt, 0)[:, -1].argmax(-1, keepdim=True)
-                out = [nxt]
-                sync(device)
-                t0 = time.perf_counter()
-                for i in range(new_tokens):
-                    nxt = ours(nxt, prompt_tokens + i)[:, -1].argmax(-1, keepdim=True)
-                    out.append(nxt)
-                sync(device)
-                dt = time.perf_counter() - t0
-                ours.clear_cache()
-            produced[f"llama_ref_{kernel}"] = torch.cat(out, 1)[0].tolist()
-            return dt
-        return f
-
-    def hf_decode():
-        with torch.inference_mode():
+                state[f"llama_ref_{kernel}"] = {"caches": ours.caches, "next": nxt, "out": [nxt], "kernel": kernel}
             res = hf(input_ids=prompt, use_cache=True)
-            pkv = res.past_key_values
             nxt = res.logits[:, -1].argmax(-1, keepdim=True)
-            out = [nxt]
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(new_tokens):
-                res = hf(input_ids=nxt, past_key_values=pkv, use_cache=True)
-                pkv = res.past_key_values
-                nxt = res.logits[:, -1].argmax(-1, keepdim=True)
-                out.append(nxt)
-            sync(device)
-            dt = time.perf_counter() - t0
-        produced["transformers_sdpa"] = torch.cat(out, 1)[0].tolist()
-        return dt
+            state["transformers_sdpa"] = {"pkv": res.past_key_values, "next": nxt, "out": [nxt]}
 
-    contenders = {"llama_ref_sdpa": ours_decode("sdpa"), "llama_ref_math": ours_decode("math"),
-                  "transformers_sdpa": hf_decode}
-    # The contenders time their own decode loop (the prompt prefill is excluded): collect those.
-    names = list(contenders)
-    for n in names:  # warm-up
-        contenders[n]()
-    samples: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(repeats):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            samples[n].append(contenders[n]())
+            def step(name: str, i: int) -> None:
+                st = state[name]
+                if name == "transformers_sdpa":
+                    res = hf(input_ids=st["next"], past_key_values=st["pkv"], use_cache=True)
+                    st["pkv"] = res.past_key_values
+                    logits = res.logits
+                else:
+                    set_kernel(ours, st["kernel"])
+                    ours.caches = st["caches"]
+                    logits = ours(st["next"], prompt_tokens + i)
+                st["next"] = logits[:, -1].argmax(-1, keepdim=True)
+                st["out"].append(st["next"])
+
+            totals = dict.fromkeys(names, 0.0)
+            for i in range(new_tokens):
+                k = (i + r) % len(names)
+                for name in names[k:] + names[:k]:
+                    sync(device)
+                    t0 = time.perf_counter()
+                    step(name, i)
+                    sync(device)
+                    dt = time.perf_counter() - t0
+                    totals[name] += dt
+                    if r:
+                        step_samples[name].append(dt)
+        ours.clear_cache()
+        if r:
+            for n in names:
+                samples[n].append(totals[n])
+        for n in names:
+            produced[n] = torch.cat(state[n]["out"], 1)[0].tolist()
+        del state
+
     steps = new_tokens  # decode steps timed (the prompt's forward, which yields the first token, is not)
-    pr = paired_ratio(samples, "transformers_sdpa", "llama_ref_sdpa")  # HF time / our time = our tok/s / HF tok/s
+    # Step pairs: HF step time / our step time = our tokens/s / HF tokens/s.
+    pr = paired_ratio(step_samples, "transformers_sdpa", "llama_ref_sdpa")
+    from counters.analytic import analyze
     med = medians(samples)
     tps = {k: steps / v for k, v in med.items()}
     # Analytic cost of the timed steps: step i attends to prompt + i + 1 positions.
@@ -267,10 +271,12 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
         nbytes += rep.total.bytes
     return {
         "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "timed_steps": steps, "repeats": repeats,
-        "median_s": med, "samples_s": samples, "tokens_per_s": tps,
+        "median_s": med, "samples_s": samples, "tokens_per_s": tps, "pairs": len(step_samples["llama_ref_sdpa"]),
+        "step_median_s": {k: statistics.median(v) for k, v in step_samples.items()},
         # tokens/s ratio llama-ref / transformers = transformers time / llama-ref time (higher is better)
         "ratio": pr["paired_median"], "ci95": pr["ci95"], "ratio_detail": pr,
-        "ratio_math": paired_ratio(samples, "transformers_sdpa", "llama_ref_math")["paired_median"],
+        "ratio_math": paired_ratio(step_samples, "transformers_sdpa", "llama_ref_math")["paired_median"],
+        "ratio_of_round_medians": med["transformers_sdpa"] / med["llama_ref_sdpa"],
         "goal": f"ratio >= {GOALS['decode_ratio_min']}",
         "met": pr["paired_median"] >= GOALS["decode_ratio_min"],
         "verdict": verdict(pr["paired_median"], pr["ci95"], GOALS["decode_ratio_min"], higher_is_better=True),

@@ -65,7 +65,11 @@ def test_quick_run_writes_json_and_plot(quick_doc):
     dc = cpu["decode"]
     assert dc["same_tokens"] is True  # greedy decoding with the same weights gives the same tokens
     assert dc["timed_steps"] == dc["new_tokens"] == 8
-    assert dc["ratio"] == pytest.approx(dc["tokens_per_s"]["llama_ref_sdpa"] / dc["tokens_per_s"]["transformers_sdpa"])
+    # Decode is paired step by step: 8 steps x 1 round = 8 pairs.
+    assert dc["pairs"] == 8 and len(dc["ratio_detail"]["per_round"]) == 8
+    assert dc["ratio"] == dc["ratio_detail"]["paired_median"] > 0
+    assert dc["ratio_of_round_medians"] == pytest.approx(
+        dc["tokens_per_s"]["llama_ref_sdpa"] / dc["tokens_per_s"]["transformers_sdpa"])
     assert ct_ok(cpu["counting"])
     ct = cpu["counting"]
     assert set(ct["overhead_ratio"]) == {"hooks", "fvcore", "torch"} and ct["unavailable"] == {}
