@@ -9,69 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from counters import formulas as fm
 from counters.formulas import ZERO, Count
 from counters.fvcore_counter import _import_fvcore, _StartPosWrapper, count_fvcore
 from counters.ops import UncountedOpError
-from counters.result import BLOCK_ROWS, row_order
 from llama_ref import PRESETS, Llama
 
 # Thousands of tiny ops: one intra-op thread (see conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-TINY = PRESETS["tiny"]  # GQA: 4 query heads, 2 kv heads
-TINY_MHA = TINY.replace(n_kv_heads=4, name="tiny-mha")
-CONFIGS = {"tiny": TINY, "tiny-mha": TINY_MHA}
-SCHEDULE = "0,1,1,2,3"  # layer 1 runs twice: positions 1 and 2
-BSZ = 2
-# (start_pos, seqlen): causal prefill; a cached chunk (explicit mask over prefix + new tokens); decode
-MODES = {"prefill": (0, 5), "cached-chunk": (4, 3), "decode": (7, 1)}
-
-
-def expected_rows(config, schedule_len: int, bsz: int, start_pos: int, seqlen: int) -> dict:
-    """The module-level formulas of counters.formulas for every row of one forward."""
-    c = config
-    rows = bsz * seqlen
-    block = {
-        "attention_norm": fm.rmsnorm(rows, c.dim),
-        "attention.wq": fm.linear(rows, c.dim, c.n_heads * c.head_dim),
-        "attention.wk": fm.linear(rows, c.dim, c.kv_dim),
-        "attention.wv": fm.linear(rows, c.dim, c.kv_dim),
-        "attention.rope": fm.rope(rows, c.n_heads, c.n_kv_heads, c.head_dim),
-        "attention.core": fm.attention_core(bsz, c.n_heads, seqlen, start_pos + seqlen, c.head_dim),
-        "attention.wo": fm.linear(rows, c.n_heads * c.head_dim, c.dim),
-        "attention": ZERO,  # views and cache writes
-        "ffn_norm": fm.rmsnorm(rows, c.dim),
-        "feed_forward.w1": fm.linear(rows, c.dim, c.hidden_dim),
-        "feed_forward.w3": fm.linear(rows, c.dim, c.hidden_dim),
-        "feed_forward.act": fm.gated_silu(rows, c.hidden_dim),
-        "feed_forward.w2": fm.linear(rows, c.hidden_dim, c.dim),
-        "feed_forward": ZERO,
-        "residual": fm.residuals(rows, c.dim),
-    }
-    assert set(block) == set(BLOCK_ROWS)
-    top = {"(root)": ZERO, "tok_embeddings": fm.embedding(rows, c.dim), "norm": fm.rmsnorm(rows, c.dim),
-           "output": fm.linear(rows, c.dim, c.vocab_size)}
-    return {(pos, name): (top[name] if pos is None else block[name]) for pos, name in row_order(schedule_len)}
-
-
-def make_model(config, kernel: str, device: str, start_pos: int, schedule=SCHEDULE) -> tuple[Llama, torch.Tensor]:
-    """A model and ``tokens`` for one step; for start_pos > 0 the KV cache is set up and pre-filled."""
-    torch.manual_seed(0)
-    model = Llama(config, device=device, attn_kernel=kernel, schedule=schedule)
-    tokens = torch.randint(0, config.vocab_size, (BSZ, 16)).to(device)
-    if start_pos > 0:
-        model.setup_cache(BSZ, 16)
-        with torch.no_grad():
-            model(tokens[:, :start_pos], 0)
-    return model, tokens
-
-
-# Every combination on meta (cheap); on CPU (real kernels, slower) all of GQA and MHA's cached chunk.
-CASES = [(p, m, k, "meta") for p in CONFIGS for m in MODES for k in ("math", "sdpa")] + \
-        [("tiny", m, k, "cpu") for m in MODES for k in ("math", "sdpa")] + \
-        [("tiny-mha", "cached-chunk", k, "cpu") for k in ("math", "sdpa")]
+from _counter_cases import BSZ, CASES, CONFIGS, MODES, SCHEDULE, TINY, expected_rows, make_model
 
 
 @pytest.mark.parametrize("preset,mode,kernel,device", CASES, ids=["-".join(c) for c in CASES])
