@@ -150,10 +150,17 @@ def test_checkpoint_directory_is_loaded(capsys, tmp_path, fmt):
     assert code == EXIT_OK, err
     assert doc["weights"] == "checkpoint weights" and doc["device"] == "cpu" and doc["agree"]
     assert doc["params"] == param_count(PRESETS["tiny"])
+    loaded = doc
     # forced to meta: the files are checked, nothing is loaded
-    code, doc, _ = _json(capsys, "count", str(ckpt), "--tokens", "4", "--device", "meta",
-                         "--counters", "analytic,hooks")
+    code, doc, _ = _json(capsys, "count", str(ckpt), "--tokens", "4", "--cached", "2", "--device", "meta")
     assert code == EXIT_OK and doc["device"] == "meta" and doc["weights"].startswith("checkpoint not loaded")
+    on_meta = doc
+    # the same config with random weights
+    code, random_init, _ = _json(capsys, "count", "tiny", "--tokens", "4", "--cached", "2", "--device", "cpu")
+    assert code == EXIT_OK and random_init["agree"]
+    # weights change no count: loaded == meta == random init, counter by counter and row by row
+    assert loaded["totals"] == on_meta["totals"] == random_init["totals"]
+    assert loaded["layers"] == on_meta["layers"] == random_init["layers"]
 
 
 def test_config_file_alone_means_random_init(capsys, tmp_path):
