@@ -3,7 +3,7 @@
 
 Same config, same weights (transformers' model is built from ours through ``llama_ref.hf``), same
 ``torch`` threads, fp32 on CPU (and bf16 on CUDA when a GPU is present). Every comparison runs the
-contenders *interleaved* (one run of each per round, the order rotating between rounds). A ratio is
+contenders *interleaved* (one run of each per round, cycling through every order of them). A ratio is
 the median over rounds of the within-round ratio (the contenders ran seconds apart, so a slow spell
 of a shared machine mostly cancels), with a bootstrap 95% interval; ratios of medians and of minima
 are in the JSON beside it. A goal is reported ``met`` / ``not met`` only when the whole interval is
@@ -59,7 +59,7 @@ FULL = dict(
     config=LlamaConfig(name="7b-layer-shape-2L", dim=4096, n_layers=2, n_heads=32, n_kv_heads=32,
                        vocab_size=32000, hidden_dim=11008, max_seq_len=4096),
     prefill_tokens=256, prompt_tokens=32, decode_tokens=64, prefill_repeats=15, decode_repeats=5,
-    count_repeats=7, meta_model="llama-2-70b", meta_tokens=2048,
+    count_repeats=9, meta_model="llama-2-70b", meta_tokens=2048,
 )
 QUICK = dict(
     config=LlamaConfig(name="quick-2L", dim=128, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=512,
@@ -75,9 +75,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def round_order(names: Sequence[str], r: int, *, seed: int = 0) -> list[str]:
+    """The order of round ``r``: every permutation of ``names`` in turn (a fixed shuffled cycle).
+
+    Not a rotation: rotating keeps the cyclic order, so each contender would always run right after
+    the same other one, and anything a run leaves behind (freed memory, caches, clocks) would favour
+    one contender systematically. Cycling through all permutations balances who follows whom."""
+    import itertools
+    import random
+
+    perms = list(itertools.permutations(names))
+    random.Random(seed).shuffle(perms)
+    return list(perms[r % len(perms)])
+
+
 def interleaved(contenders: dict[str, Callable[[], object]], *, repeats: int, warmup: int = 1,
                 device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each contender per round; round r runs them starting at index r (rotating order)."""
+    """Seconds of each contender per round; each round runs every contender once, in the order
+    :func:`round_order` gives."""
     names = list(contenders)
     for _ in range(warmup):
         for n in names:
@@ -85,8 +100,7 @@ def interleaved(contenders: dict[str, Callable[[], object]], *, repeats: int, wa
     sync(device)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
+        for n in round_order(names, r):
             sync(device)
             t0 = time.perf_counter()
             contenders[n]()
@@ -199,8 +213,8 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
     """Greedy decode: the prompt's forward gives the first token (untimed), then ``new_tokens`` cached
     decode steps (N=1 each) are timed.
 
-    Interleaved *step by step*: at every position each contender takes its own next step (order
-    rotating), so the two steps of a pair run milliseconds apart and a shared machine's slow spells
+    Interleaved *step by step*: at every position each contender takes its own next step (in every
+    order in turn), so the two steps of a pair run milliseconds apart and a shared machine's slow spells
     cancel in their ratio. Each contender keeps its own KV cache and its own tokens."""
     device = ours.device
     gen = torch.Generator().manual_seed(seed + 1)
@@ -237,8 +251,7 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
 
             totals = dict.fromkeys(names, 0.0)
             for i in range(new_tokens):
-                k = (i + r) % len(names)
-                for name in names[k:] + names[:k]:
+                for name in round_order(names, r * new_tokens + i):
                     sync(device)
                     t0 = time.perf_counter()
                     step(name, i)
@@ -287,15 +300,8 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
     }
 
 
-def bench_counting(model, *, n_tokens: int, repeats: int, counters: Sequence[str] = ("hooks", "fvcore", "torch"),
-                   seed: int = 0) -> dict:
-    """Counted forward / plain forward, same model (math kernel), same tokens, both under no_grad."""
+def _counting_contenders(model, tokens, counters: Sequence[str]) -> tuple[dict[str, Callable], dict[str, str]]:
     from counters.crosscheck import CounterUnavailable, load_counter
-
-    device = model.device
-    set_kernel(model, "math")
-    gen = torch.Generator().manual_seed(seed + 2)
-    tokens = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(device)
 
     def plain():
         with torch.no_grad():
@@ -310,17 +316,55 @@ def bench_counting(model, *, n_tokens: int, repeats: int, counters: Sequence[str
             unavailable[name] = str(e)
             continue
         contenders[name] = (lambda fn=fn: fn(model, tokens, 0))
+    return contenders, unavailable
+
+
+def probe_config(config: LlamaConfig) -> LlamaConfig:
+    """Same depth (the same module calls and ops per forward), tiny width: a counter's fixed cost."""
+    return LlamaConfig(name=f"{config.name}-probe", dim=64, n_layers=config.n_layers, n_heads=4, n_kv_heads=4,
+                       vocab_size=256, hidden_dim=176, max_seq_len=config.max_seq_len)
+
+
+def bench_counting(model, *, n_tokens: int, repeats: int, counters: Sequence[str] = ("hooks", "fvcore", "torch"),
+                   probe_repeats: int = 30, seed: int = 0) -> dict:
+    """Counted forward / plain forward, same model (math kernel), same tokens, both under no_grad.
+
+    Measured directly (noisy on a shared machine: runs of the same forward vary up to 2x here), and
+    estimated from each counter's *fixed* cost: hooks and op counters do per-call Python work that
+    does not depend on the width, so ``t(counter) - t(plain)`` on a same-depth tiny model (ms-long
+    runs, many repeats, little noise) added to the full model's plain time gives the overhead the
+    full model pays, ``1 + extra / t_plain``."""
+    from counters.roofline import random_model
+
+    device = model.device
+    set_kernel(model, "math")
+    gen = torch.Generator().manual_seed(seed + 2)
+    tokens = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(device)
+    contenders, unavailable = _counting_contenders(model, tokens, counters)
     samples = interleaved(contenders, repeats=repeats, device=device)
     med = medians(samples)
     details = {k: paired_ratio(samples, k, "plain") for k in samples if k != "plain"}
     ratios = {k: d["paired_median"] for k, d in details.items()}
+
+    probe = random_model(probe_config(model.config), device=device, dtype=model.tok_embeddings.weight.dtype,
+                         attn_kernel="math", compute_dtype=model.compute_dtype)
+    ptokens = torch.randint(0, probe.config.vocab_size, (1, n_tokens), generator=gen).to(device)
+    pcont, _ = _counting_contenders(probe, ptokens, [c for c in counters if c not in unavailable])
+    psamples = interleaved(pcont, repeats=probe_repeats, device=device)
+    pmed = medians(psamples)
+    extra = {k: pmed[k] - pmed["plain"] for k in pmed if k != "plain"}
+    estimate = {k: 1 + v / med["plain"] for k, v in extra.items()}
     return {
         "n_tokens": n_tokens, "attn_kernel": "math", "repeats": repeats, "median_s": med, "samples_s": samples,
         "overhead_ratio": ratios, "overhead_detail": details, "unavailable": unavailable,
+        "fixed_cost": {"probe_config": probe.config.to_dict(), "probe_repeats": probe_repeats,
+                       "probe_median_s": pmed, "extra_s": extra},
+        "overhead_estimate": estimate,
         "goal": f"hooks <= {GOALS['hooks_overhead_max']}x",
         "met": ratios.get("hooks", float("inf")) <= GOALS["hooks_overhead_max"],
         "verdict": (verdict(ratios["hooks"], details["hooks"]["ci95"], GOALS["hooks_overhead_max"],
                             higher_is_better=False) if "hooks" in ratios else "not measured"),
+        "met_by_estimate": estimate.get("hooks", float("inf")) <= GOALS["hooks_overhead_max"],
     }
 
 
@@ -489,6 +533,10 @@ def format_report(doc: dict) -> str:
                          *[f"{ct['median_s'][k]:.4g} ({r:.3f}x [{ct['overhead_detail'][k]['ci95'][0]:.3f}, "
                            f"{ct['overhead_detail'][k]['ci95'][1]:.3f}])" for k, r in ct["overhead_ratio"].items()],
                          "hooks <= 1.05x", ct["verdict"]))
+            extra = ct["fixed_cost"]["extra_s"]
+            rows.append(("  fixed-cost estimate", "",
+                         *[f"{ct['overhead_estimate'][k]:.4f}x (+{1e3 * extra[k]:.3g} ms)" for k in ct["overhead_ratio"]],
+                         "", "met" if ct["met_by_estimate"] else "not met"))
             lines.append("")
             lines.extend(_grid(rows))
     if doc.get("meta"):

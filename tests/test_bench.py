@@ -74,6 +74,12 @@ def test_quick_run_writes_json_and_plot(quick_doc):
     ct = cpu["counting"]
     assert set(ct["overhead_ratio"]) == {"hooks", "fvcore", "torch"} and ct["unavailable"] == {}
     assert all(r > 0 for r in ct["overhead_ratio"].values())
+    # Fixed-cost estimate from a same-depth tiny model.
+    assert ct["fixed_cost"]["probe_config"]["n_layers"] == cpu["config"]["n_layers"]
+    assert set(ct["overhead_estimate"]) == {"hooks", "fvcore", "torch"}
+    for k, est in ct["overhead_estimate"].items():
+        assert est == pytest.approx(1 + ct["fixed_cost"]["extra_s"][k] / ct["median_s"]["plain"])
+    assert isinstance(ct["met_by_estimate"], bool)
 
 
 def ct_ok(ct):
@@ -105,12 +111,20 @@ def test_report_table(bench, quick_doc):
         assert needle in text
 
 
-def test_interleaved_rotates_the_order(bench):
+def test_interleaved_cycles_through_every_order(bench):
     calls = []
     contenders = {n: (lambda n=n: calls.append(n)) for n in "abc"}
-    samples = bench.interleaved(contenders, repeats=3, warmup=1, device=torch.device("cpu"))
-    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
-    assert {k: len(v) for k, v in samples.items()} == {"a": 3, "b": 3, "c": 3}
+    samples = bench.interleaved(contenders, repeats=6, warmup=1, device=torch.device("cpu"))
+    assert calls[:3] == list("abc")  # warm-up
+    rounds = ["".join(calls[3 + 3 * r: 6 + 3 * r]) for r in range(6)]
+    assert sorted(rounds) == ["abc", "acb", "bac", "bca", "cab", "cba"]  # 6 rounds: each order once
+    # So each contender runs right after each other one equally often (a rotation would not).
+    follows = {}
+    for rnd in rounds:
+        for x, y in zip(rnd, rnd[1:]):
+            follows[(x, y)] = follows.get((x, y), 0) + 1
+    assert set(follows.values()) == {2} and len(follows) == 6
+    assert {k: len(v) for k, v in samples.items()} == {"a": 6, "b": 6, "c": 6}
 
 
 def test_meta_child_counts_a_big_model_without_memory(bench):
