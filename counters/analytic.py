@@ -76,12 +76,12 @@ class RowCost:
     @property
     def flops(self) -> int:
         """Matrix-product FLOPs, 2 x MACs."""
-        return 2 * self.macs
+        return self.count.flops
 
     @property
     def total_flops(self) -> int:
         """Matrix-product FLOPs plus non-matmul FLOPs."""
-        return 2 * self.macs + self.nonmatmul_flops
+        return self.count.total_flops
 
     @property
     def bytes(self) -> int:

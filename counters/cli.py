@@ -116,20 +116,6 @@ def resolve_model(spec: str, *, vocab_size: Optional[int] = None) -> ModelSource
     return ModelSource(config, kind, path=spec, checkpoint_dir=directory if weights else None)
 
 
-def _available_ram() -> int:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
-
-
 def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: int) -> tuple[str, str]:
     """(device, reason). ``--device`` wins; otherwise real weights load on the CPU when they fit in
     RAM, random weights only when small (counts do not depend on values), and everything else runs
@@ -137,6 +123,7 @@ def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: in
     import torch
 
     from .analytic import param_count
+    from .hardware import available_memory_bytes
 
     if requested:
         if requested == "meta":
@@ -150,13 +137,13 @@ def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: in
         if dev.type not in ("cpu", "cuda"):
             raise BadInput(f"bad --device {requested!r}: use cpu, meta or cuda[:N]")
         weight_bytes = param_count(source.config) * dtype_bytes
-        avail = _available_ram()
+        avail = (available_memory_bytes("cpu") or 0)
         if dev.type == "cpu" and avail and weight_bytes > avail:
             raise BadInput(f"--device cpu: the weights need {weight_bytes / (1 << 30):.1f} GiB but only "
                            f"{avail / (1 << 30):.1f} GiB of RAM is available; use --device meta (counts are the same)")
         return requested, f"--device {requested}"
     weight_bytes = param_count(source.config) * dtype_bytes
-    avail = _available_ram()
+    avail = (available_memory_bytes("cpu") or 0)
     gib = 1 << 30
     if source.has_weights:
         if weight_bytes * 5 // 4 <= avail:

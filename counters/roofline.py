@@ -38,7 +38,7 @@ import torch
 from llama_ref.config import PRESETS, LlamaConfig
 from llama_ref.schedule import PRESET_N_LAYERS, SCHEDULE_NAMES, resolve_schedule
 
-from .hardware import DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, Hardware, get_hardware
+from .hardware import DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, Hardware, available_memory_bytes, get_hardware
 
 RowKey = tuple[Optional[int], str]
 
@@ -263,6 +263,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Union[str, os.PathLike], *, dpi: int = 120) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 _MODULE_COLORS = {
     "block": "tab:blue", "output": "tab:red", "norm": "tab:gray", "attention.core": "tab:purple",
     "attention_norm": "tab:gray", "ffn_norm": "tab:gray", "attention.rope": "tab:olive",
@@ -327,12 +337,7 @@ def plot_roofline(table: Sequence[RooflineRow], hw: Hardware, path: Union[str, o
     ax.set_title(title or f"roofline on {hw.name}", fontsize=10)
     ax.grid(True, which="both", alpha=0.2)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def macs_per_token_curves(config: LlamaConfig, schedules: Sequence[str], contexts: Sequence[int]) -> dict[str, list[int]]:
@@ -370,12 +375,7 @@ def plot_macs_vs_context(config: LlamaConfig, path: Union[str, os.PathLike], *, 
                  "(schedules with the same number of layer runs coincide)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path, curves
+    return save_figure(fig, path, dpi=120), curves
 
 
 # ====================================================================== timing
@@ -549,7 +549,7 @@ def random_model(config: LlamaConfig, *, schedule=None, device="cpu", dtype=torc
     model.to_empty(device=device)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:  # RMSNorm weights
                 p.normal_(1.0, 0.1, generator=gen)
             else:
@@ -558,22 +558,6 @@ def random_model(config: LlamaConfig, *, schedule=None, device="cpu", dtype=torc
     model.init_buffers()
     model.eval()
     return model
-
-
-def available_memory_bytes(device: Union[str, torch.device]) -> Optional[int]:
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo", encoding="utf-8") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
 
 
 def estimate_forward_memory(config: LlamaConfig, *, batch: int, n_tokens: int, n_cached: int, n_runs: int,
@@ -686,7 +670,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for CPU measurement")
-    parser.add_argument("--out", default="out/roofline", help="directory for roofline.json and the PNGs (default out/roofline)")
+    parser.add_argument("--out", default="out/roofline",
+                        help="directory for roofline.json and the PNGs (default out/roofline)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
 
 

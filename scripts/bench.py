@@ -266,7 +266,6 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
                 samples[n].append(totals[n])
         for n in names:
             produced[n] = torch.cat(state[n]["out"], 1)[0].tolist()
-        del state
 
     steps = new_tokens  # decode steps timed (the prompt's forward, which yields the first token, is not)
     # Step pairs: HF step time / our step time = our tokens/s / HF tokens/s.
@@ -593,28 +592,34 @@ def plot_bench(doc: dict, path) -> Path:
         ax.bar(labels, [pf["median_s"][n] for n in names], color=colors)
         for i, n in enumerate(names):
             ax.scatter([i] * len(pf["samples_s"][n]), pf["samples_s"][n], color="black", s=8, zorder=3)
-        ax.set_title(f"{dev} prefill N={pf['n_tokens']}: s (ratio {pf['ratio']:.3f})", fontsize=9)
+        ax.set_title(f"{dev} prefill N={pf['n_tokens']}: s (ratio {pf['ratio']:.3f} "
+                     f"[{pf['ci95'][0]:.3f}, {pf['ci95'][1]:.3f}])", fontsize=9)
         ax = axes[row][1]
         ax.bar(labels, [dc["tokens_per_s"][n] for n in names], color=colors)
-        ax.set_title(f"{dev} decode {dc['new_tokens']} tokens: tokens/s (ratio {dc['ratio']:.3f})", fontsize=9)
+        ax.set_title(f"{dev} decode {dc['new_tokens']} tokens: tokens/s (ratio {dc['ratio']:.3f} "
+                     f"[{dc['ci95'][0]:.3f}, {dc['ci95'][1]:.3f}])", fontsize=9)
         ax = axes[row][2]
         if "counting" in sec:
             ct = sec["counting"]
             ks = list(ct["overhead_ratio"])
-            ax.bar(ks, [ct["overhead_ratio"][k] for k in ks], color="tab:green")
+            vals = [ct["overhead_ratio"][k] for k in ks]
+            cis = [ct["overhead_detail"][k]["ci95"] for k in ks]
+            err = [[v - c[0] for v, c in zip(vals, cis)], [c[1] - v for v, c in zip(vals, cis)]]
+            ax.bar(ks, vals, color="tab:green", yerr=err, capsize=4, label="measured (95% CI)")
+            if "overhead_estimate" in ct:
+                ax.scatter(ks, [ct["overhead_estimate"][k] for k in ks], marker="D", color="black", zorder=3,
+                           label="fixed-cost estimate")
             ax.axhline(1.0, color="black", lw=1)
             ax.axhline(GOALS["hooks_overhead_max"], color="red", ls="--", lw=1, label="hooks goal 1.05x")
-            ax.set_yscale("log")
+            top = max(max(c[1] for c in cis), GOALS["hooks_overhead_max"], *ct.get("overhead_estimate", {1: 1}).values())
+            ax.set_ylim(0, top * 1.15)
             ax.set_title(f"{dev} counting overhead vs plain forward (x)", fontsize=9)
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=7, loc="lower right")
         else:
             ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    from counters.roofline import save_figure
+
+    return save_figure(fig, path, dpi=110)
 
 
 # ====================================================================== main

@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llama_ref import PRESETS, Llama, LlamaConfig  # noqa: E402
+from counters.hardware import available_memory_bytes  # noqa: E402
 from llama_ref.hf import hf_config_dict  # noqa: E402
 
 logger = logging.getLogger("compare_hf")
@@ -91,18 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------- memory
-def available_memory_bytes(device: str) -> int:
-    if device == "cuda":
-        free, _total = torch.cuda.mem_get_info()
-        return free
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
 def check_fits(n_params_hf: int, n_params_ours: int, dtype: torch.dtype, ref_dtype: torch.dtype, device: str,
@@ -114,9 +103,9 @@ def check_fits(n_params_hf: int, n_params_ours: int, dtype: torch.dtype, ref_dty
     elem = torch.empty((), dtype=dtype).element_size()
     ref_elem = torch.empty((), dtype=ref_dtype).element_size()
     hf_host = n_params_hf * max(4, ref_elem)  # random init and upcasts go through fp32 on the host
-    checks = [("host RAM", hf_host + (n_params_ours * elem if device == "cpu" else 0), available_memory_bytes("cpu"))]
+    checks = [("host RAM", hf_host + (n_params_ours * elem if device == "cpu" else 0), (available_memory_bytes("cpu") or 0))]
     if device == "cuda":
-        checks.append(("GPU memory", n_params_hf * ref_elem + n_params_ours * elem, available_memory_bytes("cuda")))
+        checks.append(("GPU memory", n_params_hf * ref_elem + n_params_ours * elem, (available_memory_bytes("cuda") or 0)))
     for name, required, available in checks:
         # 80%: activations, the logits (batch x seqlen x vocab, several copies) and the allocator need room.
         if required > 0.8 * available:
@@ -180,7 +169,7 @@ def build_models(args) -> tuple:
         elem = torch.empty((), dtype=dtype).element_size()
         # Our loader reads every layer; with --layers the model runs only the first K (a schedule). That
         # is affordable unless the full model does not fit next to HF's truncated one.
-        use_loader = n_hf * 4 + n_full * elem <= 0.8 * available_memory_bytes("cpu")
+        use_loader = n_hf * 4 + n_full * elem <= 0.8 * (available_memory_bytes("cpu") or 0)
         check_fits(n_hf, n_full if use_loader else n_hf, dtype, ref_dtype, args.device, args.model)
         kwargs = {} if args.layers is None else {"num_hidden_layers": args.layers}
         # Loading straight into ref_dtype upcasts the stored values exactly (bf16 -> fp32 is lossless).

@@ -40,9 +40,9 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from counters.hardware import (DTYPE_BYTES, Hardware, detect_table_name, device_name, measure_device,  # noqa: E402
+from counters.hardware import (Hardware, detect_table_name, device_name, measure_device,  # noqa: E402
                                table_hardware)
-from counters.roofline import (Timing, make_timer, plot_roofline, random_model, resolve_config,  # noqa: E402
+from counters.roofline import (Timing, make_timer, plot_roofline, random_model, resolve_config, save_figure,  # noqa: E402
                                roofline_table, summarize, time_forward)
 from llama_ref.config import LlamaConfig  # noqa: E402
 from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict  # noqa: E402
@@ -303,12 +303,7 @@ def plot_layers(phase_reports: Sequence[dict], peaks: Sequence[Hardware], path) 
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_ylabel(unit)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # ====================================================================== driver
@@ -471,7 +466,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--hardware", default="auto", help="peak table entry (h100-sxm, h100-pcie, a100-80g) or auto")
     p.add_argument("--no-hf", action="store_true", help="skip the comparison with transformers")
     p.add_argument("--no-measure-peaks", action="store_true", help="do not measure matmul/copy peaks on the device")
-    p.add_argument("--out", default="out/validate_gpu", help="directory for validate_gpu.json and PNGs (default out/validate_gpu)")
+    p.add_argument("--out", default="out/validate_gpu",
+                   help="directory for validate_gpu.json and PNGs (default out/validate_gpu)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -14,11 +14,10 @@ from counters.fvcore_counter import _import_fvcore, _StartPosWrapper, count_fvco
 from counters.ops import UncountedOpError
 from llama_ref import PRESETS, Llama
 
+from _counter_cases import BSZ, CASES, CONFIGS, MODES, SCHEDULE, TINY, expected_rows, make_model
+
 # Thousands of tiny ops: one intra-op thread (see conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-from _counter_cases import BSZ, CASES, CONFIGS, MODES, SCHEDULE, TINY, expected_rows, make_model
 
 
 @pytest.mark.parametrize("preset,mode,kernel,device", CASES, ids=["-".join(c) for c in CASES])

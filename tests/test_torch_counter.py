@@ -17,12 +17,11 @@ from counters.ops import UncountedOpError
 from counters.torch_counter import count_torch
 from llama_ref import PRESETS, Llama, repeat_kv
 
+from _counter_cases import BSZ, CASES, CONFIGS, MODES, SCHEDULE, TINY, expected_rows, make_model
+
 
 # Thousands of tiny ops: one intra-op thread (see conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-from _counter_cases import BSZ, CASES, CONFIGS, MODES, SCHEDULE, TINY, expected_rows, make_model
 
 
 @pytest.mark.parametrize("preset,mode,kernel,device", CASES, ids=["-".join(c) for c in CASES])
