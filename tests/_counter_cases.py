@@ -4,6 +4,7 @@ repeated layer, the three step shapes, and the expected rows from the module-lev
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from counters import formulas as fm
 from counters.formulas import ZERO
@@ -62,3 +63,21 @@ def make_model(config, kernel: str, device: str, start_pos: int, schedule=SCHEDU
 CASES = [(p, m, k, "meta") for p in CONFIGS for m in MODES for k in ("math", "sdpa")] + \
         [("tiny", m, k, "cpu") for m in MODES for k in ("math", "sdpa")] + \
         [("tiny-mha", "cached-chunk", k, "cpu") for k in ("math", "sdpa")]
+
+
+def make_bf16_meta_model(kernel: str) -> tuple[Llama, torch.Tensor]:
+    """bf16 weights on meta (compute dtype = weight dtype), cache pre-filled for the cached-chunk step."""
+    start_pos, _ = MODES["cached-chunk"]
+    model = Llama(TINY, device="meta", dtype=torch.bfloat16, attn_kernel=kernel, schedule=SCHEDULE)
+    model.setup_cache(BSZ, 16)
+    tokens = torch.zeros(BSZ, 16, dtype=torch.long, device="meta")
+    with torch.no_grad():
+        model(tokens[:, :start_pos], 0)
+    return model, tokens
+
+
+class SinGate(nn.Module):
+    """A gate with an op that has no formula (sin)."""
+
+    def forward(self, gate, up):
+        return torch.sin(gate) * up

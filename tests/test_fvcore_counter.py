@@ -7,14 +7,13 @@ import logging
 
 import pytest
 import torch
-from torch import nn
 
 from counters.formulas import ZERO, Count
 from counters.fvcore_counter import _import_fvcore, _StartPosWrapper, count_fvcore
 from counters.ops import UncountedOpError
 from llama_ref import PRESETS, Llama
 
-from _counter_cases import BSZ, CASES, CONFIGS, MODES, SCHEDULE, TINY, expected_rows, make_model
+from _counter_cases import BSZ, CASES, CONFIGS, MODES, SinGate, TINY, expected_rows, make_bf16_meta_model, make_model
 
 # Thousands of tiny ops: one intra-op thread (see conftest.single_thread).
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -75,27 +74,15 @@ def test_baseline_schedule_full_size_shapes_on_meta(preset):
 def test_bf16_weights_and_compute_on_meta(kernel):
     # meta: the compute dtype is the weights' (bf16); the fp32 upcasts of RMSNorm/RoPE/softmax are free casts
     start_pos, seqlen = MODES["cached-chunk"]
-    torch.manual_seed(0)
-    model = Llama(TINY, device="meta", dtype=torch.bfloat16, attn_kernel=kernel, schedule=SCHEDULE)
-    model.setup_cache(BSZ, 16)
-    tokens = torch.zeros(BSZ, 16, dtype=torch.long, device="meta")
-    with torch.no_grad():
-        model(tokens[:, :start_pos], 0)
+    model, tokens = make_bf16_meta_model(kernel)
     result = count_fvcore(model, tokens[:, start_pos:start_pos + seqlen], start_pos, strict=True)
     assert model.compute_dtype == torch.bfloat16
     assert result.rows == expected_rows(TINY, len(model.schedule), BSZ, start_pos, seqlen)
 
 
-class _SinGate(nn.Module):
-    """A gate with an op that has no formula (sin)."""
-
-    def forward(self, gate, up):
-        return torch.sin(gate) * up
-
-
 def test_unknown_op_strict_raises_and_lenient_lists(caplog):
     model, tokens = make_model(TINY, "math", "meta", 0)
-    model.layers[0].feed_forward.act = _SinGate()  # layer 0 runs once in SCHEDULE
+    model.layers[0].feed_forward.act = SinGate()  # layer 0 runs once in SCHEDULE
     with pytest.raises(UncountedOpError, match="sin x1"):
         count_fvcore(model, tokens[:, :5], 0, strict=True)
     with caplog.at_level(logging.WARNING):

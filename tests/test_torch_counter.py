@@ -17,7 +17,7 @@ from counters.ops import UncountedOpError
 from counters.torch_counter import count_torch
 from llama_ref import PRESETS, Llama, repeat_kv
 
-from _counter_cases import BSZ, CASES, CONFIGS, MODES, SCHEDULE, TINY, expected_rows, make_model
+from _counter_cases import BSZ, CASES, CONFIGS, MODES, SinGate, TINY, expected_rows, make_bf16_meta_model, make_model
 
 
 # Thousands of tiny ops: one intra-op thread (see conftest.single_thread).
@@ -132,28 +132,16 @@ def test_gpu_sdpa_backends_torch_macs_plus_our_rest(backend, mode):
 def test_bf16_weights_and_compute_on_meta(kernel):
     # meta: the compute dtype is the weights' (bf16); the fp32 upcasts of RMSNorm/RoPE/softmax are free casts
     start_pos, seqlen = MODES["cached-chunk"]
-    torch.manual_seed(0)
-    model = Llama(TINY, device="meta", dtype=torch.bfloat16, attn_kernel=kernel, schedule=SCHEDULE)
-    model.setup_cache(BSZ, 16)
-    tokens = torch.zeros(BSZ, 16, dtype=torch.long, device="meta")
-    with torch.no_grad():
-        model(tokens[:, :start_pos], 0)
+    model, tokens = make_bf16_meta_model(kernel)
     result = count_torch(model, tokens[:, start_pos:start_pos + seqlen], start_pos, strict=True)
     assert model.compute_dtype == torch.bfloat16
     assert result.rows == expected_rows(TINY, len(model.schedule), BSZ, start_pos, seqlen)
 
 
-class _SinGate(nn.Module):
-    """A gate with an op that has no formula (sin)."""
-
-    def forward(self, gate, up):
-        return torch.sin(gate) * up
-
-
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_unknown_op_strict_raises_and_lenient_lists(device, caplog):
     model, tokens = make_model(TINY, "math", device, 0)
-    model.layers[1].feed_forward.act = _SinGate()  # layer 1 runs twice in SCHEDULE
+    model.layers[1].feed_forward.act = SinGate()  # layer 1 runs twice in SCHEDULE
     with pytest.raises(UncountedOpError, match="sin x2"):
         count_torch(model, tokens[:, :5], 0, strict=True)
     with caplog.at_level(logging.WARNING):
