@@ -309,15 +309,20 @@ class OpRegistry:
             where = f"formula ({self._families[name]})" if name in self._formulas else "free list"
             raise DuplicateRegistrationError(f"op {name!r} is already registered ({where})")
 
-    def register(self, names: Union[str, Iterable[str]], formula: OpFormula, family: str = "", *,
-                 integer_free: bool = False) -> OpFormula:
-        """Register ``formula`` for ``names``. ``integer_free``: calls whose tensors are all
-        integer/bool are free (:data:`INTEGER_BOOKKEEPING`) instead of going to the formula."""
+    def _new_names(self, names: Union[str, Iterable[str]]) -> list[str]:
+        """The names of one registration, each checked to be registered nowhere yet."""
         names = [names] if isinstance(names, str) else list(names)
         if len(set(names)) != len(names):
             raise DuplicateRegistrationError(f"op names repeated in one registration: {names}")
         for name in names:
             self._check_new(name)
+        return names
+
+    def register(self, names: Union[str, Iterable[str]], formula: OpFormula, family: str = "", *,
+                 integer_free: bool = False) -> OpFormula:
+        """Register ``formula`` for ``names``. ``integer_free``: calls whose tensors are all
+        integer/bool are free (:data:`INTEGER_BOOKKEEPING`) instead of going to the formula."""
+        names = self._new_names(names)
         for name in names:
             self._formulas[name] = formula
             self._families[name] = family or getattr(formula, "__name__", "?")
@@ -328,11 +333,7 @@ class OpRegistry:
     def register_free(self, names: Union[str, Iterable[str]], reason: str) -> None:
         if not reason or not reason.strip():
             raise ValueError("every free-list entry needs a one-line reason")
-        names = [names] if isinstance(names, str) else list(names)
-        if len(set(names)) != len(names):
-            raise DuplicateRegistrationError(f"op names repeated in one registration: {names}")
-        for name in names:
-            self._check_new(name)
+        names = self._new_names(names)
         for name in names:
             self._free[name] = reason
 
