@@ -3,18 +3,20 @@
 fvcore traces the model with ``torch.jit`` and pushes one scope per module call, so a node's scope
 names the module that ran it. Its ``by_module`` merges the runs of a layer that a schedule repeats,
 so we push one more scope per decoder-layer *run* (``@pos<k>``) while fvcore traces, capture the
-graph fvcore analysed, and attribute its nodes to ``(position, module)`` rows ourselves:
+graph fvcore analysed, and attribute its nodes to ``(position, row)`` rows of :mod:`counters.table`:
 
 * matrix products fvcore has handles for (``aten::linear``, ``aten::matmul``, ``aten::mm``,
-  ``aten::bmm``, ``aten::addmm``, ``aten::einsum``): fvcore's own count, which is 1 per MAC
-  (converted exactly by :func:`counters.ops.fvcore_to_macs`), plus any non-matmul part of our formula
-  (a bias add);
-* everything else: :data:`counters.ops.REGISTRY` (e.g. ``aten::scaled_dot_product_attention``,
-  element-wise ops, softmax), or its free list; anything else is an unknown op.
+  ``aten::bmm``, ``aten::addmm``, ``aten::einsum``): fvcore's own count, 1 per MAC (converted exactly by
+  :func:`counters.ops.fvcore_to_macs`): source ``outside:fvcore``;
+* ``aten::scaled_dot_product_attention`` (fvcore has no handle): MACs by torch's own registered SDPA
+  formula on the node's shapes: source ``outside:torch``;
+* every non-matmul FLOP (element-wise ops, softmax, RoPE's complex multiply, the SDPA scale/mask/softmax,
+  a bias add): :data:`counters.ops.REGISTRY` on the sizes the trace recorded: source ``shapes``;
+* free ops: the registry's reviewed free list; anything else is an unknown op.
 
-fvcore's ``FlopCountAnalysis`` is given our MAC counts as handles for the ops it lacks (so its
-unsupported-op list is empty for ``llama_ref``) and our free ops as ignored; the per-row MAC sum is
-checked to equal ``FlopCountAnalysis.total()`` exactly. fvcore's own ignore list (which drops e.g.
+``FlopCountAnalysis`` itself runs with its own matrix-product handles and every other op of ours set to
+"ignored", and the sum of the ``outside:fvcore`` MACs over all rows is checked to equal its ``total()``
+exactly (attribution neither lost nor duplicated work). fvcore's own ignore list (which drops e.g.
 ``aten::max``, ``aten::clamp``, ``aten::relu``) is *not* used to decide what is free.
 """
 
@@ -29,18 +31,22 @@ from unittest import mock
 import torch
 from torch import nn
 
-from .formulas import ZERO, Count
 from .ops import (
     INTEGER_BOOKKEEPING,
+    OUTSIDE_SDPA_OPS,
     REGISTRY,
     UNKNOWN,
     OpCall,
     TensorMeta,
+    UncountableCall,
     canonical_op_name,
     fvcore_to_macs,
     raise_or_warn_unknown,
+    torch_sdpa_macs,
 )
-from .result import CounterResult, RowKey, row_for_module, row_order
+from .primitives import ZERO, Count
+from .result import SOURCE_SHAPES, CounterResult, outside
+from .table import RowKey, row_for_module, row_order
 
 logger = logging.getLogger(__name__)
 
@@ -52,20 +58,6 @@ POSITION_SCOPE_PREFIX = "@pos"
 #: upsampling - count something else and are never used here).
 FVCORE_MATMUL_KINDS = ("aten::addmm", "aten::bmm", "aten::matmul", "aten::mm", "aten::linear", "aten::einsum")
 _WRAPPED = "model"  # attribute name of the model inside the tracing wrapper
-
-# c10 ScalarType names as the jit type reports them.
-_JIT_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr)
-    for name, attr in (
-        ("Float", "float32"), ("Double", "float64"), ("Half", "float16"), ("BFloat16", "bfloat16"),
-        ("ComplexHalf", "complex32"), ("ComplexFloat", "complex64"), ("ComplexDouble", "complex128"),
-        ("Long", "int64"), ("Int", "int32"), ("Short", "int16"), ("Char", "int8"), ("Byte", "uint8"),
-        ("Bool", "bool"), ("UInt16", "uint16"), ("UInt32", "uint32"), ("UInt64", "uint64"),
-        ("Float8_e4m3fn", "float8_e4m3fn"), ("Float8_e5m2", "float8_e5m2"),
-    )
-    if hasattr(torch, attr)
-}
-
 
 class _StartPosWrapper(nn.Module):
     """jit traces tensors only: ``start_pos`` (a Python int) is bound here."""
@@ -84,8 +76,7 @@ def _jit_value(v: "torch._C.Value") -> Any:
     t = v.type()
     kind = t.kind()
     if kind == "TensorType":
-        scalar = t.scalarType()
-        dtype = _JIT_DTYPES.get(scalar) if scalar is not None else None
+        dtype = t.dtype() if t.scalarType() is not None else None
         shape = tuple(int(s) for s in t.sizes()) if v.isCompleteTensor() else None
         return TensorMeta(shape, dtype)
     if kind == "NoneType":
@@ -121,20 +112,6 @@ def _jit_call(node: "torch._C.Node", name: str) -> OpCall:
     if schema is None:
         return OpCall(name, {f"arg{i}": v for i, v in enumerate(inputs)}, outputs)
     return OpCall.from_schema(name, schema, inputs, None, outputs)
-
-
-def _mac_handle(name: str):
-    """An fvcore handle giving fvcore the MAC part of our formula for an op it has no handle for."""
-
-    def handle(inputs: list, outputs: list) -> int:
-        node = outputs[0].node() if outputs else None
-        if node is None:  # pragma: no cover - every aten op has an output
-            return 0
-        result = REGISTRY.classify(_jit_call(node, name))
-        return result.count.macs  # unknown calls count 0 here and are reported by our walk
-
-    handle.__name__ = f"ours_{name}_macs"
-    return handle
 
 
 # ---------------------------------------------------------------- scope -> row
@@ -203,7 +180,7 @@ def _import_fvcore():
 def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, strict: bool = False) -> CounterResult:
     """Count one forward ``model(tokens, start_pos)`` with fvcore's ``FlopCountAnalysis``.
 
-    Rows are keyed ``(position, module)`` as :mod:`counters.result` says. For ``start_pos > 0`` the
+    Rows are keyed ``(position, row)`` as :mod:`counters.table` says. For ``start_pos > 0`` the
     caller has set up and pre-filled the KV cache (the trace runs the forward once, writing the
     cache exactly as a real call would). Works on CPU, CUDA and the meta device.
 
@@ -216,14 +193,11 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
     wrapper = _StartPosWrapper(model, start_pos)
     analysis = FlopCountAnalysis(wrapper, (tokens,))
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("no_tracer_warning")
-    extra_handles: dict[str, Any] = {}
-    for name in REGISTRY.formulas:
-        kind = f"aten::{name}"
-        if kind not in _DEFAULT_SUPPORTED_OPS:
-            extra_handles[kind] = _mac_handle(name)
-    for name in REGISTRY.free:
-        extra_handles[name if "::" in name else f"aten::{name}"] = None  # None = ignored by fvcore
-    analysis.set_op_handle(**extra_handles)
+    # fvcore counts with its own matrix-product handles only; every other op we know is "ignored" by it
+    # (we count those ourselves in the walk below), so its total() is fvcore's own number.
+    ignored = {f"aten::{name}": None for name in REGISTRY.formulas if f"aten::{name}" not in fvcore_matmul}
+    ignored.update({name if "::" in name else f"aten::{name}": None for name in REGISTRY.free})
+    analysis.set_op_handle(**ignored)
 
     graphs: list = []
     original_trace = jit_analysis._get_scoped_trace_graph
@@ -259,6 +233,8 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
     mac_disagreements: Counter[str] = Counter()
     bookkeeping: Counter[str] = Counter()
     unknown_reasons: dict[str, set[str]] = {}
+    fvcore_row_macs = 0
+    sdpa_calls = 0
 
     for node in graph.nodes():
         kind = _jit_kind(node)
@@ -271,34 +247,51 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
             fvcore_alone_unsupported[kind] += 1
         if REGISTRY.is_free(name):
             continue
-        classified = REGISTRY.classify(_jit_call(node, name))
-        if classified.status == "unknown":
-            unknown[name] += 1
-            unknown_reasons.setdefault(name, set()).add(classified.reason)
-            continue
+        call = _jit_call(node, name)
+        classified = REGISTRY.classify(call)
         if classified.status == "free":
             if classified.reason == INTEGER_BOOKKEEPING:
                 bookkeeping[kind] += 1
             continue
-        count = classified.count
-        if kind in fvcore_matmul:
-            macs = fvcore_to_macs(fvcore_matmul[kind](list(node.inputs()), list(node.outputs())))
-            if macs != count.macs:
-                mac_disagreements[name] += 1
-            count = Count(macs=macs, nonmatmul_flops=count.nonmatmul_flops)
-        if count != ZERO:
-            result.add(_row_for_scope(node.scopeName(), scope_rows), count)
+        if classified.status == "counted" and name in OUTSIDE_SDPA_OPS:
+            try:
+                outside_macs, tool = torch_sdpa_macs(call), "torch"
+            except UncountableCall as e:
+                classified = type(classified)("unknown", ZERO, str(e))
+            else:
+                sdpa_calls += 1
+        elif kind in fvcore_matmul:
+            outside_macs, tool = fvcore_to_macs(fvcore_matmul[kind](list(node.inputs()), list(node.outputs()))), "fvcore"
+        else:
+            tool = None
+        if classified.status == "unknown":
+            unknown[name] += 1
+            unknown_reasons.setdefault(name, set()).add(classified.reason)
+            continue
+        ours = classified.count
+        row = _row_for_scope(node.scopeName(), scope_rows)
+        if tool is None:
+            result.add(row, ours, SOURCE_SHAPES)
+            continue
+        if outside_macs != ours.macs:
+            mac_disagreements[name] += 1
+        if tool == "fvcore":
+            fvcore_row_macs += outside_macs
+        result.add(row, Count(macs=outside_macs), outside(tool))
+        result.add(row, Count(nonmatmul_flops=ours.nonmatmul_flops), SOURCE_SHAPES)
 
     fvcore_total_macs = fvcore_to_macs(fvcore_total)
-    row_macs = result.total.macs
     unsupported = ", ".join(f"{k} x{v}" for k, v in sorted(fvcore_unsupported.items())) or "none"
     result.notes.append(
-        f"fvcore FlopCountAnalysis.total() = {fvcore_total_macs} MACs (fvcore counts 1 per MAC: its handles for "
-        f"{', '.join(sorted(set(fvcore_matmul) & set(_kinds(graph))) or 'no op here')}, ours for the MAC part of "
-        f"ops it lacks); non-matmul FLOPs come from counters.ops. Its unsupported_ops(): {unsupported}."
+        f"fvcore FlopCountAnalysis.total() = {fvcore_total_macs} MACs from its own handles for "
+        f"{', '.join(sorted(set(fvcore_matmul) & set(_kinds(graph))) or 'no op here')} (1 per MAC); "
+        + (f"scaled_dot_product_attention x{sdpa_calls}: MACs by torch's sdpa_flop_count (fvcore has no handle); "
+           if sdpa_calls else "")
+        + f"non-matmul FLOPs by counters.ops on the traced sizes. Its unsupported_ops(): {unsupported}."
     )
-    if row_macs != fvcore_total_macs:
-        message = (f"fvcore: per-row MACs sum to {row_macs} but FlopCountAnalysis.total() is {fvcore_total_macs}")
+    if fvcore_row_macs != fvcore_total_macs:
+        message = (f"fvcore: its MACs attributed to rows sum to {fvcore_row_macs} but FlopCountAnalysis.total() "
+                   f"is {fvcore_total_macs}")
         if not unknown:
             raise RuntimeError(message + ": node attribution lost or duplicated work")
         result.notes.append(message + " (unknown ops present)")
@@ -307,8 +300,9 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
     if stray:  # pragma: no cover - would mean our handles and our walk disagree
         raise RuntimeError(f"fvcore reports unsupported ops {sorted(stray)} that counters.ops classifies")
     if mac_disagreements:
-        result.notes.append("fvcore's MACs differ from counters.ops for: "
+        result.notes.append("the outside MACs differ from counters.ops' own formula for: "
                             + ", ".join(f"{k} x{v}" for k, v in sorted(mac_disagreements.items())))
+    row_macs = result.total.macs
     alone = (f"fvcore alone (default handles and ignore list) would report total() = {fvcore_alone_total} "
              f"(1 per MAC), {row_macs - fvcore_alone_total} MACs fewer than counted here, and none of the "
              f"{result.total.nonmatmul_flops} non-matmul FLOPs")

@@ -1,119 +1,39 @@
-"""Count with forward hooks: each llama_ref module's work, from the shapes of the tensors that flow.
+"""Count with forward hooks: one hook per row of :mod:`counters.table`, sizes from the real tensors.
 
-Every formula takes its sizes from the hooked call's real inputs/outputs (never from the config),
-so a counted forward says what *this* forward computed: the batch and token count given, the
-key/value length the cache really returned, the heads the tensors really have. Hooks do shape
-arithmetic only (no tensor work), so they cost microseconds per module and run on ``meta`` models.
+Each row's module gets a hook that reads the sizes of the call it sees (never the config) and evaluates
+the row kind's op decomposition on them (source ``shapes``), so a counted forward says what *this*
+forward computed: the batch and token count given, the key/value length the cache really returned, the
+heads the tensors really have. Hooks do shape arithmetic only (no tensor work), so they cost
+microseconds per module and run on ``meta`` models.
 
-Positions: a pre-hook on the root resets the run counter, a pre-hook on every ``TransformerBlock``
-takes the next schedule position, so a layer that runs twice is counted once per run.
+A module whose type or ``forward`` is not the one its row describes, and a module that runs but has no
+row, is unknown work: an error in strict mode, a listed warning otherwise (never a silent zero).
+
+Positions: a pre-hook on the root resets the run counter, a pre-hook on every decoder layer takes the
+next schedule position, so a layer that runs twice is counted once per run.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from contextlib import AbstractContextManager
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from llama_ref.attention import Attention, AttentionCore, KVCache
-from llama_ref.block import TransformerBlock
-from llama_ref.layers import FeedForward, GatedSiLU, Linear, RMSNorm
-from llama_ref.model import Llama
-from llama_ref.rope import RotaryEmbedding
-
-from . import formulas as F
-from .formulas import Count
-from .result import CounterResult, row_for_module
+from . import table as T
+from .result import SOURCE_SHAPES, CounterResult
 
 logger = logging.getLogger(__name__)
 
 
 class UncountedModuleError(RuntimeError):
-    """Strict mode: a module ran that no hook formula covers."""
+    """Strict mode: a module ran that no row of the work table covers."""
 
 
-def _rows(shape: torch.Size) -> int:
-    """Number of vectors in a (..., features) tensor."""
-    return math.prod(shape[:-1])
-
-
-# ---------------------------------------------------------------- per-module formulas from real shapes
-def _linear(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Count:
-    x = args[0] if args else kwargs["input"]
-    return F.linear(_rows(output.shape), x.shape[-1], output.shape[-1])
-
-
-def _rmsnorm(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Count:
-    x = args[0] if args else kwargs["x"]
-    return F.rmsnorm(_rows(x.shape), x.shape[-1])
-
-
-def _rope(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Count:
-    xq, xk = output  # (bsz, seqlen, n_heads, head_dim), (bsz, seqlen, n_kv_heads, head_dim)
-    bsz, seqlen, n_heads, head_dim = xq.shape
-    return F.rope(bsz * seqlen, n_heads, xk.shape[2], head_dim)
-
-
-def _attention_core(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Count:
-    names = ("xq", "keys", "values", "mask")
-    bound = dict(zip(names, args))
-    bound.update(kwargs)
-    xq, keys, values = bound["xq"], bound["keys"], bound["values"]
-    bsz, seqlen, n_heads, head_dim = xq.shape
-    kvlen = keys.shape[1]
-    if values.shape[1] != kvlen:
-        raise ValueError(f"attention core got {kvlen} keys but {values.shape[1]} values")
-    return F.attention_core(bsz, n_heads, seqlen, kvlen, head_dim)
-
-
-def _gated_silu(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Count:
-    return F.gated_silu(_rows(output.shape), output.shape[-1])
-
-
-def _embedding(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Count:
-    return F.embedding(_rows(output.shape), output.shape[-1])
-
-
-# Leaf modules: one formula covers the module and everything below it.
-HOOK_FORMULAS: dict[type, Callable[..., Count]] = {
-    Linear: _linear,
-    nn.Linear: _linear,
-    RMSNorm: _rmsnorm,
-    RotaryEmbedding: _rope,
-    AttentionCore: _attention_core,
-    GatedSiLU: _gated_silu,
-    nn.Embedding: _embedding,
-}
-# Containers whose own forward does no arithmetic (views, dtype casts, mask building, cache copies).
-# TransformerBlock's own work, the two residual adds, is counted by its post-hook.
-NO_ARITHMETIC_MODULES: tuple[type, ...] = (Llama, Attention, FeedForward, nn.ModuleList, KVCache)
-
-
-def _covers(cls: type, module: nn.Module) -> bool:
-    """A formula written for ``cls`` covers ``module`` if it is a ``cls`` whose forward is ``cls``'s own
-    (a subclass that overrides ``forward`` may do other work: it gets no formula by inheritance)."""
-    return isinstance(module, cls) and type(module).forward is cls.forward
-
-
-def _does_no_arithmetic(module: nn.Module) -> bool:
-    return any(_covers(cls, module) for cls in NO_ARITHMETIC_MODULES)
-
-
-def _classify(module: nn.Module) -> tuple[str, Optional[type]]:
-    """("leaf", class whose formula applies) | ("block", None) | ("block-unknown", None) |
-    ("container", None) | ("unknown", None). Depends on the module's type only."""
-    for cls in type(module).__mro__:
-        if cls in HOOK_FORMULAS and _covers(cls, module):
-            return "leaf", cls
-    if isinstance(module, TransformerBlock):
-        return ("block" if _covers(TransformerBlock, module) else "block-unknown"), None
-    if _does_no_arithmetic(module):
-        return "container", None
-    return "unknown", None
+def _module_name(module: nn.Module, fqn: str) -> str:
+    return f"module {type(module).__module__}.{type(module).__qualname__} ({fqn or '<root>'})"
 
 
 class HookCounter(AbstractContextManager):
@@ -131,34 +51,36 @@ class HookCounter(AbstractContextManager):
 
     # ------------------------------------------------------------ install / remove
     def __enter__(self) -> "HookCounter":
-        kinds: dict[type, tuple[str, Optional[type]]] = {}  # per-type decision, made once per type
-        root = self.model
-        self._handles.append(root.register_forward_pre_hook(self._on_forward_start))
-        self._handles.append(root.register_forward_hook(self._on_forward_end))
-        stack: list[tuple[str, nn.Module]] = [("", root)]
-        while stack:
-            fqn, module = stack.pop()
-            cls = type(module)
-            if cls not in kinds:
-                kinds[cls] = _classify(module)
-            kind, formula_cls = kinds[cls]
-            if kind == "leaf":  # one formula covers the module and everything below it
-                formula = HOOK_FORMULAS[formula_cls]
-                self._handles.append(module.register_forward_hook(self._make_leaf_hook(fqn, formula), with_kwargs=True))
-                continue
-            if kind == "block":
-                self._handles.append(module.register_forward_pre_hook(self._make_block_pre_hook(module)))
-                self._handles.append(module.register_forward_hook(self._make_block_post_hook(fqn)))
-            elif kind == "block-unknown":
-                # Positions advance for any block; its own work only has a formula if forward is
-                # TransformerBlock's.
-                self._handles.append(module.register_forward_pre_hook(self._make_block_pre_hook(module)))
-                self._handles.append(module.register_forward_hook(self._make_unknown_hook(fqn, end_run=True)))
-            elif kind == "unknown":
-                self._handles.append(module.register_forward_hook(self._make_unknown_hook(fqn)))
-            prefix = fqn + "." if fqn else ""
-            stack.extend((prefix + name, child) for name, child in module._modules.items() if child is not None)
+        model = self.model
+        covered: dict[str, bool] = {}  # module path -> is a leaf row (covering everything below it)
+        for row in T.TOP_ROWS_BEFORE + T.TOP_ROWS_AFTER:
+            self._install(model, row.path, row, covered)
+        layers = getattr(model, T.LAYERS_PATH, None)
+        for i, layer in enumerate(layers if layers is not None else ()):
+            prefix = f"{T.LAYERS_PATH}.{i}"
+            self._handles.append(layer.register_forward_pre_hook(self._make_block_pre_hook(i)))
+            for row in T.BLOCK_ROWS:
+                self._install(model, f"{prefix}.{row.path}" if row.path else prefix, row, covered)
+        self._handles.append(model.register_forward_pre_hook(self._on_forward_start))
+        self._handles.append(model.register_forward_hook(self._on_forward_end))
+        # Anything else that runs is work no row describes.
+        leaves = tuple(p + "." for p, leaf in covered.items() if leaf)
+        for fqn, module in model.named_modules():
+            if fqn in covered or fqn.startswith(leaves) or fqn == T.LAYERS_PATH or fqn.split(".")[0] in T.STATE_PATHS:
+                continue  # the layer list and the KV caches are containers / state, never called
+            self._handles.append(module.register_forward_hook(self._make_unknown_hook(fqn)))
         return self
+
+    def _install(self, model: nn.Module, path: str, row: T.Row, covered: dict[str, bool]) -> None:
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            return  # the model has no such module (e.g. a pruned variant): it cannot run, so it costs nothing
+        covered[path] = row.kind.leaf
+        if not row.kind.covers(module):
+            self._handles.append(module.register_forward_hook(self._make_unknown_hook(path)))
+        elif row.kind.read is not None:  # kinds without a reader do no arithmetic of their own
+            self._handles.append(module.register_forward_hook(self._make_row_hook(row), with_kwargs=True))
 
     def __exit__(self, *exc) -> None:
         for h in self._handles:
@@ -181,40 +103,29 @@ class HookCounter(AbstractContextManager):
             logger.warning(msg)
             self.result.notes.append(msg)
 
-    def _make_block_pre_hook(self, block: TransformerBlock) -> Callable:
+    def _make_block_pre_hook(self, layer_index: int) -> Callable:
         def hook(module: nn.Module, args: tuple) -> None:
             self._position = self._next_position
             self._next_position += 1
-            self._layers_run.append(getattr(block, "layer_id", -1))
+            self._layers_run.append(layer_index)
         return hook
 
-    def _make_block_post_hook(self, fqn: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            # The block's own work: h = x + attention(...), out = h + feed_forward(...).
-            self.result.add(row_for_module(fqn, self._position), F.residuals(_rows(output.shape), output.shape[-1]))
-            self._position = None
-        return hook
-
-    def _make_leaf_hook(self, fqn: str, formula: Callable[..., Count]) -> Callable:
-        keys: dict[Optional[int], tuple] = {}  # position -> row key, so names are parsed once
+    def _make_row_hook(self, row: T.Row) -> Callable:
+        kind = row.kind
+        block_row = any(row is r for r in T.BLOCK_ROWS)
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            pos = self._position
-            key = keys.get(pos)
-            if key is None:
-                key = keys[pos] = row_for_module(fqn, pos)
-            self.result.add(key, formula(module, args, kwargs, output))
+            key = (self._position if block_row else None, row.name)
+            self.result.add(key, kind.count(kind.read(module, args, kwargs, output)), SOURCE_SHAPES)
         return hook
 
-    def _make_unknown_hook(self, fqn: str, end_run: bool = False) -> Callable:
+    def _make_unknown_hook(self, fqn: str) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if end_run:
-                self._position = None
-            name = f"module {type(module).__module__}.{type(module).__qualname__} ({fqn or '<root>'})"
+            name = _module_name(module, fqn)
             if self.strict:
-                raise UncountedModuleError(f"no hook formula for {name}; its work would go uncounted")
+                raise UncountedModuleError(f"no row of the work table covers {name}; its work would go uncounted")
             self.result.unknown_ops[name] = self.result.unknown_ops.get(name, 0) + 1
-            logger.warning("hooks: no formula for %s: its work is NOT counted", name)
+            logger.warning("hooks: no row of the work table covers %s: its work is NOT counted", name)
         return hook
 
 

@@ -1,11 +1,11 @@
 """Op-level counts: one registry mapping an op name to a pure formula of shapes (and dtypes).
 
-This is the op-level half of the project's conventions (the module-level half is
-:mod:`counters.formulas`). The fvcore counter (jit trace nodes such as ``aten::linear``) and the
-torch counter (dispatch-level ops such as ``aten.mm.default``) both describe each op they meet as
-an :class:`OpCall` - the op's canonical name, its arguments bound to the op schema's argument names
-(tensors reduced to :class:`TensorMeta`: shape and dtype), and its outputs - and ask
-:data:`REGISTRY` what it costs.
+The fvcore counter (jit trace nodes such as ``aten::linear``) and the torch counter (dispatch-level ops
+such as ``aten.mm.default``) both describe each op they meet as an :class:`OpCall` - the op's canonical
+name, its arguments bound to the op schema's argument names (tensors reduced to :class:`TensorMeta`:
+shape and dtype), and its outputs - and ask :data:`REGISTRY` what it costs. Every formula here is built
+from the op primitives of :mod:`counters.primitives` (the conventions live there, once), applied to the
+sizes of the real call; the fused attention ops reuse the attention kind of :mod:`counters.table`.
 
 Every op is in exactly one of three states, and nothing is ever counted as zero silently:
 
@@ -26,10 +26,9 @@ whose tensors are *all* integer/bool is classified free with the reason
 :data:`INTEGER_BOOKKEEPING` (model FLOPs are floating-point arithmetic); a float operand anywhere
 makes the call counted. The matmul and attention families have no such rule (an int8 matmul is work).
 
-The op-level numbers sum exactly to the module-level formulas (``tests/test_ops.py`` proves it):
-RMSNorm = pow + mean + add eps + rsqrt + mul + mul weight = rows*(4*dim+2); RoPE = complex mul
-(``COMPLEX_MUL_FLOPS`` per complex element); attention core = 2 matmuls + scale + mask + softmax,
-which the fused SDPA ops count in one formula so ``kernel="sdpa"`` and ``kernel="math"`` agree.
+The matrix products' MACs computed here are *our* opinion; the counters take the MACs of every matrix
+product (and of the fused attention kernels) from the outside tool instead and keep ours only to
+report a disagreement.
 """
 
 from __future__ import annotations
@@ -41,44 +40,15 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
-from .formulas import (
-    COMPLEX_MUL_FLOPS,
-    GATE_MUL_FLOPS,
-    MASK_FLOPS,
-    RESIDUAL_FLOPS,
-    RMSNORM_FLOPS_PER_ELEMENT,
-    RMSNORM_FLOPS_PER_ROW,
-    SCALE_FLOPS,
-    SILU_FLOPS,
-    SOFTMAX_FLOPS,
-    ZERO,
-    Count,
-)
+from . import primitives as P
+from .primitives import COMPLEX_FLOPS_PER_ELEMENT, FLOPS_PER_ELEMENT, REDUCTION_FLOPS, ZERO, Count
 
 __all__ = [
-    "COMPLEX_ADD_FLOPS", "DuplicateRegistrationError", "FREE_OPS", "INTEGER_BOOKKEEPING", "OpCall", "OpCount",
-    "OpFormula", "OpRegistry", "REAL_ELEMENTWISE_FLOPS", "REGISTRY", "SDPA_BACKEND_OPS", "TensorMeta", "UNKNOWN",
-    "UncountableCall", "UncountedOpError", "canonical_op_name", "elementwise", "fvcore_to_macs", "matmul",
-    "raise_or_warn_unknown", "reduction", "sdpa", "torch_flops_to_macs",
+    "DuplicateRegistrationError", "FREE_OPS", "INTEGER_BOOKKEEPING", "OpCall", "OpCount", "OpFormula", "OpRegistry",
+    "OUTSIDE_SDPA_OPS", "REGISTRY", "SDPA_BACKEND_OPS", "TensorMeta", "UNKNOWN", "UncountableCall", "UncountedOpError",
+    "canonical_op_name", "elementwise", "fvcore_to_macs", "matmul", "raise_or_warn_unknown", "reduction", "sdpa",
+    "torch_flops_to_macs", "torch_sdpa_macs",
 ]
-
-# ---------------------------------------------------------------- per-element op constants
-# One real add/sub/mul/div/pow-2/rsqrt/select: one FLOP per output element. The module-level
-# constants that are realised by a single such op must equal it (checked below and in the tests).
-REAL_ELEMENTWISE_FLOPS = 1
-# (a+bi) + (c+di): two real adds.
-COMPLEX_ADD_FLOPS = 2
-
-for _name, _value in (("SCALE_FLOPS", SCALE_FLOPS), ("MASK_FLOPS", MASK_FLOPS),
-                      ("RESIDUAL_FLOPS", RESIDUAL_FLOPS), ("GATE_MUL_FLOPS", GATE_MUL_FLOPS)):
-    if _value != REAL_ELEMENTWISE_FLOPS:  # pragma: no cover - guards an edit of formulas.py
-        raise ImportError(f"formulas.{_name}={_value} but that work is one real element-wise op "
-                          f"({REAL_ELEMENTWISE_FLOPS} FLOP per element) at op level; update counters/ops.py too")
-# RMSNorm per element: pow, mean (sum + divide), x * rsqrt, * weight; per row: + eps, rsqrt.
-if (RMSNORM_FLOPS_PER_ELEMENT, RMSNORM_FLOPS_PER_ROW) != (4 * REAL_ELEMENTWISE_FLOPS, 2 * REAL_ELEMENTWISE_FLOPS):
-    raise ImportError(  # pragma: no cover
-        "formulas.RMSNORM_* no longer match the op sequence pow/mean/add/rsqrt/mul/mul")
-
 
 # ---------------------------------------------------------------- errors
 class UncountedOpError(RuntimeError):
@@ -300,13 +270,12 @@ class OpRegistry:
 
     def __init__(self) -> None:
         self._formulas: dict[str, OpFormula] = {}
-        self._families: dict[str, str] = {}
         self._integer_free: set[str] = set()
         self._free: dict[str, str] = {}
 
     def _check_new(self, name: str) -> None:
         if name in self._formulas or name in self._free:
-            where = f"formula ({self._families[name]})" if name in self._formulas else "free list"
+            where = f"formula {self._formulas[name].__name__}" if name in self._formulas else "free list"
             raise DuplicateRegistrationError(f"op {name!r} is already registered ({where})")
 
     def _new_names(self, names: Union[str, Iterable[str]]) -> list[str]:
@@ -318,14 +287,13 @@ class OpRegistry:
             self._check_new(name)
         return names
 
-    def register(self, names: Union[str, Iterable[str]], formula: OpFormula, family: str = "", *,
+    def register(self, names: Union[str, Iterable[str]], formula: OpFormula, *,
                  integer_free: bool = False) -> OpFormula:
         """Register ``formula`` for ``names``. ``integer_free``: calls whose tensors are all
         integer/bool are free (:data:`INTEGER_BOOKKEEPING`) instead of going to the formula."""
         names = self._new_names(names)
         for name in names:
             self._formulas[name] = formula
-            self._families[name] = family or getattr(formula, "__name__", "?")
             if integer_free:
                 self._integer_free.add(name)
         return formula
@@ -343,9 +311,6 @@ class OpRegistry:
 
     def is_free(self, name: str) -> bool:
         return name in self._free
-
-    def family(self, name: str) -> str:
-        return self._families[name]
 
     @property
     def formulas(self) -> Mapping[str, OpFormula]:
@@ -382,12 +347,13 @@ REGISTRY = OpRegistry()
 
 
 # ---------------------------------------------------------------- op families (factories)
-def elementwise(flops_per_element: int, *, complex_flops: Optional[int] = None, unit_args: Sequence[str] = (),
-                name: str = "") -> OpFormula:
-    """Unary/binary/ternary element-wise op: ``flops_per_element`` per *output* element (so a
-    broadcast ``scores + mask`` costs the scores' numel). Complex output: ``complex_flops`` per
-    complex element, or :class:`UncountableCall` if the op has no complex cost here.
-    ``unit_args`` (add's ``alpha``) must be 1: other values are extra work not counted here."""
+def elementwise(primitive: str, *, unit_args: Sequence[str] = ()) -> OpFormula:
+    """An element-wise op costing :data:`counters.primitives.FLOPS_PER_ELEMENT` ``[primitive]`` per
+    *output* element (so a broadcast ``scores + mask`` costs the scores' numel), or on a complex output
+    :data:`~counters.primitives.COMPLEX_FLOPS_PER_ELEMENT` ``[primitive]`` per complex element
+    (:class:`UncountableCall` where that convention does not exist). ``unit_args`` (add's ``alpha``) must
+    be 1: other values are extra work not counted here."""
+    FLOPS_PER_ELEMENT[primitive]  # KeyError at registration for a primitive that does not exist
 
     def formula(call: OpCall) -> Count:
         for arg in unit_args:
@@ -395,28 +361,26 @@ def elementwise(flops_per_element: int, *, complex_flops: Optional[int] = None, 
                 raise UncountableCall(f"{call.op}: {arg}={call.get(arg)!r} (only 1 is counted)")
         out = call.out
         if out.is_complex:
-            if complex_flops is None:
+            if primitive not in COMPLEX_FLOPS_PER_ELEMENT:
                 raise UncountableCall(f"{call.op} on complex tensors has no formula")
-            return Count(nonmatmul_flops=complex_flops * out.numel)
-        return Count(nonmatmul_flops=flops_per_element * out.numel)
+            return P.complex_elementwise(primitive, out.numel)
+        return P.elementwise(primitive, out.numel)
 
-    formula.__name__ = name or f"elementwise({flops_per_element})"
+    formula.__name__ = f"elementwise({primitive})"
     return formula
 
 
-def reduction(per_input_element: int, per_output_element: int = 0, *, input_arg: str = "self",
-              name: str = "") -> OpFormula:
-    """``per_input_element * numel(input) + per_output_element * numel(output)``: ``mean`` is
-    (1, 0) - (n-1) adds + 1 divide per output, summed: numel(input); ``sum``/``max``/``min`` are (1, -1)."""
+def reduction(primitive: str, *, input_arg: str = "self") -> OpFormula:
+    """A reduction of ``input_arg`` to the output, costed by :data:`counters.primitives.REDUCTION_FLOPS`."""
+    REDUCTION_FLOPS[primitive]
 
     def formula(call: OpCall) -> Count:
         x = call.tensor(input_arg)
         if x.is_complex:
             raise UncountableCall(f"{call.op} on complex tensors has no formula")
-        flops = per_input_element * x.numel + per_output_element * call.out.numel
-        return Count(nonmatmul_flops=flops)
+        return P.reduction(primitive, x.numel, call.out.numel)
 
-    formula.__name__ = name or f"reduction({per_input_element}, {per_output_element})"
+    formula.__name__ = f"reduction({primitive})"
     return formula
 
 
@@ -424,8 +388,8 @@ def matmul(a_arg: str, b_arg: str, *, bias_arg: Optional[str] = None, b_is_weigh
            scale_args: Sequence[str] = (), name: str = "") -> OpFormula:
     """Matrix product family: ``numel(output) * K`` MACs, K the contracted size (``a.shape[-1]``).
     ``b_is_weight``: b is an (out, in) weight as in ``linear``. A bias (addmm's ``self``, linear's
-    ``bias``) is one non-matmul add per output element. ``alpha``/``beta`` other than 1 and complex
-    operands are not counted here (:class:`UncountableCall`)."""
+    ``bias``) is one add per output element. ``alpha``/``beta`` other than 1 and complex operands are
+    not counted here (:class:`UncountableCall`)."""
 
     def formula(call: OpCall) -> Count:
         a, b = call.tensor(a_arg), call.tensor(b_arg)
@@ -442,9 +406,9 @@ def matmul(a_arg: str, b_arg: str, *, bias_arg: Optional[str] = None, b_is_weigh
         if k != k_b:
             raise UncountableCall(f"{call.op}: contracted sizes differ ({a.shape} x {b.shape})")
         out = call.out
-        count = Count(macs=out.numel * k)
+        count = P.matmul(out.numel, k, 1)  # numel(out) outputs, k MACs each
         if bias_arg is not None and isinstance(call.get(bias_arg), TensorMeta):
-            count = count + Count(nonmatmul_flops=REAL_ELEMENTWISE_FLOPS * out.numel)
+            count = count + P.elementwise("add", out.numel)
         return count
 
     formula.__name__ = name or f"matmul({a_arg}, {b_arg})"
@@ -452,13 +416,16 @@ def matmul(a_arg: str, b_arg: str, *, bias_arg: Optional[str] = None, b_is_weigh
 
 
 def sdpa(mask_arg: Optional[str], name: str = "") -> OpFormula:
-    """Scaled dot-product attention, fused or not: exactly ``formulas.attention_core``.
+    """Scaled dot-product attention, fused or not: the attention kind of :mod:`counters.table`
+    (the same decomposition the hooks counter evaluates) on the call's sizes.
 
-    q ``(..., S, E)``, k ``(..., L, E)``, v ``(..., L, Ev)``: QK^T (``batch*S*L*E`` MACs) and
-    scores x V (``batch*S*L*Ev``), batch = the query's leading dims (all query heads: GQA shares
-    k/v heads, not products). Per score: scale, the mask add if a mask is given or ``is_causal``,
-    softmax. ``mask_arg`` names the op's mask argument (``attn_mask``, ``attn_bias``; None: none).
-    Dropout is not counted (:class:`UncountableCall` if ``dropout_p`` is not 0)."""
+    q ``(..., S, E)``, k ``(..., L, E)``, v ``(..., L, E)``: the query's leading dims are folded into
+    one batch of heads (all query heads: GQA shares k/v heads, not products). The mask add is counted if
+    a mask is given or ``is_causal`` (a fused causal kernel adds no mask, but counting it keeps
+    ``kernel="sdpa"`` equal to ``kernel="math"``; see README). ``mask_arg`` names the op's mask argument
+    (``attn_mask``, ``attn_bias``; None: none). Dropout, a value width other than E, and a key/value
+    batch other than the query's (the kernel's own GQA broadcast) are not counted (:class:`UncountableCall`)."""
+    from .table import ATTENTION_CORE, Attn  # the table imports llama_ref; keep this module light to import
 
     def formula(call: OpCall) -> Count:
         q, k, v = call.tensor("query"), call.tensor("key"), call.tensor("value")
@@ -471,14 +438,14 @@ def sdpa(mask_arg: Optional[str], name: str = "") -> OpFormula:
         mask = call.get(mask_arg) if mask_arg is not None else None
         if is_causal is UNKNOWN or mask is UNKNOWN:
             raise UncountableCall(f"{call.op}: is_causal/mask not recorded")
-        if len(q.shape) < 2 or k.shape[-1] != q.shape[-1] or k.shape[-2] != v.shape[-2]:
-            raise UncountableCall(f"{call.op}: incompatible q/k/v shapes {q.shape}, {k.shape}, {v.shape}")
-        seqlen, head_dim = q.shape[-2], q.shape[-1]
-        kvlen, v_dim = k.shape[-2], v.shape[-1]
-        scores = math.prod(q.shape[:-2]) * seqlen * kvlen
+        if (len(q.shape) < 2 or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]
+                or k.shape[-2] != v.shape[-2] or k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]):
+            raise UncountableCall(f"{call.op}: q/k/v shapes {q.shape}, {k.shape}, {v.shape} are not counted "
+                                  "(key/value must have the query's batch and heads and its head size)")
+        seqlen, head_dim, kvlen = q.shape[-2], q.shape[-1], k.shape[-2]
+        heads = math.prod(q.shape[:-2])
         masked = bool(is_causal) or isinstance(mask, TensorMeta)
-        per_score = SCALE_FLOPS + (MASK_FLOPS if masked else 0) + SOFTMAX_FLOPS
-        return Count(macs=scores * head_dim + scores * v_dim, nonmatmul_flops=scores * per_score)
+        return ATTENTION_CORE.count(Attn(heads, seqlen, kvlen, 1, 1, head_dim, masked))
 
     formula.__name__ = name or f"sdpa(mask={mask_arg})"
     return formula
@@ -487,52 +454,49 @@ def sdpa(mask_arg: Optional[str], name: str = "") -> OpFormula:
 # ---------------------------------------------------------------- registrations
 # Matrix products. Dispatch level (FlopCounterMode): mm, bmm, addmm (linear/matmul decompose to
 # these); jit level (fvcore): linear, matmul.
-REGISTRY.register("mm", matmul("self", "mat2", name="mm"), "matmul")
-REGISTRY.register("bmm", matmul("self", "mat2", name="bmm"), "matmul")
-REGISTRY.register("matmul", matmul("self", "other", name="matmul"), "matmul")
-REGISTRY.register("linear", matmul("input", "weight", bias_arg="bias", b_is_weight=True, name="linear"), "matmul")
-REGISTRY.register("addmm", matmul("mat1", "mat2", bias_arg="self", scale_args=("alpha", "beta"), name="addmm"),
-                  "matmul")
+REGISTRY.register("mm", matmul("self", "mat2", name="mm"))
+REGISTRY.register("bmm", matmul("self", "mat2", name="bmm"))
+REGISTRY.register("matmul", matmul("self", "other", name="matmul"))
+REGISTRY.register("linear", matmul("input", "weight", bias_arg="bias", b_is_weight=True, name="linear"))
+REGISTRY.register("addmm", matmul("mat1", "mat2", bias_arg="self", scale_args=("alpha", "beta"), name="addmm"))
 REGISTRY.register("baddbmm", matmul("batch1", "batch2", bias_arg="self", scale_args=("alpha", "beta"),
-                                    name="baddbmm"), "matmul")
+                                    name="baddbmm"))
 
-# Element-wise arithmetic: one FLOP per output element. Covers the RMSNorm x*x (pow 2), + eps,
-# x * rsqrt, * weight; the scale (div) and mask add of attention; the residual adds; the SwiGLU
-# gate multiply. mul on complex tensors is RoPE's rotation: COMPLEX_MUL_FLOPS per complex element.
-_ELEMENTWISE = dict(family="elementwise", integer_free=True)
-REGISTRY.register("mul", elementwise(REAL_ELEMENTWISE_FLOPS, complex_flops=COMPLEX_MUL_FLOPS, name="mul"),
-                  **_ELEMENTWISE)
-REGISTRY.register(["add", "sub"], elementwise(REAL_ELEMENTWISE_FLOPS, complex_flops=COMPLEX_ADD_FLOPS,
-                                              unit_args=("alpha",), name="add/sub"), **_ELEMENTWISE)
-REGISTRY.register("div", elementwise(REAL_ELEMENTWISE_FLOPS, name="div"), **_ELEMENTWISE)
-# x.pow(2) = x*x (the only power Llama takes); counted one FLOP per element like any other power.
-REGISTRY.register("pow", elementwise(REAL_ELEMENTWISE_FLOPS, name="pow"), **_ELEMENTWISE)
-REGISTRY.register("rsqrt", elementwise(REAL_ELEMENTWISE_FLOPS, name="rsqrt"), **_ELEMENTWISE)
-# element-wise maximum/minimum of two tensors: one comparison per element.
-REGISTRY.register(["maximum", "minimum"], elementwise(REAL_ELEMENTWISE_FLOPS, name="maximum/minimum"),
-                  **_ELEMENTWISE)
+# Element-wise arithmetic. Covers the RMSNorm x*x (pow 2), + eps, x * rsqrt, * weight; the scale (div)
+# and mask add of attention; the residual adds; the SwiGLU gate multiply; RoPE's complex multiply.
+REGISTRY.register("mul", elementwise("mul"), integer_free=True)
+REGISTRY.register("add", elementwise("add", unit_args=("alpha",)), integer_free=True)
+REGISTRY.register("sub", elementwise("sub", unit_args=("alpha",)), integer_free=True)
+REGISTRY.register("div", elementwise("div"), integer_free=True)
+REGISTRY.register("pow", elementwise("pow"), integer_free=True)
+REGISTRY.register("rsqrt", elementwise("rsqrt"), integer_free=True)
+REGISTRY.register("maximum", elementwise("maximum"), integer_free=True)
+REGISTRY.register("minimum", elementwise("minimum"), integer_free=True)
 # torch.where(cond, a, b): one select per element (seen only inside SDPA's math decomposition).
-REGISTRY.register("where", elementwise(REAL_ELEMENTWISE_FLOPS, name="where"), **_ELEMENTWISE)
-REGISTRY.register("silu", elementwise(SILU_FLOPS, name="silu"), "elementwise")
-# softmax over the last dim: max, subtract, exp, sum, divide per element. _safe_softmax is the
-# same computation with fully masked rows set to 0 (SDPA's math decomposition uses it).
-REGISTRY.register(["softmax", "_softmax", "_safe_softmax"], elementwise(SOFTMAX_FLOPS, name="softmax"), "softmax")
+REGISTRY.register("where", elementwise("where"), integer_free=True)
+REGISTRY.register("silu", elementwise("silu"))
+# _safe_softmax is softmax with fully masked rows set to 0 (SDPA's math decomposition uses it).
+REGISTRY.register(["softmax", "_softmax", "_safe_softmax"], elementwise("softmax"))
 
 # Reductions.
-REGISTRY.register("mean", reduction(1, 0, name="mean"), "reduction", integer_free=True)
-REGISTRY.register("sum", reduction(1, -1, name="sum"), "reduction", integer_free=True)
-_MIN_MAX_REDUCTION = reduction(1, -1, name="max/min")
+REGISTRY.register("mean", reduction("mean"), integer_free=True)
+REGISTRY.register("sum", reduction("sum"), integer_free=True)
+_MAX_REDUCTION, _MIN_REDUCTION = reduction("max"), reduction("min")
+_MAXIMUM, _MINIMUM = elementwise("maximum"), elementwise("minimum")
 
 
-def _min_max(call: OpCall) -> Count:
-    """``max``/``min``: a reduction (``max.default``, ``max.dim``: n-1 comparisons per output), or
-    with a second tensor (``max.other``) an element-wise maximum: one comparison per output element."""
-    if isinstance(call.get("other"), TensorMeta):
-        return Count(nonmatmul_flops=REAL_ELEMENTWISE_FLOPS * call.out.numel)
-    return _MIN_MAX_REDUCTION(call)
+def _max(call: OpCall) -> Count:
+    """``max``: a reduction (``max.default``, ``max.dim``), or with a second tensor (``max.other``) an
+    element-wise maximum."""
+    return (_MAXIMUM if isinstance(call.get("other"), TensorMeta) else _MAX_REDUCTION)(call)
 
 
-REGISTRY.register(["max", "min"], _min_max, "reduction", integer_free=True)
+def _min(call: OpCall) -> Count:
+    return (_MINIMUM if isinstance(call.get("other"), TensorMeta) else _MIN_REDUCTION)(call)
+
+
+REGISTRY.register("max", _max, integer_free=True)
+REGISTRY.register("min", _min, integer_free=True)
 
 # Attention. The composite (jit records it), its math decomposition's entry point, and the fused
 # backends FlopCounterMode sees at dispatch level (CPU flash, CUDA flash/efficient/cuDNN).
@@ -542,13 +506,33 @@ SDPA_BACKEND_OPS = (
     "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention",
 )
-REGISTRY.register(["scaled_dot_product_attention", "_scaled_dot_product_attention_math"],
-                  sdpa("attn_mask", name="sdpa"), "attention")
-REGISTRY.register("_scaled_dot_product_flash_attention_for_cpu", sdpa("attn_mask", name="sdpa_flash_cpu"),
-                  "attention")
-REGISTRY.register("_scaled_dot_product_flash_attention", sdpa(None, name="sdpa_flash"), "attention")
+REGISTRY.register(["scaled_dot_product_attention", "_scaled_dot_product_attention_math"], sdpa("attn_mask", name="sdpa"))
+REGISTRY.register("_scaled_dot_product_flash_attention_for_cpu", sdpa("attn_mask", name="sdpa_flash_cpu"))
+REGISTRY.register("_scaled_dot_product_flash_attention", sdpa(None, name="sdpa_flash"))
 REGISTRY.register(["_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"],
-                  sdpa("attn_bias", name="sdpa_efficient/cudnn"), "attention")
+                  sdpa("attn_bias", name="sdpa_efficient/cudnn"))
+
+# ---------------------------------------------------------------- torch's own formulas (an outside source)
+#: Fused attention ops whose MACs the counters take from torch's registered SDPA formula
+#: (``torch.utils.flop_counter.sdpa_flop_count``), never from ours: the jit composite fvcore sees, and
+#: the kernels FlopCounterMode sees (it has a formula for the CUDA kernels, none for the CPU one).
+OUTSIDE_SDPA_OPS = ("scaled_dot_product_attention", *SDPA_BACKEND_OPS)
+
+
+def torch_sdpa_macs(call: OpCall) -> int:
+    """MACs of a fused attention call by torch's own ``sdpa_flop_count`` (QK^T and A.V over every query
+    head), on the call's (batch, heads, seqlen, head_dim) query/key/value shapes."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    q, k, v = call.tensor("query"), call.tensor("key"), call.tensor("value")
+    if not len(q.shape) == len(k.shape) == len(v.shape) == 4:
+        raise UncountableCall(f"{call.op}: torch's SDPA formula needs 4-d q/k/v, got {q.shape}, {k.shape}, {v.shape}")
+    try:
+        flops = sdpa_flop_count(q.shape, k.shape, v.shape)
+    except AssertionError as e:  # torch states its shape preconditions as assertions
+        raise UncountableCall(f"{call.op}: {e}") from None
+    return torch_flops_to_macs(flops)
+
 
 # ---------------------------------------------------------------- the reviewed free list
 # One entry per op, with the reason it does no arithmetic. Nothing costly goes here: the test-suite

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Sequence
+
+from llama_ref.schedule import format_schedule
 
 from .crosscheck import CrosscheckReport, CrosscheckRow
 
@@ -19,9 +20,11 @@ CONVENTIONS = (
     "MAC = one multiply+accumulate of a matrix product (q, k, v, o, w1, w3, w2, output head, QK^T, "
     "attention x V); attention counted dense over the n_tokens x (n_cached + n_tokens) score matrix of every "
     "query head (GQA shares k/v heads, not the products); embedding lookup = 0 MACs. FLOPs = 2 x MACs. "
-    "Non-matmul FLOPs (RMSNorm, RoPE, scale, mask, softmax, SiLU gate, residual adds) per element with "
-    "counters.formulas constants, kept apart. flops_exact = M*N*(2K-1) per matrix product; macs_causal counts "
-    "only the score entries a causal mask keeps. All counts are exact integers."
+    "Non-matmul FLOPs (RMSNorm, RoPE, scale, mask, softmax, SiLU gate, residual adds) per element with the "
+    "op primitives of counters.primitives, kept apart. flops_exact = M*N*(2K-1) per matrix product; "
+    "macs_causal counts only the score entries a causal mask keeps. All counts are exact integers. "
+    "Sources: formula = our closed form on config sizes; shapes = our formula on sizes read from the run's "
+    "tensors; outside:<tool> = the tool's own count (fvcore's handles, torch's registered formulas)."
 )
 
 
@@ -47,17 +50,22 @@ def _check_cell(report: CrosscheckReport, row: CrosscheckRow) -> str:
     return f"ok {n}/{n}" if row.agree else "MISMATCH"
 
 
+def _sources_cell(row: CrosscheckRow) -> str:
+    """Independent sources behind the row's MACs / non-matmul FLOPs ("-": nothing to confirm)."""
+    return "/".join(str(row.n_sources(q)) if row.n_sources(q) else "-" for q in ("macs", "nonmatmul_flops"))
+
+
 def render_table(report: CrosscheckReport, *, detail: bool = False, title: Optional[str] = None,
                  max_mismatches: int = 20) -> str:
     """Readable at a glance: one line per layer run (``detail``: per module), totals, verdict."""
-    ref = report.counters[0]
+    ref = report.reference
     rows = report.rows if detail else report.layer_runs()
     lines: list[str] = []
     if title:
         lines.append(title)
     lines.append(counted_line(report))
     header = (f"{'run':>5} {'layer':>5}  {'module':<18} {'MACs':>22} {'FLOPs (2xMACs)':>22} "
-              f"{'non-matmul FLOPs':>20}  check")
+              f"{'non-matmul FLOPs':>20}  {'check':<8} sources")
     lines.append(header)
     lines.append("-" * len(header))
     for r in rows:
@@ -66,18 +74,22 @@ def render_table(report: CrosscheckReport, *, detail: bool = False, title: Optio
         pos = "-" if r.position is None else str(r.position)
         layer = "-" if r.layer is None else str(r.layer)
         lines.append(f"{pos:>5} {layer:>5}  {r.module:<18} {fmt(r.macs[ref]):>22} {fmt(2 * r.macs[ref]):>22} "
-                     f"{fmt(r.nonmatmul_flops[ref]):>20}  {_check_cell(report, r)}")
+                     f"{fmt(r.nonmatmul_flops[ref]):>20}  {_check_cell(report, r):<8} {_sources_cell(r)}")
     lines.append("-" * len(header))
     t = report.totals[ref]
     lines.append(f"{'TOTAL':>11}  {'':<18} {fmt(t['macs']):>22} {fmt(t['flops']):>22} "
                  f"{fmt(t['nonmatmul_flops']):>20}  ({ref})")
     lines.append("")
-    lines.append(f"{'counter':<10} {'MACs':>22} {'FLOPs':>22} {'non-matmul FLOPs':>20}  unknown ops")
+    lines.append(f"{'counter':<10} {'MACs':>22} {'FLOPs':>22} {'non-matmul FLOPs':>20}  {'unknown ops':<12} "
+                 "sources of its MACs | non-matmul FLOPs")
+    sources = report.sources()
     for name in report.counters:
         t = report.totals[name]
         unknown = report.unknown_ops.get(name) or {}
+        src = " | ".join(", ".join(sources[name].get(q, {})) or "-" for q in ("macs", "nonmatmul_flops"))
         lines.append(f"{name:<10} {fmt(t['macs']):>22} {fmt(t['flops']):>22} {fmt(t['nonmatmul_flops']):>20}  "
-                     + (", ".join(f"{op} x{k}" for op, k in sorted(unknown.items())) if unknown else "none"))
+                     + f"{(', '.join(f'{op} x{k}' for op, k in sorted(unknown.items())) if unknown else 'none'):<12} "
+                     + src)
     a = report.analytic
     lines.append("")
     if a is not None:
@@ -93,9 +105,13 @@ def render_table(report: CrosscheckReport, *, detail: bool = False, title: Optio
     lines.append("")
     n_rows = len(report.rows)
     if report.agree:
-        compared = "MACs" + (f" and non-matmul FLOPs ({', '.join(report.nonmatmul_compared)})"
-                             if len(report.nonmatmul_compared) > 1 else "")
-        lines.append(f"AGREE: {len(report.counters)} counter(s) equal exactly on {compared} in all {n_rows} rows and in total.")
+        what = " and ".join(f"{label} ({len(report.compared[q])} counters)"
+                            for q, label in (("macs", "MACs"), ("nonmatmul_flops", "non-matmul FLOPs"))
+                            if report.compared[q])
+        lines.append(f"AGREE: {len(report.counters)} counter(s) equal exactly on {what} in all {n_rows} rows "
+                     "and in total.")
+        lines.append("sources column: independent sources behind each row's MACs / non-matmul FLOPs "
+                     "(formula, shapes, outside:<tool>; see README).")
     else:
         lines.append(f"DISAGREE: {len(report.mismatches)} mismatch(es):")
         for m in report.mismatches[:max_mismatches]:
@@ -103,7 +119,7 @@ def render_table(report: CrosscheckReport, *, detail: bool = False, title: Optio
         if len(report.mismatches) > max_mismatches:
             lines.append(f"  ... {len(report.mismatches) - max_mismatches} more (see --format json)")
     for note in report.notes:
-        if "does not count non-matmul" in note:
+        if "does not measure" in note:
             lines.append(f"note: {note}")
     return "\n".join(lines)
 
@@ -112,6 +128,7 @@ def _row_dict(report: CrosscheckReport, r: CrosscheckRow) -> dict:
     return {
         "position": r.position, "layer": r.layer, "module": r.module,
         "macs": dict(r.macs), "nonmatmul_flops": dict(r.nonmatmul_flops), "agree": r.agree,
+        "independent_sources": {q: list(v) for q, v in r.sources.items()},
     }
 
 
@@ -140,7 +157,8 @@ def to_json(report: CrosscheckReport, *, extra: Optional[dict] = None) -> dict:
         "totals": {n: dict(t) for n, t in report.totals.items()},
         "agree": report.agree,
         "complete": report.complete,
-        "nonmatmul_compared": list(report.nonmatmul_compared),
+        "compared": {q: list(v) for q, v in report.compared.items()},
+        "sources": report.sources(),
         "mismatches": [
             {"position": m.key[0], "module": m.key[1], "quantity": m.quantity, "reference": m.reference,
              "expected": m.expected, "counter": m.counter, "got": m.got}
@@ -169,8 +187,6 @@ def to_json(report: CrosscheckReport, *, extra: Optional[dict] = None) -> dict:
 
 
 def _schedule_str(schedule: Sequence[int]) -> str:
-    from llama_ref.schedule import format_schedule
-
     return format_schedule(schedule)
 
 
@@ -188,23 +204,3 @@ def render_csv(report: CrosscheckReport, *, detail: bool = True) -> str:
                     *("" if r.nonmatmul_flops[n] is None else r.nonmatmul_flops[n] for n in names),
                     int(r.agree)])
     return buf.getvalue()
-
-
-def plot_layer_macs(report: CrosscheckReport, path: Union[str, os.PathLike]) -> str:
-    """Bar chart of MACs per layer run (reference counter), saved to ``path``; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ref = report.counters[0]
-    runs = [r for r in report.layer_runs() if r.position is not None]
-    fig, ax = plt.subplots(figsize=(max(6, len(runs) * 0.25), 3.5))
-    ax.bar([r.position for r in runs], [r.macs[ref] for r in runs], color="tab:blue")
-    ax.set_xlabel("schedule position (layer run)")
-    ax.set_ylabel("MACs")
-    ax.set_title(f"{getattr(report.config, 'name', '')}: MACs per layer run, N={report.n_tokens}, C={report.n_cached}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return os.fspath(path)

@@ -1,24 +1,27 @@
 """The PyTorch opinion: ``torch.utils.flop_counter.FlopCounterMode``, completed and attributed per run.
 
 ``FlopCounterMode`` sees every dispatch-level op but has formulas only for matrix products and the
-GPU attention kernels (counting 2 FLOPs per MAC); everything else - element-wise work, softmax,
+CUDA attention kernels (counting 2 FLOPs per MAC); everything else - element-wise work, softmax,
 RoPE's complex multiply, and CPU attention (``_scaled_dot_product_flash_attention_for_cpu``) - it
 counts as zero without a word. Its module tracker also merges the runs of a layer that a schedule
 repeats. Here:
 
 * the real ``FlopCounterMode`` runs (its total is what it *alone* would say, reported in ``notes``
   together with the ops it left at zero);
-* an outer dispatch mode sees the same leaf ops right after ``FlopCounterMode`` (after any
-  decomposition it does) and counts each: ``FlopCounterMode``'s formula for the MACs where it has
-  one (converted exactly by :func:`counters.ops.torch_flops_to_macs`), :data:`counters.ops.REGISTRY`
-  for the non-matmul part and for every op it lacks; free-list ops are free; the rest is unknown;
+* an outer dispatch mode sees the same leaf ops right after ``FlopCounterMode`` and counts each:
+  MACs by ``FlopCounterMode``'s own formula where it has one (converted exactly by
+  :func:`counters.ops.torch_flops_to_macs`), and for the CPU attention kernel by torch's own registered
+  SDPA formula (``sdpa_flop_count``, which FlopCounterMode applies to the CUDA kernels but not to this
+  one): source ``outside:torch``; the non-matmul FLOPs by :data:`counters.ops.REGISTRY` on the op's
+  real sizes: source ``shapes``; free-list ops are free; the rest is unknown;
 * forward pre/post hooks keep a stack of ``(module, schedule position)`` so every op lands in a
-  ``(position, module)`` row;
+  ``(position, row)`` row of :mod:`counters.table`;
 * a function mode brackets ``F.scaled_dot_product_attention``: if no fused kernel ran (the meta
-  device runs SDPA's math decomposition - scaled q and k, bmm, ``_safe_softmax``, bmm), the
-  decomposition is counted as the one fused op it implements (MACs from FlopCounterMode's bmm
-  formula, the rest from the SDPA formula), so ``kernel="sdpa"`` agrees with ``kernel="math"`` on
-  every device.
+  device runs SDPA's math decomposition - scaled q and k, bmm, ``_safe_softmax``, bmm), the MACs are
+  FlopCounterMode's bmm formula over that decomposition (``outside:torch``) and the non-matmul FLOPs
+  are the fused op's (the registry's SDPA formula on the call's sizes, ``shapes``), so
+  ``kernel="sdpa"`` agrees with ``kernel="math"`` on every device; the decomposition's own scaling and
+  mask ops implement the meta fallback, not any real kernel, and are listed in ``notes``, not counted.
 
 The sum of ``FlopCounterMode``'s formulas over the ops we saw is checked to equal its own total.
 """
@@ -39,19 +42,23 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from .formulas import ZERO, Count
 from .ops import (
     INTEGER_BOOKKEEPING,
+    OUTSIDE_SDPA_OPS,
     REGISTRY,
     SDPA_BACKEND_OPS,
     OpCall,
     OpCount,
     TensorMeta,
+    UncountableCall,
     canonical_op_name,
     raise_or_warn_unknown,
     torch_flops_to_macs,
+    torch_sdpa_macs,
 )
-from .result import CounterResult, RowKey, row_for_module, row_order
+from .primitives import ZERO, Count
+from .result import SOURCE_SHAPES, CounterResult, outside
+from .table import RowKey, row_for_module, row_order
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +83,8 @@ class _Entry:
     name: str
     row: RowKey
     ours: OpCount
-    torch_flops: Optional[int]  # FlopCounterMode's count (2 per MAC), None if it has no formula
+    outside_macs: Optional[int]  # MACs by a torch formula (None: torch has none for this op)
+    by_flop_counter: bool = False  # FlopCounterMode itself counted it (else it left the op at zero)
 
 
 @dataclass
@@ -100,6 +108,8 @@ class _Tally:
         self.missed: dict[str, list] = {}  # op -> [calls, Count FlopCounterMode left at zero]
         self.torch_only: Counter[str] = Counter()
         self.decomposed_sdpa = 0
+        self.decomposition_ops: Counter[str] = Counter()  # meta SDPA fallback ops, not counted
+        self.sdpa_by_torch_formula: Counter[str] = Counter()
         self.mac_disagreements: Counter[str] = Counter()
         self.bookkeeping: Counter[str] = Counter()
         self.unknown_reasons: dict[str, set[str]] = {}
@@ -119,17 +129,26 @@ class _Tally:
     def on_op(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> None:
         name = canonical_op_name(func)
         packet = func.overloadpacket
-        torch_flops = None
+        outside_macs = None
         if packet in self.torch_registry:
-            torch_flops = self.torch_registry[packet](*args, **kwargs, out_val=out)
-            self.torch_seen_flops += torch_flops
-        if REGISTRY.is_free(name) and torch_flops is None:
+            flops = self.torch_registry[packet](*args, **kwargs, out_val=out)
+            self.torch_seen_flops += flops
+            outside_macs = torch_flops_to_macs(flops)
+        if REGISTRY.is_free(name) and outside_macs is None:
             ours = OpCount("free")
         else:
             call = OpCall.from_schema(name, func._schema, tree_map(_meta, tuple(args)), tree_map(_meta, dict(kwargs)),
                                       _outputs(out))
             ours = REGISTRY.classify(call)
-        entry = _Entry(name, self.row(), ours, torch_flops)
+            if outside_macs is None and name in OUTSIDE_SDPA_OPS and ours.status == "counted":
+                # FlopCounterMode registers torch's SDPA formula for the CUDA kernels only; applied here
+                # to the CPU kernel, the attention MACs still come from torch's code, not ours.
+                try:
+                    outside_macs = torch_sdpa_macs(call)
+                    self.sdpa_by_torch_formula[name] += 1
+                except UncountableCall as e:
+                    ours = OpCount("unknown", ZERO, str(e))
+        entry = _Entry(name, self.row(), ours, outside_macs, by_flop_counter=packet in self.torch_registry)
         if self.sdpa is not None:
             self.sdpa.entries.append(entry)
         else:
@@ -137,16 +156,17 @@ class _Tally:
 
     def commit(self, entry: _Entry) -> None:
         ours = entry.ours
-        if entry.torch_flops is not None:
-            macs = torch_flops_to_macs(entry.torch_flops)
-            if ours.status == "counted" and ours.count.macs != macs:
-                self.mac_disagreements[entry.name] += 1
+        if entry.outside_macs is not None:
+            macs = entry.outside_macs
             if ours.status == "counted":
-                count = Count(macs=macs, nonmatmul_flops=ours.count.nonmatmul_flops)
-                left = Count(nonmatmul_flops=ours.count.nonmatmul_flops)
-            else:  # FlopCounterMode knows it, counters.ops does not: its MACs, nothing else known
-                count, left = Count(macs=macs), ZERO
+                if ours.count.macs != macs:
+                    self.mac_disagreements[entry.name] += 1
+                shapes = Count(nonmatmul_flops=ours.count.nonmatmul_flops)
+            else:  # torch knows it, counters.ops does not: its MACs, nothing else known
+                shapes = ZERO
                 self.torch_only[entry.name] += 1
+            self.result.add(entry.row, Count(macs=macs), outside("torch"))
+            left = shapes if entry.by_flop_counter else shapes + Count(macs=macs)
         elif ours.status == "unknown":
             self.add_unknown(entry.name, ours.reason)
             return
@@ -155,13 +175,12 @@ class _Tally:
                 self.bookkeeping[entry.name] += 1
             return
         else:
-            count = left = ours.count
+            shapes = left = ours.count
+        self.result.add(entry.row, shapes, SOURCE_SHAPES)
         if left != ZERO:
             slot = self.missed.setdefault(entry.name, [0, ZERO])
             slot[0] += 1
             slot[1] = slot[1] + left
-        if count != ZERO:
-            self.result.add(entry.row, count)
 
     @contextmanager
     def sdpa_region(self, args: tuple, kwargs: dict):
@@ -179,20 +198,25 @@ class _Tally:
             for e in region.entries:  # a fused kernel ran: count op by op
                 self.commit(e)
             return
-        # The math decomposition: count it as the fused op it implements.
+        # The math decomposition (meta device): its matrix products by FlopCounterMode, the rest as the
+        # fused op it implements.
         self.decomposed_sdpa += 1
         for e in region.entries:
-            if e.ours.status == "unknown" and e.torch_flops is None:
+            if e.outside_macs is None and e.ours.status == "unknown":
                 self.add_unknown(e.name, e.ours.reason)
+            elif e.outside_macs is None and e.ours.status == "counted" and e.ours.count != ZERO:
+                self.decomposition_ops[e.name] += 1
         fused = REGISTRY.classify(call)
         if fused.status == "unknown":
             self.add_unknown(call.op, fused.reason)
             return
-        torch_macs = sum(torch_flops_to_macs(e.torch_flops) for e in region.entries if e.torch_flops is not None)
-        if torch_macs != fused.count.macs:
-            self.mac_disagreements[call.op] += 1
-        # One entry for the whole decomposition: FlopCounterMode's MACs (its bmm formula), our rest.
-        self.commit(_Entry(call.op, region.row, fused, 2 * torch_macs))
+        torch_macs = sum(e.outside_macs for e in region.entries if e.outside_macs is not None)
+        try:
+            if torch_macs != torch_sdpa_macs(call):
+                self.mac_disagreements[call.op] += 1
+        except UncountableCall:
+            pass
+        self.commit(_Entry(call.op, region.row, fused, torch_macs, by_flop_counter=True))
 
 
 class _Recorder(TorchDispatchMode):
@@ -273,7 +297,8 @@ def count_torch(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, s
     for key in row_order(len(tally.layer_ids)):
         result.rows[key] = ZERO
     for key, count in tally.result.rows.items():
-        result.add(key, count)
+        result.rows[key] = result.rows.get(key, ZERO) + count
+    result.sources = tally.result.sources
 
     raw_flops = flop_mode.get_total_flops()
     if raw_flops != tally.torch_seen_flops:  # pragma: no cover - would mean the modes saw different ops
@@ -292,13 +317,20 @@ def count_torch(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, s
             for name, (calls, c) in sorted(tally.missed.items())
         )
         result.notes.append("FlopCounterMode left at zero (silently): " + listing)
+    if tally.sdpa_by_torch_formula:
+        result.notes.append(
+            "MACs by torch's sdpa_flop_count (FlopCounterMode registers it for the CUDA kernels only): "
+            + ", ".join(f"{k} x{v}" for k, v in sorted(tally.sdpa_by_torch_formula.items())))
     if tally.decomposed_sdpa:
         result.notes.append(
             f"scaled_dot_product_attention ran as its math decomposition {tally.decomposed_sdpa} time(s) (no fused "
-            "kernel on this device): counted as the fused op (SDPA formula; MACs from FlopCounterMode's bmm formula)."
+            "kernel on this device): MACs by FlopCounterMode's bmm formula over it, non-matmul FLOPs as the fused "
+            "op's (counters.ops SDPA formula on the call's sizes); the decomposition's own element-wise ops ("
+            + ", ".join(f"{k} x{v}" for k, v in sorted(tally.decomposition_ops.items()))
+            + ") implement the meta fallback and are not counted."
         )
     if tally.mac_disagreements:
-        result.notes.append("FlopCounterMode's MACs differ from counters.ops for: "
+        result.notes.append("torch's MACs differ from counters.ops' own formula for: "
                             + ", ".join(f"{k} x{v}" for k, v in sorted(tally.mac_disagreements.items())))
     if tally.bookkeeping:
         result.notes.append("free as integer bookkeeping (integer-only operands, e.g. the token-id range check): "

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .attention import KVCache
+from .attention import ATTENTION_KERNELS, KVCache
 from .block import TransformerBlock
 from .config import LlamaConfig
 from .layers import Linear, RMSNorm
@@ -109,6 +109,18 @@ class Llama(nn.Module):
         if self.caches is not None:
             logger.info("layer schedule changed: KV cache cleared, call setup_cache again")
             self.caches = None
+
+    @property
+    def attn_kernel(self) -> str:
+        """The attention kernel every layer runs: ``"math"`` or ``"sdpa"``."""
+        return self.layers[0].attention.core.kernel
+
+    def set_attn_kernel(self, kernel: str) -> None:
+        """Switch every layer to attention ``kernel`` (``"math"`` or ``"sdpa"``); the logits are the same."""
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
+        for layer in self.layers:
+            layer.attention.core.kernel = kernel
 
     def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None,
                     dtype: Optional[torch.dtype] = None) -> None:

@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from counters import formulas as fm
-from counters.formulas import ZERO
-from counters.result import BLOCK_ROWS, row_order
+from counters import table as T
+from counters.primitives import ZERO
 from llama_ref import PRESETS, Llama
 
 TINY = PRESETS["tiny"]  # GQA: 4 query heads, 2 kv heads
@@ -21,30 +20,11 @@ MODES = {"prefill": (0, 5), "cached-chunk": (4, 3), "decode": (7, 1)}
 
 
 def expected_rows(config, schedule_len: int, bsz: int, start_pos: int, seqlen: int) -> dict:
-    """The module-level formulas of counters.formulas for every row of one forward."""
-    c = config
-    rows = bsz * seqlen
-    block = {
-        "attention_norm": fm.rmsnorm(rows, c.dim),
-        "attention.wq": fm.linear(rows, c.dim, c.n_heads * c.head_dim),
-        "attention.wk": fm.linear(rows, c.dim, c.kv_dim),
-        "attention.wv": fm.linear(rows, c.dim, c.kv_dim),
-        "attention.rope": fm.rope(rows, c.n_heads, c.n_kv_heads, c.head_dim),
-        "attention.core": fm.attention_core(bsz, c.n_heads, seqlen, start_pos + seqlen, c.head_dim),
-        "attention.wo": fm.linear(rows, c.n_heads * c.head_dim, c.dim),
-        "attention": ZERO,  # views and cache writes
-        "ffn_norm": fm.rmsnorm(rows, c.dim),
-        "feed_forward.w1": fm.linear(rows, c.dim, c.hidden_dim),
-        "feed_forward.w3": fm.linear(rows, c.dim, c.hidden_dim),
-        "feed_forward.act": fm.gated_silu(rows, c.hidden_dim),
-        "feed_forward.w2": fm.linear(rows, c.hidden_dim, c.dim),
-        "feed_forward": ZERO,
-        "residual": fm.residuals(rows, c.dim),
-    }
-    assert set(block) == set(BLOCK_ROWS)
-    top = {"(root)": ZERO, "tok_embeddings": fm.embedding(rows, c.dim), "norm": fm.rmsnorm(rows, c.dim),
-           "output": fm.linear(rows, c.dim, c.vocab_size)}
-    return {(pos, name): (top[name] if pos is None else block[name]) for pos, name in row_order(schedule_len)}
+    """Every row of one forward, in execution order: the work table's kinds on sizes from the config
+    (the hand-derived values of single rows are checked in test_analytic.py)."""
+    shape = T.RunShape(bsz, seqlen, start_pos)
+    rows = {r.name: r.kind.count(r.sizes(config, shape)) for r in T.TOP_ROWS_BEFORE + T.BLOCK_ROWS + T.TOP_ROWS_AFTER}
+    return {(pos, name): rows[name] for pos, name in T.row_order(schedule_len)}
 
 
 def make_model(config, kernel: str, device: str, start_pos: int, schedule=SCHEDULE) -> tuple[Llama, torch.Tensor]:

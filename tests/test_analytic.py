@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from counters import formulas as F
+from counters import table as T
 from counters.analytic import (
     AnalyticReport,
     RowCost,
@@ -14,7 +14,7 @@ from counters.analytic import (
     param_breakdown,
     param_count,
 )
-from counters.result import BLOCK_ROWS, row_order
+from counters.table import block_row_names, row_order
 from llama_ref import PRESETS, SCHEDULE_NAMES, Llama, LlamaConfig, resolve_schedule
 
 # Small GQA config used for hand-derived numbers: head_dim 16, kv_dim 32, n_rep 2.
@@ -108,7 +108,7 @@ def test_flops_are_twice_macs_and_totals_sum_rows():
 def test_rows_follow_result_row_order():
     r = analyze(DEEP, n_tokens=3, schedule="skip-15")
     assert [x.key for x in r.rows] == row_order(31)
-    assert [x.module for x in r.rows if x.position == 0] == list(BLOCK_ROWS)
+    assert [x.module for x in r.rows if x.position == 0] == list(block_row_names())
     cr = r.as_counter_result()
     assert cr.name == "analytic"
     assert cr.total.macs == r.macs and cr.total.nonmatmul_flops == r.nonmatmul_flops
@@ -226,13 +226,16 @@ def test_bad_inputs(kwargs):
         analyze(SMALL, **kwargs)
 
 
-def test_formulas_are_the_source():
-    """analytic adds nothing of its own: each row is the formulas.py function of its shapes."""
+def test_the_table_is_the_source():
+    """analytic adds nothing of its own: each row is its table kind evaluated on sizes from the config."""
     r = analyze(SMALL, batch=2, n_tokens=3, n_cached=4)
-    assert _row(r, 0, "attention.core").count == F.attention_core(2, 4, 3, 7, 16)
-    assert _row(r, 0, "feed_forward.act").count == F.gated_silu(6, 176)
-    assert _row(r, 0, "attention.rope").count == F.rope(6, 4, 2, 16)
-    assert _row(r, 0, "residual").count == F.residuals(6, 64)
+    assert _row(r, 0, "attention.core").count == T.ATTENTION_CORE.count(T.Attn(2, 3, 7, 4, 2, 16, True))
+    assert _row(r, 0, "feed_forward.act").count == T.GATED_SILU.count(T.Elems(6, 176))
+    assert _row(r, 0, "attention.rope").count == T.ROPE.count(T.Rope(2, 3, 4, 2, 16))
+    assert _row(r, 0, "residual").count == T.RESIDUAL.count(T.Elems(6, 64))
+    shape = T.RunShape(2, 3, 4)
+    for row in T.BLOCK_ROWS:
+        assert _row(r, 1, row.name).count == row.kind.count(row.sizes(SMALL, shape)), row.name
 
 
 def test_70b_analytic_is_instant():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from counters import crosscheck as cc
-from counters.crosscheck import CounterUnavailable, available_counters, compare, crosscheck
-from counters.formulas import Count
-from counters.result import COUNTER_NAMES, CounterResult, row_order
+from counters.crosscheck import compare, crosscheck
+from counters.primitives import Count
+from counters.result import COUNTER_NAMES, SOURCE_FORMULA, SOURCE_SHAPES, CounterResult, outside
+from counters.table import row_order
 from llama_ref import Llama, LlamaConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -17,17 +17,11 @@ SMALL = LlamaConfig(name="small", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, v
                     max_seq_len=128)
 DEEP = LlamaConfig(name="deep", dim=32, n_layers=32, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=48,
                    max_seq_len=64)
-ALL = available_counters()
-OP_COUNTERS = [n for n in ("fvcore", "torch") if n in ALL]
+ALL = list(COUNTER_NAMES)
 
 
 def _tokens(model, batch, n):
     return torch.zeros((batch, n), dtype=torch.long, device=model.device)
-
-
-def test_analytic_and_hooks_always_available():
-    assert ALL[:2] == ["analytic", "hooks"]
-    assert all(n in COUNTER_NAMES for n in ALL)
 
 
 @pytest.mark.parametrize("cached", [0, 6], ids=["prefill", "decode-chunk"])
@@ -42,10 +36,19 @@ def test_all_available_counters_agree_on_cpu(cfg, cached):
     assert [r.key for r in report.rows] == row_order(4)  # runs 0, 1, 1, 3
     macs = {t["macs"] for t in report.totals.values()}
     assert len(macs) == 1
-    assert report.nonmatmul_compared == ALL  # every counter shares our non-matmul formulas
+    assert report.compared == {"macs": ALL, "nonmatmul_flops": ALL}  # every counter on everything
     for name, t in report.totals.items():
         assert t["flops"] == 2 * t["macs"]
     assert report.totals["analytic"]["macs"] == report.analytic.macs
+    # where each number comes from, and how many independent sources back each row
+    assert report.sources()["analytic"] == {"macs": {SOURCE_FORMULA: report.analytic.macs},
+                                            "nonmatmul_flops": {SOURCE_FORMULA: report.analytic.nonmatmul_flops}}
+    assert set(report.sources()["fvcore"]["macs"]) == {outside("fvcore")}
+    assert set(report.sources()["torch"]["macs"]) == {outside("torch")}
+    wq = [r for r in report.rows if r.key == (0, "attention.wq")][0]
+    assert wq.sources["macs"] == [SOURCE_FORMULA, outside("fvcore"), outside("torch"), SOURCE_SHAPES]
+    norm = [r for r in report.rows if r.key == (0, "attention_norm")][0]
+    assert norm.sources == {"macs": [], "nonmatmul_flops": [SOURCE_FORMULA, SOURCE_SHAPES]}
 
 
 @pytest.mark.parametrize("kernel, schedule, runs", [("math", "mid-expansion-with-repeats", 29), ("sdpa", "0-2,7x2", 5)])
@@ -58,11 +61,10 @@ def test_decode_one_token_on_meta_every_counter(kernel, schedule, runs):
     assert len(core) == runs and all(r.macs["analytic"] == 2624 for r in core)
 
 
-@pytest.mark.skipif(not OP_COUNTERS, reason="op-level counters not installed yet")
 def test_op_counters_named_explicitly():
     model = Llama(SMALL, device="meta")
-    report = crosscheck(model, _tokens(model, 1, 4), counters=["hooks", *OP_COUNTERS])
-    assert report.counters == ["hooks", *OP_COUNTERS] and report.analytic is None
+    report = crosscheck(model, _tokens(model, 1, 4), counters=["hooks", "fvcore", "torch"])
+    assert report.counters == ["hooks", "fvcore", "torch"] and report.analytic is None
     assert report.agree
 
 
@@ -86,12 +88,19 @@ def test_layer_runs_aggregate_rows():
 
 
 # ---------------------------------------------------------------- mismatches are found and named
+def _result(name, rows, source=SOURCE_FORMULA):
+    r = CounterResult(name)
+    for key, count in rows.items():
+        r.add(key, count, source)
+    return r
+
+
+BASE = {(None, "output"): Count(100, 0), (0, "attention.wq"): Count(10, 0), (0, "residual"): Count(0, 7)}
+
+
 def _results(overrides=None):
-    a = CounterResult("analytic", {(None, "output"): Count(100, 0), (0, "attention.wq"): Count(10, 0),
-                                   (0, "residual"): Count(0, 7)})
-    b = CounterResult("hooks", dict(a.rows))
-    b.rows.update(overrides or {})
-    return {"analytic": a, "hooks": b}
+    return {"analytic": _result("analytic", BASE), "hooks": _result("hooks", {**BASE, **(overrides or {})},
+                                                                    SOURCE_SHAPES)}
 
 
 def _compare(results, **kw):
@@ -114,21 +123,32 @@ def test_compare_finds_one_mac_difference():
 
 def test_compare_rows_moved_between_modules_is_a_mismatch():
     res = _results()
-    res["hooks"] = CounterResult("hooks", {(None, "output"): Count(100, 0), (0, "attention.wk"): Count(10, 0),
-                                           (0, "residual"): Count(0, 7)})
+    res["hooks"] = _result("hooks", {(None, "output"): Count(100, 0), (0, "attention.wk"): Count(10, 0),
+                                     (0, "residual"): Count(0, 7)})
     report = _compare(res)
     assert not report.agree
     assert {m.key for m in report.mismatches} == {(0, "attention.wq"), (0, "attention.wk")}  # totals equal
 
 
-def test_counter_without_nonmatmul_is_not_compared_but_shown_as_uncounted():
+def test_a_counter_that_lost_its_nonmatmul_flops_disagrees():
+    """Reporting zero where the others report work is a disagreement, never "not counted"."""
     res = _results()
-    res["torch"] = CounterResult("torch", {k: Count(v.macs, 0) for k, v in res["analytic"].rows.items()})
+    res["torch"] = _result("torch", {k: Count(v.macs, 0) for k, v in BASE.items()}, outside("torch"))
+    report = _compare(res)
+    assert not report.agree
+    assert [(m.key, m.quantity, m.counter, m.got) for m in report.mismatches] == [
+        ((0, "residual"), "nonmatmul_flops", "torch", 0), ((None, "TOTAL"), "nonmatmul_flops", "torch", 0)]
+
+
+def test_a_counter_is_compared_only_on_what_it_claims():
+    res = _results()
+    res["fvcore"] = _result("fvcore", {k: Count(v.macs, 0) for k, v in BASE.items()}, outside("fvcore"))
+    res["fvcore"].claims = ("macs",)  # e.g. a counter that cannot see backward work claims forward MACs only
     report = _compare(res)
     assert report.agree
-    assert report.nonmatmul_compared == ["analytic", "hooks"]
-    assert report.totals["torch"]["nonmatmul_flops"] is None
-    assert any("does not count non-matmul" in n for n in report.notes)
+    assert report.compared == {"macs": ["analytic", "hooks", "fvcore"], "nonmatmul_flops": ["analytic", "hooks"]}
+    assert report.totals["fvcore"]["nonmatmul_flops"] is None
+    assert any("fvcore: does not measure nonmatmul_flops" in n for n in report.notes)
 
 
 def test_nonmatmul_difference_is_a_mismatch():
@@ -144,18 +164,10 @@ def test_unknown_ops_are_reported():
     assert report.unknown_ops["hooks"] == {"module x.Y (layers.0.z)": 2}
 
 
-# ---------------------------------------------------------------- unavailable counters
-def test_missing_counter_module_is_unavailable(monkeypatch):
-    monkeypatch.setitem(cc.COUNTER_FUNCTIONS, "torch", ("counters.no_such_module", "count_torch"))
-    assert "torch" not in available_counters()
-    model = Llama(SMALL, device="meta")
-    with pytest.raises(CounterUnavailable, match="no_such_module"):
-        crosscheck(model, _tokens(model, 1, 2), counters=["analytic", "torch"])
-
-
+# ---------------------------------------------------------------- arguments
 def test_unknown_counter_name():
     model = Llama(SMALL, device="meta")
-    with pytest.raises(CounterUnavailable, match="bogus"):
+    with pytest.raises(ValueError, match="bogus"):
         crosscheck(model, _tokens(model, 1, 2), counters=["analytic", "bogus"])
 
 

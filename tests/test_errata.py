@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from counters import formulas as F
+from counters import primitives as P
+from counters import table as T
 from counters.analytic import analyze, macs_polynomial, param_breakdown, param_count
-from counters.cli import measure_polynomial
+from counters.commands.schedules import measure_polynomial
 from counters.hooks import count_hooks
 from counters.published import REF000_MACS, REF001_PARAMS
 from llama_ref import PRESETS, SCHEDULE_NAMES, Llama, resolve_schedule
@@ -46,7 +47,7 @@ def test_their_formula_and_the_unit_mixup():
     # their formula minus ours: attention projections and head counted twice (FLOPs), embedding counted
     assert _their_formula_a(32) - 6_607_077_376 == 2_147_483_648 + 131_072_000 + 4_096 == 2_278_559_744
     # their b: 32 * 2 * 4096 = FLOPs of QK^T alone, which equals the MACs of QK^T + AV
-    qk_macs_per_n2 = F.linear(1, 128, 1).macs * 32  # one query row times one key column, 32 heads
+    qk_macs_per_n2 = P.matmul(1, 128, 1).macs * 32  # one query row times one key column, 32 heads
     assert 32 * 2 * 4096 == 32 * 2 * qk_macs_per_n2 == macs_polynomial(L7)[1]
     # and it is not FLOPs of both products, which would be twice that
     assert 2 * macs_polynomial(L7)[1] == 524_288
@@ -135,8 +136,8 @@ def test_reference_002_sdpa():
     qo, kv, hidden, kv_dims = 1, 1025, 8192, 1024
     theirs_qk = qo * kv * (hidden * 2 - 1)
     theirs_sv = qo * kv_dims * (kv * 2 - 1)
-    exact_qk = F.linear_exact_flops(64 * qo, 128, kv)
-    exact_sv = F.linear_exact_flops(64 * qo, kv, 128)
+    exact_qk = P.matmul_exact_flops(64 * qo, 128, kv)
+    exact_sv = P.matmul_exact_flops(64 * qo, kv, 128)
     assert (theirs_qk, exact_qk) == (16_792_575, 16_728_000)
     assert theirs_qk - exact_qk == qo * kv * (64 - 1)
     assert (theirs_sv, exact_sv) == (2_098_176, 16_785_408)
@@ -158,25 +159,25 @@ def test_reference_002_sdpa_measured_with_hooks():
 
 def test_reference_002_sv_right_for_mha():
     qo, kv = 1, 1025
-    assert qo * 4096 * (2 * kv - 1) == F.linear_exact_flops(32 * qo, kv, 128) == 8_392_704  # 7B: kv dims = hidden
+    assert qo * 4096 * (2 * kv - 1) == P.matmul_exact_flops(32 * qo, kv, 128) == 8_392_704  # 7B: kv dims = hidden
 
 
 def test_reference_002_actmul():
-    assert (4 + 1) * 28672 + 1 == 143_361 and F.gated_silu(1, 28672).nonmatmul_flops == 143_360
+    assert (4 + 1) * 28672 + 1 == 143_361 and T.GATED_SILU.count(T.Elems(1, 28672)).nonmatmul_flops == 143_360
     assert (4 + 1) * 11008 + 2048 == 57_088
-    assert F.gated_silu(2048, 11008).nonmatmul_flops == (4 + 1) * 11008 * 2048 == 112_721_920
+    assert T.GATED_SILU.count(T.Elems(2048, 11008)).nonmatmul_flops == (4 + 1) * 11008 * 2048 == 112_721_920
 
 
 def test_reference_002_rope_and_rmsnorm_agree_with_ours():
     for cfg in (L7, L70):
         token_dims = cfg.head_dim * (cfg.n_heads + cfg.n_kv_heads)
-        assert token_dims * 3 * 7 == F.rope(7, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim).nonmatmul_flops
-        assert (cfg.dim * 4 + 2) * 7 == F.rmsnorm(7, cfg.dim).nonmatmul_flops
+        assert token_dims * 3 * 7 == T.ROPE.count(T.Rope(1, 7, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)).nonmatmul_flops
+        assert (cfg.dim * 4 + 2) * 7 == T.RMSNORM.count(T.Norm(7, cfg.dim)).nonmatmul_flops
 
 
 def test_reference_002_missing_output_head_and_storage():
-    assert F.linear(1, 4096, 32000).macs == 131_072_000
-    assert F.linear(1, 8192, 32000).macs == 262_144_000
+    assert P.matmul(1, 4096, 32000).macs == 131_072_000
+    assert P.matmul(1, 8192, 32000).macs == 262_144_000
     assert round(131_072_000 / macs_polynomial(L7)[0] * 100, 1) == 2.0
     assert param_breakdown(L7)["output"] * 2 == 262_144_000
     assert param_breakdown(L70)["output"] * 2 == 524_288_000

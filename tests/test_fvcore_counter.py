@@ -8,9 +8,10 @@ import logging
 import pytest
 import torch
 
-from counters.formulas import ZERO, Count
+from counters.primitives import ZERO, Count
 from counters.fvcore_counter import _import_fvcore, _StartPosWrapper, count_fvcore
 from counters.ops import UncountedOpError
+from counters.result import outside
 from llama_ref import PRESETS, Llama
 
 from _counter_cases import BSZ, CASES, CONFIGS, MODES, SinGate, TINY, expected_rows, make_bf16_meta_model, make_model
@@ -49,14 +50,20 @@ def test_macs_equal_plain_fvcore_and_notes():
         plain = FlopCountAnalysis(_StartPosWrapper(model, start_pos), (tokens[:, :seqlen],))
         plain.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         totals[kernel] = (result.total.macs, plain.total())
-        assert f"FlopCountAnalysis.total() = {result.total.macs} MACs" in result.notes[0]
+        own = result.source_totals()[outside("fvcore")].macs  # fvcore's own handles, nothing of ours
+        assert f"FlopCountAnalysis.total() = {own} MACs" in result.notes[0]
         assert result.notes[0].endswith("Its unsupported_ops(): none.")
+        assert own == plain.total()
     macs, plain_math = totals["math"]
     assert plain_math == macs
     macs_sdpa, plain_sdpa = totals["sdpa"]
     assert macs_sdpa == macs
-    # what fvcore alone misses with kernel=sdpa: 2 attention matmuls x 5 runs x bsz 2 x 4 heads x 5 x 5 x 16
-    assert macs - plain_sdpa == 5 * 2 * BSZ * 4 * 5 * 5 * 16
+    # what fvcore alone misses with kernel=sdpa: 2 attention matmuls x 5 runs x bsz 2 x 4 heads x 5 x 5 x 16,
+    # taken from torch's SDPA formula instead
+    attention = 5 * 2 * BSZ * 4 * 5 * 5 * 16
+    assert macs - plain_sdpa == attention
+    assert "scaled_dot_product_attention x5: MACs by torch's sdpa_flop_count" in result.notes[0]
+    assert result.source_totals()[outside("torch")].macs == attention
 
 
 @pytest.mark.parametrize("preset", ["llama-2-7b", "llama-2-70b"])

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from counters import hardware as hwmod
-from counters.hardware import (HARDWARE_NAMES, Hardware, detect_table_name, get_hardware, measure_copy_bandwidth,
+from counters.studies import hardware as hwmod
+from counters.studies.hardware import (HARDWARE_NAMES, Hardware, detect_table_name, get_hardware, measure_copy_bandwidth,
                                measure_device, measure_matmul_peak, table_hardware)
 
 

@@ -16,9 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from counters import formulas as fm
+from counters import table as T
 from counters.fvcore_counter import _import_fvcore, _jit_call, _jit_kind, _StartPosWrapper
-from counters.formulas import ZERO, Count
 from counters.ops import (
     FREE_OPS,
     INTEGER_BOOKKEEPING,
@@ -34,7 +33,9 @@ from counters.ops import (
     fvcore_to_macs,
     raise_or_warn_unknown,
     torch_flops_to_macs,
+    torch_sdpa_macs,
 )
+from counters.primitives import ZERO, Count
 from llama_ref import PRESETS, AttentionCore, GatedSiLU, Llama, RMSNorm, RotaryEmbedding, precompute_freqs_cis
 
 
@@ -149,7 +150,7 @@ def test_rmsnorm_ops_sum_to_module_formula(level):
     x = torch.randn(2, 3, 8)
     ops = level(norm, x)
     # rows = 2*3 = 6, dim 8: pow 48 + mean 48 + add eps 6 + rsqrt 6 + mul 48 + mul weight 48 = 204 = 6*(4*8+2)
-    assert total(ops) == Count(nonmatmul_flops=204) == fm.rmsnorm(6, 8)
+    assert total(ops) == Count(nonmatmul_flops=204) == T.RMSNORM.count(T.Norm(6, 8))
     assert by_op(ops) == {"pow": Count(0, 48), "mean": Count(0, 48), "add": Count(0, 6), "rsqrt": Count(0, 6),
                           "mul": Count(0, 96)}
 
@@ -161,7 +162,7 @@ def test_rope_complex_mul_sums_to_module_formula(level):
     freqs = precompute_freqs_cis(8, 3)
     ops = level(rope, xq, xk, freqs)
     # complex elements: q 1*3*4*(8/2) = 48, k 1*3*2*4 = 24; 6 FLOPs each: 288 + 144 = 432
-    assert total(ops) == Count(nonmatmul_flops=432) == fm.rope(3, 4, 2, 8)
+    assert total(ops) == Count(nonmatmul_flops=432) == T.ROPE.count(T.Rope(1, 3, 4, 2, 8))
     assert by_op(ops) == {"mul": Count(0, 432)}
 
 
@@ -203,7 +204,7 @@ def test_gated_silu_sums_to_module_formula(level):
     gate, up = torch.randn(4, 7), torch.randn(4, 7)
     ops = level(GatedSiLU(), gate, up)
     # 28 elements: silu 4 each (112) + gate mul 1 each (28) = 140
-    assert total(ops) == Count(nonmatmul_flops=140) == fm.gated_silu(4, 7)
+    assert total(ops) == Count(nonmatmul_flops=140) == T.GATED_SILU.count(T.Elems(4, 7))
     assert by_op(ops) == {"silu": Count(0, 112), "mul": Count(0, 28)}
 
 
@@ -261,7 +262,7 @@ def test_attention_core_kernels_agree_with_formula(level, case):
     # scores = 2*4*S*L; MACs = 2*scores*8; FLOPs = scores * (scale 1 + mask 1 if S > 1 + softmax 5)
     scores = bsz * n_heads * seqlen * (cached + seqlen)
     expected = Count(macs=2 * scores * head_dim, nonmatmul_flops=scores * (1 + (seqlen > 1) + 5))
-    assert expected == fm.attention_core(bsz, n_heads, seqlen, cached + seqlen, head_dim)
+    assert expected == T.ATTENTION_CORE.count(T.Attn(bsz, seqlen, cached + seqlen, n_heads, n_kv, head_dim, seqlen > 1))
     counts = {kernel: total(level(AttentionCore(n_heads // n_kv, kernel), xq, k, v, mask))
               for kernel in ("math", "sdpa")}
     assert counts == {"math": expected, "sdpa": expected}
@@ -293,20 +294,20 @@ def test_sdpa_formula_mask_rules():
 # ---------------------------------------------------------------- the registry
 def test_registry_rejects_duplicates():
     reg = OpRegistry()
-    reg.register("foo", elementwise(1))
+    reg.register("foo", elementwise("mul"))
     with pytest.raises(DuplicateRegistrationError):
-        reg.register("foo", elementwise(2))
+        reg.register("foo", elementwise("add"))
     with pytest.raises(DuplicateRegistrationError):
         reg.register_free("foo", "not free")
     reg.register_free("bar", "a view")
     with pytest.raises(DuplicateRegistrationError):
-        reg.register(["baz", "bar"], elementwise(1))
+        reg.register(["baz", "bar"], elementwise("mul"))
     assert not reg.has_formula("baz")  # a rejected batch registers nothing
     with pytest.raises(ValueError):
         reg.register_free("qux", "")  # every free entry needs a reason
     # the global registry too
     with pytest.raises(DuplicateRegistrationError):
-        REGISTRY.register("mul", elementwise(1))
+        REGISTRY.register("mul", elementwise("mul"))
     with pytest.raises(DuplicateRegistrationError):
         REGISTRY.register_free("view", "again")
 
@@ -330,10 +331,46 @@ def test_free_list_has_no_costly_op():
     assert all(isinstance(r, str) and r.strip() for r in FREE_OPS.values())
 
 
-def test_module_constants_are_realised_by_op_constants():
-    # the per-element constants of formulas.py that the op level realises with single ops
-    assert fm.SCALE_FLOPS == fm.MASK_FLOPS == fm.RESIDUAL_FLOPS == fm.GATE_MUL_FLOPS == 1
-    assert (fm.RMSNORM_FLOPS_PER_ELEMENT, fm.RMSNORM_FLOPS_PER_ROW) == (4, 2)
+# Dispatch-level op names -> the table's primitive names.
+_PRIMITIVE = {"mm": "matmul", "bmm": "matmul", "_softmax": "softmax"}
+
+
+def _primitive_calls(ops, complex_mul=False):
+    out = []
+    for name, oc in ops:
+        if oc.count == ZERO:
+            continue
+        name = "complex_mul" if (complex_mul and name == "mul") else _PRIMITIVE.get(name, name)
+        out.append((name, oc.count))
+    return sorted(out, key=lambda x: (x[0], x[1].macs, x[1].nonmatmul_flops))
+
+
+@pytest.mark.parametrize("kind, module, args, sizes", [
+    (T.RMSNORM, RMSNorm(8), (torch.randn(2, 3, 8),), T.Norm(6, 8)),
+    (T.LINEAR, __import__("llama_ref").Linear(8, 5), (torch.randn(2, 3, 8),), T.Mat(6, 8, 5)),
+    (T.GATED_SILU, GatedSiLU(), (torch.randn(2, 3, 7), torch.randn(2, 3, 7)), T.Elems(6, 7)),
+    (T.ROPE, RotaryEmbedding(), (torch.randn(2, 3, 4, 8), torch.randn(2, 3, 2, 8), precompute_freqs_cis(8, 3)),
+     T.Rope(2, 3, 4, 2, 8)),
+    (T.ATTENTION_CORE, AttentionCore(2, "math"), _attention_inputs(4, 2, 2, 3, 4, 8, True), T.Attn(2, 3, 7, 4, 2, 8, True)),
+    (T.ATTENTION_CORE, AttentionCore(2, "math"), _attention_inputs(4, 2, 2, 1, 4, 8, False), T.Attn(2, 1, 5, 4, 2, 8, False)),
+], ids=["rmsnorm", "linear", "gated_silu", "rope", "attention-masked", "attention-decode"])
+def test_table_decompositions_are_the_ops_that_run(kind, module, args, sizes):
+    """Each kind's op decomposition in the table is, op for op, what the module dispatches."""
+    ran = _primitive_calls(dispatch_ops(module, *args), complex_mul=kind is T.ROPE)
+    assert ran == sorted(((op.name, op.count) for op in kind.ops(sizes)),
+                         key=lambda x: (x[0], x[1].macs, x[1].nonmatmul_flops))
+    assert kind.read(module, args, {}, module(*args)) == sizes  # and the hooks read the same sizes
+
+
+def test_torch_sdpa_formula_is_torch_own():
+    q = TensorMeta((2, 4, 3, 8), torch.float32)
+    kv = TensorMeta((2, 4, 7, 8), torch.float32)
+    call = OpCall("_scaled_dot_product_flash_attention_for_cpu", {"query": q, "key": kv, "value": kv}, ())
+    # torch.utils.flop_counter.sdpa_flop_count: 2 bmm of 2*(2*4)*3*8*7 = 2688 FLOPs each = 5376 FLOPs = 2688 MACs
+    assert torch_sdpa_macs(call) == 2688 == REGISTRY.classify(call).count.macs
+    bad = OpCall("x", {"query": TensorMeta((4, 3, 8), torch.float32), "key": kv, "value": kv}, ())
+    with pytest.raises(Exception, match="4-d"):
+        torch_sdpa_macs(bad)
 
 
 def test_unknown_op_is_reported_never_zero(caplog):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -11,9 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from counters import roofline as rl
 from counters.analytic import analyze
-from counters.hardware import Hardware, table_hardware
+from counters.cli import main
+from counters.studies import factory, plots
+from counters.studies import timing as timers
+from counters.studies import roofline as rl
+from counters.studies import roofline_command as cmd
+from counters.table import timed_block_paths
+from counters.commands.common import BadInput
+from counters.studies.hardware import Hardware, table_hardware
 from llama_ref import LlamaConfig
 
 H100 = table_hardware("h100-sxm")  # 989.4e12 FLOP/s, 3.35e12 B/s, ridge 295.3 FLOP/B
@@ -56,10 +61,8 @@ def test_prefill_projection_on_h100_by_hand():
     assert row.predicted_s == pytest.approx(69.455e-6, rel=1e-4)
 
 
-def test_predicted_time_bound_and_attainable():
+def test_bound_and_attainable():
     # ridge = 1e11 / 1e10 = 10 FLOP/B
-    assert rl.predicted_time(1e9, 1e6, 1e11, 1e10) == pytest.approx(1e-2)  # 1e9/1e11 vs 1e6/1e10=1e-4
-    assert rl.predicted_time(1e6, 1e9, 1e11, 1e10) == pytest.approx(1e-1)  # memory: 1e9/1e10
     assert rl.bound(1e9, 1e6, 1e11, 1e10) == "compute"
     assert rl.bound(1e6, 1e9, 1e11, 1e10) == "memory"
     assert rl.bound(100, 10, 1e11, 1e10) == "compute"  # exactly at the ridge: both roofs equal -> compute
@@ -67,8 +70,6 @@ def test_predicted_time_bound_and_attainable():
     assert rl.bound(0, 0, 1e11, 1e10) == "none"
     assert rl.attainable_flops(1.0, 1e11, 1e10) == 1e10
     assert rl.attainable_flops(100.0, 1e11, 1e10) == 1e11
-    with pytest.raises(ValueError):
-        rl.predicted_time(1, 1, 0, 1)
 
 
 def test_table_summary_and_measured_values():
@@ -98,9 +99,9 @@ def test_plots_are_written(tmp_path):
     rep = analyze(cfg, n_tokens=16)
     table = rl.roofline_table(rep.layer_runs(), FAKE_CPU, {(1, "block"): 1e-3})
     detail = rl.roofline_table([r for r in rep.rows if r.position == 0], FAKE_CPU)
-    p = rl.plot_roofline(table, FAKE_CPU, tmp_path / "r.png", title="t", detail=detail)
+    p = plots.plot_roofline(table, FAKE_CPU, tmp_path / "r.png", title="t", detail=detail)
     assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
-    p2, curves = rl.plot_macs_vs_context(cfg, tmp_path / "m.png", schedules=["baseline", "0,1"], contexts=[1, 8, 64])
+    p2, curves = plots.plot_macs_vs_context(cfg, tmp_path / "m.png", schedules=["baseline", "0,1"], contexts=[1, 8, 64])
     assert p2.read_bytes()[:8] == PNG_MAGIC
     assert curves["baseline"] == [analyze(cfg, n_tokens=1, n_cached=L - 1).macs for L in (1, 8, 64)]
     assert curves["0,1"][0] < curves["baseline"][0]
@@ -108,12 +109,12 @@ def test_plots_are_written(tmp_path):
 
 def test_macs_per_token_curves_for_schedules():
     cfg = LlamaConfig.from_preset("llama-2-7b")
-    names = rl.default_schedules(cfg)
+    names = plots.default_schedules(cfg)
     assert names[0] == "baseline" and len(names) == 7
-    assert rl.default_schedules(LlamaConfig.from_preset("tiny"), "0-2") == ["baseline", "0-2"]
-    ctx = rl.default_contexts(4096, n=5)
+    assert plots.default_schedules(LlamaConfig.from_preset("tiny"), "0-2") == ["baseline", "0-2"]
+    ctx = plots.default_contexts(4096, n=5)
     assert ctx[0] == 1 and ctx[-1] == 4096 and ctx == sorted(ctx)
-    curves = rl.macs_per_token_curves(cfg, names, ctx)
+    curves = plots.macs_per_token_curves(cfg, names, ctx)
     for ys in curves.values():
         assert all(b > a for a, b in zip(ys, ys[1:]))  # attention grows with context
     # Same number of layer runs (29) -> the same MACs per token, whatever layers they are.
@@ -123,7 +124,7 @@ def test_macs_per_token_curves_for_schedules():
 
 def test_importing_roofline_leaves_matplotlib_alone():
     # Importing the module must not even import matplotlib (the backend is chosen inside the plot functions).
-    code = ("import sys; import counters.roofline; "
+    code = ("import sys; import counters.studies.roofline, counters.studies.plots, counters.cli; "
             "assert not [m for m in sys.modules if m.startswith('matplotlib')]; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[1])
@@ -155,7 +156,7 @@ def test_layer_timer_positions_with_repeated_layers(make_model):
     cfg = LlamaConfig.from_preset("tiny")
     model = make_model(cfg, schedule="0,1,1,3")
     tokens = torch.randint(0, cfg.vocab_size, (1, 5))
-    timing = rl.time_forward(model, tokens, timer=CountingTimer(), warmup=1, repeats=2)
+    timing = timers.time_forward(model, tokens, timer=CountingTimer(), warmup=1, repeats=2)
     keys = set(timing.median)
     assert {(p, "block") for p in range(4)} <= keys
     assert {(None, m) for m in ("tok_embeddings", "norm", "output", "(total)", "(root)")} <= keys
@@ -173,35 +174,33 @@ def test_layer_timer_module_level(make_model):
     cfg = LlamaConfig.from_preset("tiny")
     model = make_model(cfg, schedule="0,2")
     tokens = torch.randint(0, cfg.vocab_size, (1, 3))
-    timing = rl.time_forward(model, tokens, warmup=0, repeats=1, level="module")
+    timing = timers.time_forward(model, tokens, warmup=0, repeats=1, level="module")
     for pos in (0, 1):
-        for m in rl.TIMED_BLOCK_MODULES:
+        for m in timed_block_paths():
             assert timing.median[(pos, m)] >= 0
         assert timing.median[(pos, "block")] >= timing.median[(pos, "attention.wq")]
     with pytest.raises(ValueError):
-        rl.LayerTimer(model, CountingTimer(), level="op")
-    assert isinstance(rl.make_timer("cpu"), rl.WallClockTimer)
+        timers.LayerTimer(model, CountingTimer(), level="op")
+    assert isinstance(timers.make_timer("cpu"), timers.WallClockTimer)
 
 
 def test_random_model_is_on_device_and_frozen():
     cfg = LlamaConfig.from_preset("tiny")
-    m = rl.random_model(cfg, seed=3)
+    m = factory.random_model(cfg, seed=3)
     assert not any(p.requires_grad for p in m.parameters())
     assert torch.isfinite(m(torch.zeros(1, 2, dtype=torch.long))).all()
     w = m.layers[0].attention_norm.weight
     assert not torch.all(w == 1)  # norms randomized: a swapped norm would show
-    assert torch.equal(rl.random_model(cfg, seed=3).layers[0].attention.wq.weight, m.layers[0].attention.wq.weight)
+    assert torch.equal(factory.random_model(cfg, seed=3).layers[0].attention.wq.weight, m.layers[0].attention.wq.weight)
 
 
 # ------------------------------------------------------------------ the subcommand
-def _args(*argv):
-    p = argparse.ArgumentParser()
-    rl.add_arguments(p)
-    return p.parse_args(list(argv))
+def _run(*argv) -> int:
+    return main(["roofline", *argv])
 
 
 def test_run_prediction_only_7b_decode(tmp_path, capsys):
-    rc = rl.run(_args("llama-2-7b", "--tokens", "1", "--cached", "2047", "--out", str(tmp_path)))
+    rc = _run("llama-2-7b", "--tokens", "1", "--cached", "2047", "--out", str(tmp_path))
     assert rc == 0
     out = capsys.readouterr().out
     assert "memory" in out and "h100-sxm" in out and "predicted" in out
@@ -217,15 +216,15 @@ def test_run_prediction_only_7b_decode(tmp_path, capsys):
     assert doc["measurement"] is None
     for name in ("roofline.png", "macs_vs_context.png"):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
-    assert set(doc["macs_per_token_vs_context"]["schedules"]) == set(rl.default_schedules(LlamaConfig.from_preset("llama-2-7b")))
+    assert set(doc["macs_per_token_vs_context"]["schedules"]) == set(plots.default_schedules(LlamaConfig.from_preset("llama-2-7b")))
 
 
 def test_run_prefill_is_compute_bound_and_cpu_uses_fp32(tmp_path, monkeypatch):
-    monkeypatch.setattr(rl, "get_hardware", lambda name, dtype=None, **kw: FAKE_CPU if name == "cpu" else table_hardware(name, dtype or "bf16"))
-    assert rl.run(_args("llama-2-7b", "--tokens", "2048", "--no-plot", "--out", str(tmp_path))) == 0
+    monkeypatch.setattr(cmd, "get_hardware", lambda name, dtype=None, **kw: FAKE_CPU if name == "cpu" else table_hardware(name, dtype or "bf16"))
+    assert _run("llama-2-7b", "--tokens", "2048", "--no-plot", "--out", str(tmp_path)) == 0
     doc = json.loads((tmp_path / "roofline.json").read_text())
     assert all(r["bound"] == "compute" for r in doc["layers"] if r["module"] in ("block", "output"))
-    assert rl.run(_args("llama-2-7b", "--hardware", "cpu", "--tokens", "4", "--no-plot", "--out", str(tmp_path))) == 0
+    assert _run("llama-2-7b", "--hardware", "cpu", "--tokens", "4", "--no-plot", "--out", str(tmp_path)) == 0
     doc = json.loads((tmp_path / "roofline.json").read_text())
     assert doc["dtype"] == "fp32" and doc["hardware"]["name"] == "cpu"
     out = next(r for r in doc["layers"] if r["module"] == "output")
@@ -233,9 +232,9 @@ def test_run_prefill_is_compute_bound_and_cpu_uses_fp32(tmp_path, monkeypatch):
 
 
 def test_run_measure_on_cpu_tiny(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(rl, "get_hardware", lambda name, dtype=None, **kw: FAKE_CPU)
-    rc = rl.run(_args("tiny", "--hardware", "cpu", "--tokens", "8", "--cached", "4", "--measure", "--warmup", "0",
-                      "--repeats", "1", "--out", str(tmp_path)))
+    monkeypatch.setattr(cmd, "get_hardware", lambda name, dtype=None, **kw: FAKE_CPU)
+    rc = _run("tiny", "--hardware", "cpu", "--tokens", "8", "--cached", "4", "--measure", "--warmup", "0",
+                      "--repeats", "1", "--out", str(tmp_path))
     assert rc == 0
     doc = json.loads((tmp_path / "roofline.json").read_text())
     blocks = [r for r in doc["layers"] if r["module"] == "block"]
@@ -244,36 +243,36 @@ def test_run_measure_on_cpu_tiny(tmp_path, monkeypatch, capsys):
     assert "achieved" in capsys.readouterr().out
     assert (tmp_path / "roofline.png").stat().st_size > 10_000
     # Module level: every timed leaf module gets a measurement.
-    assert rl.run(_args("tiny", "--hardware", "cpu", "--tokens", "4", "--measure", "--level", "module",
-                        "--warmup", "0", "--repeats", "1", "--no-plot", "--out", str(tmp_path))) == 0
+    assert _run("tiny", "--hardware", "cpu", "--tokens", "4", "--measure", "--level", "module",
+                        "--warmup", "0", "--repeats", "1", "--no-plot", "--out", str(tmp_path)) == 0
     doc = json.loads((tmp_path / "roofline.json").read_text())
     wq = [r for r in doc["layers"] if r["module"] == "attention.wq"]
     assert len(wq) == 4 and all(r["measured_s"] > 0 for r in wq)
 
 
 def test_measure_refuses_a_model_that_does_not_fit(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(rl, "get_hardware", lambda name, dtype=None, **kw: FAKE_CPU)
-    monkeypatch.setattr(rl, "available_memory_bytes", lambda device: 8 * 2**30)
-    rc = rl.run(_args("llama-2-7b", "--hardware", "cpu", "--tokens", "4", "--measure", "--out", str(tmp_path)))
+    monkeypatch.setattr(cmd, "get_hardware", lambda name, dtype=None, **kw: FAKE_CPU)
+    monkeypatch.setattr(factory, "available_memory_bytes", lambda device: 8 * 2**30)
+    rc = _run("llama-2-7b", "--hardware", "cpu", "--tokens", "4", "--measure", "--out", str(tmp_path))
     assert rc == 2
     err = capsys.readouterr().err
     assert "--layers" in err and "GiB" in err
     # The estimate itself: 7B fp32 weights alone are 6.74e9 * 4 bytes.
-    need = rl.estimate_forward_memory(LlamaConfig.from_preset("llama-2-7b"), batch=1, n_tokens=1, n_cached=0,
+    need = factory.estimate_forward_memory(LlamaConfig.from_preset("llama-2-7b"), batch=1, n_tokens=1, n_cached=0,
                                       n_runs=32, dtype_bytes=4)
     assert need > 6.7e9 * 4
 
 
 def test_layers_option_truncates_the_model(tmp_path):
-    assert rl.run(_args("llama-2-7b", "--layers", "2", "--tokens", "4", "--no-plot", "--out", str(tmp_path))) == 0
+    assert _run("llama-2-7b", "--layers", "2", "--tokens", "4", "--no-plot", "--out", str(tmp_path)) == 0
     doc = json.loads((tmp_path / "roofline.json").read_text())
     assert doc["model"]["n_layers"] == 2 and sum(r["module"] == "block" for r in doc["layers"]) == 2
-    assert rl.run(_args("llama-2-7b", "--layers", "40", "--out", str(tmp_path))) == 2
+    assert _run("llama-2-7b", "--layers", "40", "--out", str(tmp_path)) == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA refusal")
 def test_measure_gpu_entry_without_cuda_is_refused(tmp_path, capsys):
-    assert rl.run(_args("tiny", "--hardware", "h100-sxm", "--measure", "--out", str(tmp_path))) == 2
+    assert _run("tiny", "--hardware", "h100-sxm", "--tokens", "4", "--measure", "--out", str(tmp_path)) == 2
     assert "CUDA" in capsys.readouterr().err
 
 
@@ -286,10 +285,10 @@ def test_timings_file_is_plotted_beside_prediction(tmp_path):
     ]}
     path = tmp_path / "t.json"
     path.write_text(json.dumps(timings))
-    assert rl.load_timings(path, n_tokens=1, n_cached=8) == {(0, "block"): 9.0}
-    with pytest.raises(ValueError, match="no timings for N=3"):
-        rl.load_timings(path, n_tokens=3, n_cached=0)
-    assert rl.run(_args("tiny", "--tokens", "8", "--timings", str(path), "--out", str(tmp_path))) == 0
+    assert cmd.load_timings(path, n_tokens=1, n_cached=8) == {(0, "block"): 9.0}
+    with pytest.raises(BadInput, match="no timings for N=3"):
+        cmd.load_timings(path, n_tokens=3, n_cached=0)
+    assert _run("tiny", "--tokens", "8", "--timings", str(path), "--out", str(tmp_path)) == 0
     doc = json.loads((tmp_path / "roofline.json").read_text())
     by_key = {(r["position"], r["module"]): r for r in doc["layers"]}
     assert by_key[(0, "block")]["measured_s"] == 0.5 and by_key[(None, "output")]["measured_s"] == 0.25
@@ -297,22 +296,17 @@ def test_timings_file_is_plotted_beside_prediction(tmp_path):
 
 
 def test_bad_inputs_exit_2(tmp_path, capsys):
-    assert rl.run(_args("no-such-model", "--out", str(tmp_path))) == 2
+    assert _run("no-such-model", "--out", str(tmp_path)) == 2
     assert "unknown model" in capsys.readouterr().err
-    assert rl.run(_args("tiny", "--tokens", "0", "--out", str(tmp_path))) == 2
-    assert rl.run(_args("tiny", "--schedule", "0-9", "--out", str(tmp_path))) == 2
+    assert _run("tiny", "--tokens", "0", "--out", str(tmp_path)) == 2
+    assert _run("tiny", "--schedule", "0-9", "--out", str(tmp_path)) == 2
 
 
-def test_resolve_config_reads_hf_config(tmp_path):
+def test_reads_an_hf_config(tmp_path):
     from llama_ref.hf import hf_config_dict
 
     cfg = LlamaConfig.from_preset("tiny")
     (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(cfg)))
-    got = rl.resolve_config(str(tmp_path))
-    assert (got.dim, got.n_layers, got.n_kv_heads, got.vocab_size) == (64, 4, 2, 256)
-
-
-def test_registered_in_the_cli(tmp_path):
-    cli = pytest.importorskip("counters.cli")
-    rc = cli.main(["roofline", "tiny", "--tokens", "4", "--no-plot", "--out", str(tmp_path)])
-    assert rc == 0 and (tmp_path / "roofline.json").is_file()
+    assert _run(str(tmp_path), "--tokens", "4", "--no-plot", "--out", str(tmp_path / "o")) == 0
+    doc = json.loads((tmp_path / "o" / "roofline.json").read_text())
+    assert [doc["model"][k] for k in ("dim", "n_layers", "n_kv_heads", "vocab_size")] == [64, 4, 2, 256]

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from counters import formulas as fm
-from counters.formulas import ZERO, Count
+from counters import table as T
+from counters.primitives import ZERO, Count
 from counters.ops import UncountedOpError
 from counters.torch_counter import count_torch
 from llama_ref import PRESETS, Llama, repeat_kv
@@ -123,7 +123,8 @@ def test_gpu_sdpa_backends_torch_macs_plus_our_rest(backend, mode):
     result = count_torch(model, x, start_pos, strict=True)
     assert result.rows == expected_rows(TINY, len(model.schedule), BSZ, start_pos, seqlen)
     assert plain == 2 * result.total.macs  # FlopCounterMode knows these kernels' matmuls ...
-    core = fm.attention_core(BSZ, TINY.n_heads, seqlen, start_pos + seqlen, TINY.head_dim)
+    core = T.ATTENTION_CORE.count(T.Attn(BSZ, seqlen, start_pos + seqlen, TINY.n_heads, TINY.n_kv_heads, TINY.head_dim,
+                                         seqlen > 1))
     # ... but not their scale/mask/softmax: 5 runs of the core's non-matmul FLOPs
     assert f"{backend} x5 ({5 * core.nonmatmul_flops} FLOPs)" in result.notes[1]
 

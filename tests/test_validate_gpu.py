@@ -1,4 +1,4 @@
-"""scripts/validate_gpu.py: a clean refusal without CUDA, and every code path on CPU with a tiny model.
+"""scripts/validate_gpu.py (counters.studies.validate): a clean refusal without CUDA, and every code path on CPU with a tiny model.
 
 The script's steps take a ``device`` and a timer, so the CPU runs below exercise exactly the code
 an H100 runs (counters vs analytic, per-layer timing, logits vs transformers, JSON, PNGs); only
@@ -7,7 +7,6 @@ the CUDA-event timer and the bf16 tolerances need the GPU test at the end.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -26,13 +25,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def vg():
-    if "validate_gpu" in sys.modules:
-        return sys.modules["validate_gpu"]
-    spec = importlib.util.spec_from_file_location("validate_gpu", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["validate_gpu"] = mod  # dataclasses look their module up by name
-    spec.loader.exec_module(mod)
-    return mod
+    from counters.studies import validate
+
+    return validate
 
 
 def _tiny_phases(vg):
@@ -179,7 +174,7 @@ def test_timer_abstraction_and_layer_report(vg, make_model):
     timing = vg.time_phase(model, vg.Phase("decode", 1, 3), batch=1, kernel="sdpa", warmup=0, repeats=2, timer=Ticks())
     assert model.caches is None  # cache released after timing
     assert timing.median[(0, "block")] == pytest.approx(0.001)
-    from counters.hardware import table_hardware
+    from counters.studies.hardware import table_hardware
 
     rep = vg.layer_report(model, vg.Phase("decode", 1, 3), timing, batch=1, peaks=[table_hardware("h100-sxm")])
     blk = next(r for r in rep["layers"] if r["module"] == "block")

@@ -30,6 +30,8 @@ from typing import Optional, Union
 
 import torch
 
+from .timing import sync
+
 TFLOP = 1e12
 TB = 1e12
 
@@ -98,11 +100,6 @@ def table_hardware(name: str, dtype: str = "bf16") -> Hardware:
                     details={"memory": mem})
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_matmul_peak(device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32, *,
                         n: int = 2048, repeats: int = 5) -> float:
     """Best FLOP/s of ``repeats`` (n x n) @ (n x n) matmuls after one warm-up: 2 n^3 FLOPs each."""
@@ -112,12 +109,12 @@ def measure_matmul_peak(device: Union[str, torch.device] = "cpu", dtype: torch.d
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     c = torch.empty(n, n, device=device, dtype=dtype)
     torch.mm(a, b, out=c)  # warm-up: thread pool, kernel selection
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b, out=c)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
 
@@ -130,12 +127,12 @@ def measure_copy_bandwidth(device: Union[str, torch.device] = "cpu", *, nbytes: 
     src = torch.ones(n, device=device, dtype=torch.float32)
     dst = torch.empty_like(src)
     dst.copy_(src)  # warm-up: fault in the pages
-    _sync(device)
+    sync(device)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         dst.copy_(src)
-        _sync(device)
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n * 4 / best
 

@@ -1,0 +1,76 @@
+"""What every ``llama-ref`` subcommand shares: the exit statuses, the bad-input error, and checks of
+arguments and output paths that run before any work."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+EXIT_OK = 0
+EXIT_DISAGREE = 1  # counters disagree (or a measured check failed)
+EXIT_BAD_INPUT = 2  # the user's input is wrong: one line on stderr says what
+EXIT_UNCOUNTED = 3  # --strict met work no formula covers
+EXIT_INTERNAL = 4  # a bug of ours: one line, the traceback with --debug
+EXIT_STATUSES = {EXIT_OK: "ok", EXIT_DISAGREE: "counters disagree", EXIT_BAD_INPUT: "bad input",
+                 EXIT_UNCOUNTED: "uncounted work under --strict", EXIT_INTERNAL: "internal error"}
+
+# Largest --batch, --tokens, --cached accepted before any other check: far beyond any real run, small
+# enough that every size computed from them stays an exact, cheap Python int.
+MAX_COUNT_ARG = 1 << 40
+
+
+class BadInput(Exception):
+    """Bad user input: reported as one line on stderr, exit status 2."""
+
+
+def check_int(name: str, value: int, minimum: int, maximum: int = MAX_COUNT_ARG) -> int:
+    if not minimum <= value <= maximum:
+        bound = f">= {minimum}" if value < minimum else f"<= {maximum:,}"
+        raise BadInput(f"--{name} must be {bound}, got {value}")
+    return value
+
+
+def check_output_file(path: Optional[str], option: str = "--out") -> None:
+    """Fail now, before any work, if ``path`` cannot be written as a file."""
+    if path is None:
+        return
+    if os.path.isdir(path):
+        raise BadInput(f"{option} {path} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(path))
+    _check_writable_dir(parent, option, path)
+    if os.path.exists(path):
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as e:
+            raise BadInput(f"{option} {path}: the file is not writable ({e.strerror or e})") from None
+
+
+def check_output_dir(path: str, option: str = "--out") -> None:
+    """Fail now, before any work, if ``path`` cannot be (created and) written as a directory. Missing
+    folders are created, as ``mkdir -p`` would."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise BadInput(f"{option} {path} is a file, not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise BadInput(f"{option} {path}: cannot create the directory ({e.strerror or e})") from None
+    _check_writable_dir(path, option, path)
+
+
+def _check_writable_dir(directory: str, option: str, path: str) -> None:
+    if not os.path.isdir(directory):
+        # Walk up to say which part is wrong: missing, or a file in the way.
+        probe = directory
+        while probe and not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        if probe and not os.path.isdir(probe):
+            raise BadInput(f"{option} {path}: {probe} is a file, not a directory")
+        raise BadInput(f"{option} {path}: the folder {directory} does not exist")
+    # Ask the file system itself (permission bits do not stop root; a read-only mount does).
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise BadInput(f"{option} {path}: the folder {directory} is not writable ({e.strerror or e})") from None

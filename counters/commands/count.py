@@ -1,0 +1,113 @@
+"""``llama-ref count``: count one forward with every counter and prove they agree, row by row."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from llama_ref.schedule import format_schedule, resolve_schedule
+
+from ..crosscheck import crosscheck
+from ..models import DTYPES, build_model, choose_device, resolve_model
+from ..report import render_csv, render_table, to_json
+from ..result import COUNTER_NAMES
+from .common import EXIT_DISAGREE, EXIT_OK, BadInput, check_int, check_output_file
+
+HELP = "count MACs/FLOPs per layer with several counters and check they agree"
+DEFAULT_TOKENS = 128
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="preset name, HF checkpoint dir or config.json, or Meta dir (params.json)")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"new tokens N per sequence (default {DEFAULT_TOKENS})")
+    p.add_argument("--cached", type=int, default=0, help="cached tokens C before them (prefilled, not counted)")
+    p.add_argument("--batch", type=int, default=1, help="batch size B")
+    p.add_argument("--schedule", default=None, help="layer schedule: preset name or list like '0-23,27-31' (default all)")
+    p.add_argument("--device", default=None, help="cpu, cuda[:N] or meta (default: chosen by size)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="weight dtype")
+    p.add_argument("--counters", default=None, help=f"comma list of {','.join(COUNTER_NAMES)} (default: all)")
+    p.add_argument("--format", default="table", choices=("table", "json", "csv"), help="output format")
+    p.add_argument("--out", default=None, help="write the output to this file instead of stdout")
+    p.add_argument("--kernel", default="math", choices=("math", "sdpa"), help="attention kernel")
+    p.add_argument("--strict", action="store_true", help="fail (exit 3) on any op or module without a formula")
+    p.add_argument("--detail", action="store_true", help="per-module rows instead of one line per layer run")
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for a Meta params.json saying -1")
+    p.add_argument("--seed", type=int, default=0, help="seed of random weights and tokens")
+
+
+def parse_counters(text):
+    if text is None:
+        return list(COUNTER_NAMES)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in COUNTER_NAMES]
+    if bad or not names:
+        raise BadInput(f"bad --counters {text!r}: choose from {','.join(COUNTER_NAMES)}")
+    if len(set(names)) != len(names):
+        raise BadInput(f"bad --counters {text!r}: a counter is listed twice")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    # ---- every input checked before any model work: bad input -> exit 2, one line
+    check_int("tokens", args.tokens, 1)
+    check_int("cached", args.cached, 0)
+    check_int("batch", args.batch, 1)
+    check_int("seed", args.seed, 0, (1 << 63) - 1)
+    names = parse_counters(args.counters)
+    check_output_file(args.out)
+    source = resolve_model(args.model, vocab_size=args.vocab_size)
+    config = source.config
+    schedule = resolve_schedule(args.schedule, config.n_layers)
+    end = args.cached + args.tokens
+    if end > config.max_seq_len:
+        raise BadInput(f"--cached {args.cached} + --tokens {args.tokens} = {end} exceeds the model's "
+                       f"max_seq_len {config.max_seq_len}")
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    dtype_bytes = dtype.itemsize if dtype else (4 if not source.has_weights else 2)
+    device, reason = choose_device(args.device, source, dtype_bytes)
+
+    logger.info("device %s: %s", device, reason)
+    model, weights = build_model(source, device=device, dtype=dtype, schedule=schedule, kernel=args.kernel,
+                                 seed=args.seed)
+    if device == "meta":
+        tokens = torch.zeros((args.batch, args.tokens), dtype=torch.long, device="meta")
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        tokens = torch.randint(0, config.vocab_size, (args.batch, args.tokens), generator=gen).to(device)
+    report = crosscheck(model, tokens, n_cached=args.cached, counters=names, strict=args.strict,
+                        weight_dtype_bytes=model.tok_embeddings.weight.dtype.itemsize,
+                        act_dtype_bytes=model.compute_dtype.itemsize)
+    report.device = device
+    report.dtype = str(model.tok_embeddings.weight.dtype).replace("torch.", "")
+    report.kernel = args.kernel
+
+    if args.format == "json":
+        extra = {"model_source": {"spec": args.model, "kind": source.kind, "checkpoint_dir": source.checkpoint_dir},
+                 "weights": weights, "device_reason": reason, "compute_dtype": str(model.compute_dtype).replace("torch.", "")}
+        text = json.dumps(to_json(report, extra=extra), indent=2) + "\n"
+    elif args.format == "csv":
+        text = render_csv(report, detail=True)  # CSV is for machines: always one line per module row
+    else:
+        title = (f"{config.name}: schedule {format_schedule(schedule)} ({len(schedule)} layer runs), "
+                 f"batch {args.batch}, {args.tokens} new + {args.cached} cached tokens, device {device} "
+                 f"({weights}, {report.dtype}), kernel {args.kernel}")
+        text = render_table(report, detail=args.detail, title=title) + "\n"
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(text)
+        verdict = "counters agree" if report.agree else f"counters DISAGREE ({len(report.mismatches)} mismatches)"
+        print(f"wrote {args.out}: {verdict}; MACs {report.totals[report.reference]['macs']:,}")
+    else:
+        sys.stdout.write(text)
+    if not report.agree:
+        first = report.mismatches[0]
+        print(f"llama-ref count: counters disagree: {len(report.mismatches)} mismatch(es), first: {first}",
+              file=sys.stderr)
+        return EXIT_DISAGREE
+    return EXIT_OK

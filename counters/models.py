@@ -1,0 +1,157 @@
+"""The model a command works on: resolve a MODEL argument, choose the device, build it.
+
+MODEL is a preset name, a Hugging Face checkpoint directory or ``config.json``, or a Meta directory
+(``params.json``). Without weights, small models get random weights on the CPU and large ones the
+``meta`` device (counts depend on shapes only); with weights they are loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from llama_ref.config import PRESETS, LlamaConfig
+from llama_ref.loading import find_checkpoint_files
+from llama_ref.model import Llama
+
+from .analytic import param_count
+from .commands.common import BadInput
+from .studies.factory import random_model
+from .studies.hardware import available_memory_bytes
+
+# Random weights serve only to run real kernels (counts depend on shapes, never on values), so a
+# random-init model is built on the CPU only when it is small; anything larger is counted on meta.
+RANDOM_INIT_MAX_BYTES = 1 << 30
+#: The one table of dtype names a command accepts.
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelSource:
+    config: LlamaConfig
+    kind: str  # "preset" | "hf" | "meta"
+    path: Optional[str] = None  # file or directory given
+    checkpoint_dir: Optional[str] = None  # directory holding weights, if any
+
+    @property
+    def has_weights(self) -> bool:
+        return self.checkpoint_dir is not None
+
+
+def _has_weights(directory: str) -> bool:
+    """The directory holds a checkpoint in a layout the loader reads (its detector decides)."""
+    try:
+        find_checkpoint_files(directory)
+    except FileNotFoundError as e:
+        # Config only (no weight files at all) is a random-init model; anything half there is an error.
+        if "no weights" in str(e) or "no consolidated" in str(e):
+            return False
+        raise
+    return True
+
+
+def resolve_model(spec: str, *, vocab_size: Optional[int] = None) -> ModelSource:
+    """A preset name, an HF directory / config.json, or a Meta directory / params.json."""
+    if spec in PRESETS:
+        if vocab_size is not None and vocab_size != PRESETS[spec].vocab_size:
+            raise BadInput(f"--vocab-size {vocab_size} contradicts preset {spec} (vocab_size "
+                           f"{PRESETS[spec].vocab_size})")
+        return ModelSource(PRESETS[spec], "preset")
+    if not os.path.exists(spec):
+        raise BadInput(f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) "
+                       "and no such file or directory")
+    if os.path.isdir(spec):
+        directory = spec
+        if os.path.isfile(os.path.join(spec, "config.json")):
+            kind, cfg_file = "hf", os.path.join(spec, "config.json")
+        elif os.path.isfile(os.path.join(spec, "params.json")):
+            kind, cfg_file = "meta", os.path.join(spec, "params.json")
+        else:
+            raise BadInput(f"{spec}: directory has neither config.json (Hugging Face) nor params.json (Meta)")
+        weights = _has_weights(spec)
+    else:
+        directory = os.path.dirname(os.path.abspath(spec))
+        kind = "meta" if os.path.basename(spec) == "params.json" else "hf"
+        cfg_file = spec
+        weights = False  # a config file alone: no weights, whatever sits next to it
+    if weights:
+        # The loader reads the config the way it will load the weights (a Meta params.json says
+        # vocab_size -1: the checkpoint's tok_embeddings decides) and checks every tensor header.
+        config = Llama.from_pretrained(directory, device="meta").config
+        if vocab_size is not None and vocab_size != config.vocab_size:
+            raise BadInput(f"--vocab-size {vocab_size} contradicts the checkpoint in {directory} "
+                           f"(vocab_size {config.vocab_size})")
+    elif kind == "hf":
+        config = LlamaConfig.from_hf(cfg_file)
+        if vocab_size is not None and vocab_size != config.vocab_size:
+            raise BadInput(f"--vocab-size {vocab_size} contradicts {cfg_file} (vocab_size {config.vocab_size})")
+    else:
+        try:
+            config = LlamaConfig.from_meta(cfg_file, vocab_size=vocab_size)
+        except ValueError as e:
+            if vocab_size is None and "pass vocab_size=" in str(e):
+                raise BadInput(f"{cfg_file} leaves vocab_size to the tokenizer and there is no checkpoint to read "
+                               "it from: pass --vocab-size (32000 for Llama-2)") from None
+            raise
+    if config.name in ("hf", "meta", "custom"):  # no name in the files: call it after its directory
+        config = config.replace(name=os.path.basename(os.path.normpath(directory)) or config.name)
+    return ModelSource(config, kind, path=spec, checkpoint_dir=directory if weights else None)
+
+
+def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: int) -> tuple[str, str]:
+    """(device, reason). ``--device`` wins; otherwise real weights load on the CPU when they fit in
+    RAM, random weights only when small (counts do not depend on values), and everything else runs
+    on the meta device (shapes only: seconds and well under 1 GiB even for 70B)."""
+    weight_bytes = param_count(source.config) * dtype_bytes
+    avail = available_memory_bytes("cpu") or 0
+    gib = 1 << 30
+    if requested:
+        if requested == "meta":
+            return "meta", "--device meta"
+        try:
+            dev = torch.device(requested)
+        except (RuntimeError, ValueError):
+            raise BadInput(f"bad --device {requested!r}: use cpu, meta or cuda[:N]") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BadInput(f"--device {requested}: no CUDA device available (this torch sees none)")
+            if dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise BadInput(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s)")
+        elif dev.type != "cpu":
+            raise BadInput(f"bad --device {requested!r}: use cpu, meta or cuda[:N]")
+        if dev.type == "cpu" and avail and weight_bytes > avail:
+            raise BadInput(f"--device cpu: the weights need {weight_bytes / gib:.1f} GiB but only "
+                           f"{avail / gib:.1f} GiB of RAM is available; use --device meta (counts are the same)")
+        return requested, f"--device {requested}"
+    if source.has_weights:
+        if weight_bytes * 5 // 4 <= avail:
+            return "cpu", f"checkpoint weights ({weight_bytes / gib:.1f} GiB) fit in available RAM ({avail / gib:.1f} GiB)"
+        return "meta", (f"checkpoint weights ({weight_bytes / gib:.1f} GiB) exceed available RAM "
+                        f"({avail / gib:.1f} GiB): counted on meta without loading")
+    limit = min(RANDOM_INIT_MAX_BYTES, avail // 2)
+    if weight_bytes <= limit:
+        return "cpu", f"random weights ({weight_bytes / gib:.2f} GiB) on the CPU"
+    return "meta", (f"no checkpoint and random weights would take {weight_bytes / gib:.1f} GiB "
+                    f"(> {limit / gib:.1f} GiB): counted on meta (shapes only)")
+
+
+def build_model(source: ModelSource, *, device: str, dtype: Optional[torch.dtype], schedule, kernel: str,
+                seed: int = 0) -> tuple[Llama, str]:
+    """The model to count, and a word on its weights."""
+    if source.has_weights:
+        # On meta the loader checks the files and returns a shape-only model.
+        model = Llama.from_pretrained(source.checkpoint_dir, device=device, dtype=dtype, attn_kernel=kernel,
+                                      schedule=schedule)
+        return model, ("checkpoint weights" if device != "meta" else "checkpoint not loaded (meta)")
+    if dtype is None:
+        # On meta nothing is stored: bf16 (as Llama-2 ships) sets the bytes reported; on a real
+        # device fp32, the CPU compute dtype.
+        dtype = torch.bfloat16 if device == "meta" else torch.float32
+    if device == "meta":
+        return Llama(source.config, schedule=schedule, device="meta", dtype=dtype, attn_kernel=kernel), "no weights (meta)"
+    return random_model(source.config, schedule=schedule, device=device, dtype=dtype, seed=seed,
+                        attn_kernel=kernel), "random weights"

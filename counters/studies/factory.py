@@ -1,0 +1,77 @@
+"""Models for the studies: random weights made directly on a device, and timing one of a given shape."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from llama_ref.config import LlamaConfig
+from llama_ref.model import Llama
+from llama_ref.schedule import resolve_schedule
+
+from ..analytic import kv_cache_bytes, param_count
+from .hardware import available_memory_bytes
+from .timing import Timing, time_forward
+
+def random_model(config: LlamaConfig, *, schedule=None, device="cpu", dtype=torch.float32, seed: int = 0,
+                 attn_kernel: str = "math", compute_dtype: Optional[torch.dtype] = None, std: float = 0.02):
+    """A model with random weights made directly on ``device`` (no CPU detour, no default init):
+    N(0, std) matrices, norm weights 1 + N(0, 0.1) so that swapped norms would show."""
+    model = Llama(config, schedule=schedule, device="meta", dtype=dtype, attn_kernel=attn_kernel,
+                  compute_dtype=compute_dtype)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:  # RMSNorm weights
+                p.normal_(1.0, 0.1, generator=gen)
+            else:
+                p.normal_(0.0, std, generator=gen)
+    model.requires_grad_(False)
+    model.init_buffers()
+    model.eval()
+    return model
+
+
+def estimate_forward_memory(config: LlamaConfig, *, batch: int, n_tokens: int, n_cached: int, n_runs: int,
+                            dtype_bytes: int) -> int:
+    """Weights + KV cache + the largest transient activations of one forward, in bytes (an upper-ish estimate)."""
+    rows = batch * n_tokens
+    kvlen = n_cached + n_tokens
+    weights = param_count(config) * dtype_bytes
+    kv = kv_cache_bytes(config, batch=batch, n_positions=kvlen, n_runs=n_runs, kv_dtype_bytes=dtype_bytes)
+    scores = 3 * batch * config.n_heads * n_tokens * kvlen * 4  # scores, softmax (fp32), mask sum (math kernel)
+    mlp = 3 * rows * config.hidden_dim * dtype_bytes
+    logits = 2 * rows * config.vocab_size * 4
+    return weights + kv + scores + mlp + logits + 8 * rows * config.dim * dtype_bytes
+
+
+def measure(config: LlamaConfig, *, device, dtype: torch.dtype, batch: int, n_tokens: int, n_cached: int,
+            schedule=None, attn_kernel: str = "math", warmup: int = 1, repeats: int = 3, level: str = "layer",
+            seed: int = 0, check_memory: bool = True) -> Timing:
+    """Build a random-weight model on ``device`` and time one forward of the requested shape."""
+    device = torch.device(device)
+    n_runs = len(resolve_schedule(schedule, config.n_layers))
+    if check_memory:
+        need = estimate_forward_memory(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs,
+                                       dtype_bytes=torch.finfo(dtype).bits // 8)
+        avail = available_memory_bytes(device)
+        if avail is not None and need > 0.9 * avail:
+            raise MemoryError(
+                f"measuring {config.name} ({config.n_layers} layers) in {dtype} on {device} needs about "
+                f"{need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB are available; measure fewer layers of the "
+                f"same shape with --layers K (every decoder layer costs the same), or drop --measure to get "
+                f"the prediction alone"
+            )
+    model = random_model(config, schedule=schedule, device=device, dtype=dtype, seed=seed, attn_kernel=attn_kernel,
+                         compute_dtype=dtype)
+    model.setup_cache(batch, n_cached + n_tokens)
+    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
+    tokens = torch.randint(0, config.vocab_size, (batch, n_tokens), generator=gen).to(device)
+    try:
+        return time_forward(model, tokens, n_cached, warmup=warmup, repeats=repeats, level=level)
+    finally:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

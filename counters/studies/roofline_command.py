@@ -1,0 +1,195 @@
+"""``llama-ref roofline``: per-layer FLOPs, bytes, intensity, bound and predicted time on a device.
+
+Measurement (``--measure``) times every layer run of a locally built model with forward pre/post
+hooks (CUDA events on CUDA, ``perf_counter`` elsewhere), median over warm repeats. Weights are
+random (timings do not depend on their values). A model is only measured when it fits in the
+device's free memory: 7B in fp32 needs ~27 GB, more than a 24 GiB CPU box; use ``--layers K`` to
+measure the first K layers of the same shape (every decoder layer of a model costs the same), or
+drop ``--measure`` for the prediction alone, which needs no memory (no model is built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from ..analytic import analyze
+from ..commands.common import EXIT_OK, BadInput, check_int, check_output_dir
+from ..models import resolve_model
+from ..table import BLOCK_ROWS, TOP_ROWS_AFTER, TOP_ROWS_BEFORE, RowKey
+from .factory import measure
+from .hardware import DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, get_hardware
+from .plots import default_contexts, default_schedules, plot_macs_vs_context, plot_roofline
+from .roofline import format_table, roofline_table, summarize
+
+HELP = "per-layer FLOPs, bytes, intensity, bound and predicted time on a device (the roofline)"
+MAX_REPEATS = 10_000
+#: Row names a timings file may use: every table row, a layer run ("block"), and the timer's own rows.
+TIMING_ROWS = frozenset({r.name for r in TOP_ROWS_BEFORE + BLOCK_ROWS + TOP_ROWS_AFTER} | {"block", "(total)"})
+
+
+def load_timings(path: Union[str, os.PathLike], *, n_tokens: Optional[int] = None,
+                 n_cached: Optional[int] = None, kernel: Optional[str] = None) -> dict[RowKey, float]:
+    """Measured seconds per row from a JSON file written by ``llama-ref roofline --measure`` or
+    ``scripts/validate_gpu.py``: a top-level ``"layers"`` list of ``{position, module, measured_s}``,
+    or ``"phases"`` (a list of such objects with ``n_tokens``/``n_cached``; the one matching is used).
+    Every malformed part is a :class:`BadInput` naming the file and the field."""
+    where = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"--timings {where}: not a JSON file ({e})") from None
+    if isinstance(data, dict) and "phases" in data:
+        phases = data["phases"]
+        if not isinstance(phases, list) or not all(isinstance(p, dict) for p in phases):
+            raise BadInput(f"--timings {where}: 'phases' must be a list of objects")
+        match = [p for p in phases
+                 if (n_tokens is None or p.get("n_tokens") == n_tokens)
+                 and (n_cached is None or p.get("n_cached") == n_cached)
+                 and (kernel is None or p.get("attn_kernel", kernel) == kernel)]
+        if not match:
+            have = ", ".join(f"N={p.get('n_tokens')} C={p.get('n_cached')}" for p in phases) or "none"
+            raise BadInput(f"--timings {where}: no timings for N={n_tokens} C={n_cached} (file has: {have})")
+        data = match[0]
+    rows = data.get("layers") if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise BadInput(f"--timings {where}: expected a 'layers' list of {{position, module, measured_s}}")
+    out: dict[RowKey, float] = {}
+    for i, r in enumerate(rows):
+        field = f"--timings {where}: layers[{i}]"
+        if not isinstance(r, dict):
+            raise BadInput(f"{field} is a {type(r).__name__}, expected an object")
+        module, position = r.get("module"), r.get("position")
+        if not isinstance(module, str) or module not in TIMING_ROWS:
+            raise BadInput(f"{field}.module is {module!r}, not a row name ({', '.join(sorted(TIMING_ROWS))})")
+        if position is not None and (isinstance(position, bool) or not isinstance(position, int) or position < 0):
+            raise BadInput(f"{field}.position is {position!r}, expected null or a non-negative int")
+        s = r.get("measured_s", r.get("seconds"))
+        if s is None:
+            continue
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
+            raise BadInput(f"{field}.measured_s is {s!r}, expected a finite number of seconds >= 0")
+        out[(position, module)] = float(s)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="preset name (e.g. llama-2-7b) or path to config.json / params.json / checkpoint dir")
+    parser.add_argument("--hardware", default="h100-sxm", choices=HARDWARE_NAMES,
+                        help="peak table entry, or 'cpu' to measure this machine (default: h100-sxm)")
+    parser.add_argument("--tokens", "-N", type=int, default=2048, help="new tokens per sequence (default 2048)")
+    parser.add_argument("--cached", "-C", type=int, default=0, help="cached positions before them (default 0)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--schedule", default=None, help="layer schedule: preset name or list like '0-23,27-31'")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
+                        help="compute/weight dtype: bytes per element and which peak (default bf16 on GPUs, fp32 on cpu)")
+    parser.add_argument("--kv-dtype", choices=sorted(DTYPE_NAMES), default=None, help="KV cache dtype (default: --dtype)")
+    parser.add_argument("--level", choices=("layer", "module"), default="layer",
+                        help="one row per layer run (default) or per module")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="use only the first K decoder layers (same shapes): lets --measure fit in memory")
+    parser.add_argument("--vocab-size", type=int, default=None, help="for Meta params.json files with vocab_size -1")
+    parser.add_argument("--measure", action="store_true",
+                        help="also time each layer run on this machine (cpu for --hardware cpu, else CUDA)")
+    parser.add_argument("--timings", default=None, help="JSON with measured per-layer seconds to plot beside the prediction")
+    parser.add_argument("--attn-kernel", choices=("math", "sdpa"), default="math", help="kernel for --measure")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads for CPU measurement")
+    parser.add_argument("--out", default="out/roofline",
+                        help="directory for roofline.json and the PNGs (default out/roofline)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+
+
+def run(args: argparse.Namespace) -> int:
+    # ---- every input checked before any work
+    check_int("tokens", args.tokens, 1)
+    check_int("cached", args.cached, 0)
+    check_int("batch", args.batch, 1)
+    check_int("warmup", args.warmup, 0, MAX_REPEATS)
+    check_int("repeats", args.repeats, 1, MAX_REPEATS)
+    if args.threads is not None:
+        check_int("threads", args.threads, 1, 4096)
+    if args.measure and args.timings:
+        raise BadInput("--measure and --timings both give measured times: choose one")
+    if args.timings is not None and not os.path.isfile(args.timings):
+        raise BadInput(f"--timings {args.timings}: no such file")
+    check_output_dir(args.out)
+    config = resolve_model(args.model, vocab_size=args.vocab_size).config
+    if args.layers is not None:
+        check_int("layers", args.layers, 1, config.n_layers)
+        config = config.replace(n_layers=args.layers, name=f"{config.name}[:{args.layers} layers]")
+    end = args.cached + args.tokens
+    if end > config.max_seq_len:
+        raise BadInput(f"--cached {args.cached} + --tokens {args.tokens} = {end} exceeds the model's "
+                       f"max_seq_len {config.max_seq_len}")
+    dtype = args.dtype or ("fp32" if args.hardware == "cpu" else "bf16")
+    kv_dtype = args.kv_dtype or dtype
+    if args.measure and args.hardware != "cpu" and not torch.cuda.is_available():
+        raise BadInput(f"--measure with --hardware {args.hardware} needs a CUDA device and none is available; "
+                       "use --hardware cpu to measure this machine")
+    report = analyze(config, batch=args.batch, n_tokens=args.tokens, n_cached=args.cached, schedule=args.schedule,
+                     weight_dtype_bytes=DTYPE_BYTES[dtype], act_dtype_bytes=DTYPE_BYTES[dtype],
+                     kv_dtype_bytes=DTYPE_BYTES[kv_dtype])
+    measured = load_timings(args.timings, n_tokens=args.tokens, n_cached=args.cached) if args.timings else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hw = get_hardware(args.hardware, dtype)
+    rows = report.layer_runs() if args.level == "layer" else report.rows
+
+    measurement = {"source": str(args.timings)} if args.timings else None
+    if args.measure:
+        device = "cpu" if args.hardware == "cpu" else "cuda"
+        if dtype == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+        timing = measure(config, device=device, dtype=DTYPE_NAMES[dtype], batch=args.batch, n_tokens=args.tokens,
+                         n_cached=args.cached, schedule=args.schedule, attn_kernel=args.attn_kernel,
+                         warmup=args.warmup, repeats=args.repeats, level=args.level)
+        measured = timing.median
+        measurement = {"device": device, "attn_kernel": args.attn_kernel, "warmup": args.warmup,
+                       "repeats": args.repeats, "threads": torch.get_num_threads(), "total_s": timing.total_s,
+                       "weights": "random (timings do not depend on values)"}
+
+    table = roofline_table(rows, hw, measured)
+    summary = summarize(table, batch=args.batch, n_tokens=args.tokens)
+    title = (f"{config.name} on {hw.name} ({dtype}): batch {args.batch}, N={args.tokens} new, C={args.cached} cached, "
+             f"schedule {report.schedule_str}")
+    print(title)
+    print(format_table(table, hw, summary))
+
+    out = Path(args.out)
+    plots = {}
+    curves = contexts = None
+    if not args.no_plot:
+        detail = []
+        if args.level == "layer":  # the modules of the first layer run, for orientation
+            detail = roofline_table([r for r in report.rows if r.position == 0], hw)
+        plots["roofline"] = str(plot_roofline(table, hw, out / "roofline.png", title=title, detail=detail))
+        schedules = default_schedules(config, args.schedule)
+        contexts = default_contexts(config.max_seq_len)
+        path, curves = plot_macs_vs_context(config, out / "macs_vs_context.png", schedules=schedules,
+                                            contexts=contexts)
+        plots["macs_vs_context"] = str(path)
+    doc = {
+        "model": {**config.to_dict(), "name": config.name},
+        "schedule": report.schedule_str,
+        "batch": args.batch, "n_tokens": args.tokens, "n_cached": args.cached,
+        "dtype": dtype, "kv_dtype": kv_dtype, "level": args.level,
+        "hardware": hw.to_dict(),
+        "layers": [r.to_dict() for r in table],
+        "total": summary,
+        "measurement": measurement,
+        "macs_per_token_vs_context": None if curves is None else {"contexts": contexts, "schedules": curves},
+        "plots": plots,
+    }
+    json_path = out / "roofline.json"
+    json_path.write_text(json.dumps(doc, indent=2))
+    print(f"wrote {json_path}" + "".join(f", {p}" for p in plots.values()))
+    return EXIT_OK

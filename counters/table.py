@@ -1,0 +1,475 @@
+"""The one table of the work a Llama forward does: every row, in execution order.
+
+A **row** is one module of :mod:`llama_ref` at one schedule position (or at the top level): its path in
+the model, the kind of work it does, and the sizes that work takes from the config. A **kind** says what
+a kind of module computes, as a decomposition into op primitives (:mod:`counters.primitives`), where its
+sizes are read from a real call (for the hooks counter), and which bytes it moves (for the roofline).
+
+Everything that needs to know "what a forward computes" iterates this table:
+
+* ``analytic`` evaluates every row's ops on sizes from the config (source ``formula``);
+* ``hooks`` installs one hook per row and evaluates the same ops on sizes read from the tensors that
+  really flow (source ``shapes``);
+* the ``fvcore`` and ``torch`` counters attribute each op they see to the row of the module that ran it
+  (:func:`row_for_module`) and must land on the same numbers;
+* the row order of every report, the roofline's bytes and its timed modules, and the tests' expectations.
+
+Adding a module to the model is one entry here (plus a kind, if it computes something new).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from llama_ref.attention import Attention, AttentionCore
+from llama_ref.block import TransformerBlock
+from llama_ref.config import LlamaConfig
+from llama_ref.layers import FeedForward, GatedSiLU, Linear, RMSNorm
+from llama_ref.model import Llama
+from llama_ref.rope import RotaryEmbedding
+
+from . import primitives as P
+from .primitives import ZERO, Count
+
+__all__ = [
+    "BLOCK_ROWS", "Bytes", "Dtypes", "Kind", "Op", "Row", "RowKey", "RunShape", "TOP_ROWS_AFTER",
+    "TOP_ROWS_BEFORE", "KINDS", "block_row_names", "row_for_module", "row_order", "timed_block_paths",
+    "TOKEN_ID_BYTES", "FREQS_CIS_ENTRY_BYTES",
+]
+
+RowKey = tuple[Optional[int], str]  # (schedule position or None for top-level rows, row name)
+
+# Bytes of one int64 token id, and of one complex64 entry of the RoPE table (fp32 real + fp32 imag).
+TOKEN_ID_BYTES = 8
+FREQS_CIS_ENTRY_BYTES = 8
+
+
+# ====================================================================== building blocks
+@dataclass(frozen=True)
+class Op:
+    """One op of a row's decomposition: the primitive's name, its count, and for a matrix product its
+    ``(m, k, n)`` (to give the exact ``m*n*(2k-1)`` FLOPs)."""
+
+    name: str
+    count: Count
+    mm: Optional[tuple[int, int, int]] = None
+
+
+def _matmul(m: int, k: int, n: int) -> Op:
+    return Op("matmul", P.matmul(m, k, n), (m, k, n))
+
+
+def _ew(name: str, n: int) -> Op:
+    return Op(name, P.elementwise(name, n))
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """What one forward computes: ``batch`` sequences of ``n_tokens`` new tokens after ``n_cached``
+    cached positions."""
+
+    batch: int
+    n_tokens: int
+    n_cached: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Token vectors in flight: batch x new tokens."""
+        return self.batch * self.n_tokens
+
+    @property
+    def kvlen(self) -> int:
+        """Positions each new token attends to at most (the dense score matrix is n_tokens x kvlen)."""
+        return self.n_cached + self.n_tokens
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """Bytes per element of weights, activations and the KV cache."""
+
+    weight: int
+    act: int
+    kv: int
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """Bytes a row moves (each tensor crosses memory once per use; see :mod:`counters.analytic`)."""
+
+    weight: int = 0
+    act: int = 0
+    kv_read: int = 0
+    kv_write: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weight + self.act + self.kv_read + self.kv_write
+
+
+NO_BYTES = Bytes()
+
+
+# ---------------------------------------------------------------- sizes of each kind
+class Mat(NamedTuple):
+    """A linear layer: ``rows`` vectors of ``k`` in, ``n`` out."""
+    rows: int
+    k: int
+    n: int
+
+
+class Norm(NamedTuple):
+    rows: int
+    dim: int
+
+
+class Rope(NamedTuple):
+    bsz: int
+    seqlen: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+
+
+class Attn(NamedTuple):
+    """The attention core: ``seqlen`` queries per head over ``kvlen`` keys; ``masked`` when a mask is added."""
+    bsz: int
+    seqlen: int
+    kvlen: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    masked: bool
+
+
+class Elems(NamedTuple):
+    """An element-wise row: ``rows`` vectors of ``width``."""
+    rows: int
+    width: int
+
+
+class KvWrite(NamedTuple):
+    rows: int
+    kv_dim: int
+
+
+class Nothing(NamedTuple):
+    pass
+
+
+def _rows(shape) -> int:
+    n = 1
+    for s in shape[:-1]:
+        n *= int(s)
+    return n
+
+
+def _arg(args: tuple, kwargs: dict, index: int, name: str) -> Any:
+    return args[index] if len(args) > index else kwargs[name]
+
+
+# ====================================================================== kinds
+@dataclass(frozen=True)
+class Kind:
+    """What a kind of module computes.
+
+    ``module``: the llama_ref class whose ``forward`` this describes (a subclass that overrides
+    ``forward`` may do other work and is not covered). ``leaf``: the kind covers the module and
+    everything below it; otherwise only the module's *own* ops (its children have rows of their own).
+    ``ops(sizes)``: the decomposition into op primitives, in the order the forward runs them.
+    ``read(module, args, kwargs, output)``: the sizes, from a real call's tensors (the hooks counter).
+    ``bytes(sizes, dtypes)``: the bytes it moves. ``macs_causal(sizes)``: MACs of only the attention
+    scores a causal mask keeps (default: all MACs).
+    """
+
+    name: str
+    module: type
+    leaf: bool
+    ops: Callable[[Any], tuple[Op, ...]]
+    read: Optional[Callable[[nn.Module, tuple, dict, Any], Any]]
+    bytes: Callable[[Any, Dtypes], Bytes]
+    macs_causal: Optional[Callable[[Any], int]] = None
+
+    def count(self, sizes: Any) -> Count:
+        total = ZERO
+        for op in self.ops(sizes):
+            total = total + op.count
+        return total
+
+    def covers(self, module: nn.Module) -> bool:
+        """``module`` is this kind's class and runs that class's own ``forward``."""
+        return isinstance(module, self.module) and type(module).forward is self.module.forward
+
+
+# ---------------------------------------------------------------- linear (q, k, v, o, w1, w3, w2, output head)
+def _linear_ops(s: Mat) -> tuple[Op, ...]:
+    return (_matmul(s.rows, s.k, s.n),)  # (rows, k) @ (k, n)
+
+
+def _linear_read(module, args, kwargs, output) -> Mat:
+    x = _arg(args, kwargs, 0, "x")
+    return Mat(_rows(output.shape), int(x.shape[-1]), int(output.shape[-1]))
+
+
+def _linear_bytes(s: Mat, dt: Dtypes) -> Bytes:
+    return Bytes(weight=s.k * s.n * dt.weight, act=(s.rows * s.k + s.rows * s.n) * dt.act)
+
+
+LINEAR = Kind("linear", Linear, True, _linear_ops, _linear_read, _linear_bytes)
+
+
+# ---------------------------------------------------------------- RMSNorm
+def _rmsnorm_ops(s: Norm) -> tuple[Op, ...]:
+    # x * rsqrt(mean(x^2) + eps) * weight, over rows of dim: 4*dim + 2 FLOPs per row.
+    n = s.rows * s.dim
+    return (_ew("pow", n), Op("mean", P.reduction("mean", n, s.rows)), _ew("add", s.rows), _ew("rsqrt", s.rows),
+            _ew("mul", n), _ew("mul", n))
+
+
+def _rmsnorm_read(module, args, kwargs, output) -> Norm:
+    x = _arg(args, kwargs, 0, "x")
+    return Norm(_rows(x.shape), int(x.shape[-1]))
+
+
+def _rmsnorm_bytes(s: Norm, dt: Dtypes) -> Bytes:
+    return Bytes(weight=s.dim * dt.weight, act=2 * s.rows * s.dim * dt.act)
+
+
+RMSNORM = Kind("rmsnorm", RMSNorm, True, _rmsnorm_ops, _rmsnorm_read, _rmsnorm_bytes)
+
+
+# ---------------------------------------------------------------- RoPE
+def _rope_ops(s: Rope) -> tuple[Op, ...]:
+    # One complex multiply per (head_dim / 2) complex channel of every q head and every k head.
+    pairs = s.bsz * s.seqlen * (s.head_dim // 2)
+    return (Op("complex_mul", P.complex_elementwise("mul", pairs * s.n_heads)),
+            Op("complex_mul", P.complex_elementwise("mul", pairs * s.n_kv_heads)))
+
+
+def _rope_read(module, args, kwargs, output) -> Rope:
+    xq, xk = output  # (bsz, seqlen, n_heads, head_dim), (bsz, seqlen, n_kv_heads, head_dim)
+    bsz, seqlen, n_heads, head_dim = (int(d) for d in xq.shape)
+    return Rope(bsz, seqlen, n_heads, int(xk.shape[2]), head_dim)
+
+
+def _rope_bytes(s: Rope, dt: Dtypes) -> Bytes:
+    # q and k read and written, plus the (seqlen, head_dim / 2) complex64 table slice.
+    rows = s.bsz * s.seqlen
+    return Bytes(act=2 * rows * (s.n_heads + s.n_kv_heads) * s.head_dim * dt.act
+                 + s.seqlen * (s.head_dim // 2) * FREQS_CIS_ENTRY_BYTES)
+
+
+ROPE = Kind("rope", RotaryEmbedding, True, _rope_ops, _rope_read, _rope_bytes)
+
+
+# ---------------------------------------------------------------- attention core
+def _attention_ops(s: Attn) -> tuple[Op, ...]:
+    # Dense over the seqlen x kvlen score matrix of every *query* head (GQA shares k/v heads, not products).
+    q_rows = s.bsz * s.n_heads * s.seqlen
+    scores = q_rows * s.kvlen
+    ops = [_matmul(q_rows, s.head_dim, s.kvlen),  # QK^T: (seqlen, head_dim) @ (head_dim, kvlen) per head
+           _ew("div", scores)]  # / sqrt(head_dim)
+    if s.masked:
+        ops.append(_ew("add", scores))  # + causal mask (also counted for SDPA's is_causal: see README)
+    ops += [_ew("softmax", scores),
+            _matmul(q_rows, s.kvlen, s.head_dim)]  # A V: (seqlen, kvlen) @ (kvlen, head_dim) per head
+    return tuple(ops)
+
+
+def _attention_read(module, args, kwargs, output) -> Attn:
+    xq = _arg(args, kwargs, 0, "xq")  # (bsz, seqlen, n_heads, head_dim)
+    keys = _arg(args, kwargs, 1, "keys")  # (bsz, kvlen, n_kv_heads, head_dim)
+    values = _arg(args, kwargs, 2, "values")
+    mask = _arg(args, kwargs, 3, "mask")
+    if values.shape[1] != keys.shape[1]:
+        raise ValueError(f"attention core got {keys.shape[1]} keys but {values.shape[1]} values")
+    bsz, seqlen, n_heads, head_dim = (int(d) for d in xq.shape)
+    return Attn(bsz, seqlen, int(keys.shape[1]), n_heads, int(keys.shape[2]), head_dim, mask is not None)
+
+
+def _attention_bytes(s: Attn, dt: Dtypes) -> Bytes:
+    # q in, output out; keys and values of kvlen positions read. The score matrix is not traffic
+    # (fused / flash-style attention keeps it on chip).
+    q_width = s.n_heads * s.head_dim
+    return Bytes(act=2 * s.bsz * s.seqlen * q_width * dt.act,
+                 kv_read=2 * s.bsz * s.kvlen * s.n_kv_heads * s.head_dim * dt.kv)
+
+
+def _attention_macs_causal(s: Attn) -> int:
+    # Query i (0-based among the new tokens) sees cached + i + 1 keys.
+    cached = s.kvlen - s.seqlen
+    useful = s.seqlen * cached + s.seqlen * (s.seqlen + 1) // 2
+    return 2 * s.bsz * s.n_heads * useful * s.head_dim
+
+
+ATTENTION_CORE = Kind("attention_core", AttentionCore, True, _attention_ops, _attention_read, _attention_bytes,
+                      macs_causal=_attention_macs_causal)
+
+
+# ---------------------------------------------------------------- SwiGLU gate, residual adds
+def _gate_ops(s: Elems) -> tuple[Op, ...]:
+    n = s.rows * s.width
+    return (_ew("silu", n), _ew("mul", n))  # silu(gate) * up
+
+
+def _output_elems(module, args, kwargs, output) -> Elems:
+    return Elems(_rows(output.shape), int(output.shape[-1]))
+
+
+GATED_SILU = Kind("gated_silu", GatedSiLU, True, _gate_ops, _output_elems,
+                  lambda s, dt: Bytes(act=3 * s.rows * s.width * dt.act))  # gate and up in, product out
+
+
+def _residual_ops(s: Elems) -> tuple[Op, ...]:
+    n = s.rows * s.width
+    return (_ew("add", n), _ew("add", n))  # h = x + attention(...); out = h + feed_forward(...)
+
+
+RESIDUAL = Kind("residual", TransformerBlock, False, _residual_ops, _output_elems,
+                lambda s, dt: Bytes(act=2 * 3 * s.rows * s.width * dt.act))  # each add reads two, writes one
+
+
+# ---------------------------------------------------------------- embedding and modules with no arithmetic
+def _no_ops(s: Any) -> tuple[Op, ...]:
+    return ()
+
+
+EMBEDDING = Kind("embedding", nn.Embedding, True, _no_ops, _output_elems,  # a table lookup: 0 MACs
+                 lambda s, dt: Bytes(weight=s.rows * s.width * dt.weight,  # only the gathered rows
+                                     act=s.rows * TOKEN_ID_BYTES + s.rows * s.width * dt.act))
+# Own forward: views, dtype casts and the KV-cache write (data movement, no arithmetic).
+ATTENTION_OWN = Kind("attention_own", Attention, False, _no_ops, None,
+                     lambda s, dt: Bytes(kv_write=2 * s.rows * s.kv_dim * dt.kv))
+FEED_FORWARD_OWN = Kind("feed_forward_own", FeedForward, False, _no_ops, None, lambda s, dt: NO_BYTES)
+# Own forward: the embedding cast, RoPE-table slicing and causal-mask construction.
+MODEL_OWN = Kind("model_own", Llama, False, _no_ops, None, lambda s, dt: NO_BYTES)
+
+KINDS = (LINEAR, RMSNORM, ROPE, ATTENTION_CORE, GATED_SILU, RESIDUAL, EMBEDDING, ATTENTION_OWN, FEED_FORWARD_OWN,
+         MODEL_OWN)
+
+
+# ====================================================================== rows
+@dataclass(frozen=True)
+class Row:
+    """One row of the table. ``name`` is the row's name in every report; ``path`` the module's path
+    relative to the model (top-level rows) or to a decoder layer (block rows), ``""`` for the model or
+    layer itself. ``sizes(config, shape)`` are the sizes the analytic counter uses; ``params(config)``
+    the parameters this module holds (counted once per model, whatever the schedule)."""
+
+    name: str
+    path: str
+    kind: Kind
+    sizes: Callable[[LlamaConfig, RunShape], Any]
+    params: Callable[[LlamaConfig], int] = lambda c: 0
+
+
+def _q_width(c: LlamaConfig) -> int:
+    return c.n_heads * c.head_dim
+
+
+def _linear_row(name: str, k: Callable[[LlamaConfig], int], n: Callable[[LlamaConfig], int],
+                params: Optional[Callable[[LlamaConfig], int]] = None) -> Row:
+    return Row(name, name, LINEAR, lambda c, s: Mat(s.rows, k(c), n(c)),
+               params if params is not None else (lambda c: k(c) * n(c)))
+
+
+def _norm_row(name: str) -> Row:
+    return Row(name, name, RMSNORM, lambda c, s: Norm(s.rows, c.dim), lambda c: c.dim)
+
+
+def _dim(c: LlamaConfig) -> int:
+    return c.dim
+
+
+def _kv_dim(c: LlamaConfig) -> int:
+    return c.kv_dim
+
+
+def _hidden(c: LlamaConfig) -> int:
+    return c.hidden_dim
+
+
+def _output_params(c: LlamaConfig) -> int:
+    # A tied head is the embedding tensor itself: its parameters are counted once, under tok_embeddings.
+    return 0 if getattr(c, "tie_word_embeddings", False) else c.dim * c.vocab_size
+
+
+# Top-level rows before the decoder layers, in execution order.
+TOP_ROWS_BEFORE: tuple[Row, ...] = (
+    Row("(root)", "", MODEL_OWN, lambda c, s: Nothing()),
+    Row("tok_embeddings", "tok_embeddings", EMBEDDING, lambda c, s: Elems(s.rows, c.dim),
+        lambda c: c.vocab_size * c.dim),
+)
+# The rows of one decoder-layer run, in execution order.
+BLOCK_ROWS: tuple[Row, ...] = (
+    _norm_row("attention_norm"),
+    _linear_row("attention.wq", _dim, _q_width),
+    _linear_row("attention.wk", _dim, _kv_dim),
+    _linear_row("attention.wv", _dim, _kv_dim),
+    Row("attention.rope", "attention.rope", ROPE,
+        lambda c, s: Rope(s.batch, s.n_tokens, c.n_heads, c.n_kv_heads, c.head_dim)),
+    Row("attention.core", "attention.core", ATTENTION_CORE,
+        lambda c, s: Attn(s.batch, s.n_tokens, s.kvlen, c.n_heads, c.n_kv_heads, c.head_dim, s.n_tokens > 1)),
+    _linear_row("attention.wo", _q_width, _dim),
+    Row("attention", "attention", ATTENTION_OWN, lambda c, s: KvWrite(s.rows, c.kv_dim)),
+    _norm_row("ffn_norm"),
+    _linear_row("feed_forward.w1", _dim, _hidden),
+    _linear_row("feed_forward.w3", _dim, _hidden),
+    Row("feed_forward.act", "feed_forward.act", GATED_SILU, lambda c, s: Elems(s.rows, c.hidden_dim)),
+    _linear_row("feed_forward.w2", _hidden, _dim),
+    Row("feed_forward", "feed_forward", FEED_FORWARD_OWN, lambda c, s: Nothing()),
+    Row("residual", "", RESIDUAL, lambda c, s: Elems(s.rows, c.dim)),
+)
+# Top-level rows after the decoder layers.
+TOP_ROWS_AFTER: tuple[Row, ...] = (
+    _norm_row("norm"),
+    _linear_row("output", _dim, lambda c: c.vocab_size, _output_params),
+)
+
+_BLOCK_BY_PATH = {r.path: r for r in BLOCK_ROWS}
+_TOP_BY_PATH = {r.path: r for r in TOP_ROWS_BEFORE + TOP_ROWS_AFTER}
+#: The decoder layers' container in the model; a layer's modules live under ``layers.<i>.``.
+LAYERS_PATH = "layers"
+#: Module paths that hold runtime state, never compute: KV caches (their writes run inside ``attention``).
+STATE_PATHS = ("caches",)
+
+
+def block_row_names() -> tuple[str, ...]:
+    return tuple(r.name for r in BLOCK_ROWS)
+
+
+def timed_block_paths() -> tuple[str, ...]:
+    """Leaf modules of a decoder layer that do work: what a per-module timer hooks."""
+    return tuple(r.path for r in BLOCK_ROWS if r.kind.leaf)
+
+
+def row_order(n_positions: int) -> list[RowKey]:
+    """All row keys in execution order for a schedule of ``n_positions`` layer runs."""
+    keys: list[RowKey] = [(None, r.name) for r in TOP_ROWS_BEFORE]
+    for pos in range(n_positions):
+        keys.extend((pos, r.name) for r in BLOCK_ROWS)
+    keys.extend((None, r.name) for r in TOP_ROWS_AFTER)
+    return keys
+
+
+def row_for_module(fqn: str, position: Optional[int]) -> RowKey:
+    """The row of the module at ``fqn`` in the model (``layers.14.attention.wq``) running at schedule
+    ``position``. A module below a row's module (none today) belongs to the nearest row above it."""
+    parts = fqn.split(".") if fqn else []
+    if parts and parts[0] == LAYERS_PATH:
+        if len(parts) < 2:
+            raise ValueError(f"module {fqn!r} is the layer container, not a compute module")
+        if position is None:
+            raise ValueError(f"module {fqn!r} ran outside a schedule position")
+        rel = parts[2:]
+        while ".".join(rel) not in _BLOCK_BY_PATH:
+            rel = rel[:-1]
+        return (position, _BLOCK_BY_PATH[".".join(rel)].name)
+    if parts and parts[0] in STATE_PATHS:
+        raise ValueError(f"module {fqn!r} is runtime state (a KV cache), not a compute module")
+    while ".".join(parts) not in _TOP_BY_PATH:
+        parts = parts[:-1]
+    return (None, _TOP_BY_PATH[".".join(parts)].name)
