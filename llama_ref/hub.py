@@ -130,7 +130,8 @@ def hub_cache_dir(cache_dir: Union[str, os.PathLike, None] = None) -> str:
     env = os.environ
     path = env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE")
     if not path:
-        home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache"), "huggingface")
+        xdg_cache = env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+        home = env.get("HF_HOME") or os.path.join(xdg_cache, "huggingface")
         path = os.path.join(home, "hub")
     return os.path.abspath(os.path.expanduser(os.path.expandvars(path)))
 
@@ -159,7 +160,8 @@ def _hf():
     try:
         import huggingface_hub
     except ImportError as e:  # a dependency of transformers, so normally present
-        raise ImportError(f"reading a Hugging Face hub id needs huggingface_hub ({e}): pip install huggingface_hub") from None
+        raise ImportError(f"reading a Hugging Face hub id needs huggingface_hub ({e}): "
+                          "pip install huggingface_hub") from None
     return huggingface_hub
 
 
@@ -196,6 +198,14 @@ def hub_config_path(repo_id: str, *, revision: Optional[str] = None, token: Unio
         if cache_may_help and cached is not None:
             logger.warning("%s; using the cached %s (%s)", error, CONFIG_NAME, cached)
             return cached
+        if isinstance(error, HubNotFoundError) and not cache_may_help:
+            # A definite 404 for the revision or file: let hf_hub_download see it too, so the cache records
+            # it as it would for transformers (refs/<branch> and .no_exist/<commit>/config.json).
+            try:
+                hf.hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, cache_dir=cache,
+                                   etag_timeout=seconds, endpoint=endpoint)
+            except Exception:  # noqa: BLE001 - the error to report is the one already in hand
+                pass
         raise error
     try:
         return hf.hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, cache_dir=cache,
@@ -269,8 +279,10 @@ def hub_checkpoint_dir(repo_id: str, *, revision: Optional[str] = None, token: U
     except Exception as err:  # noqa: BLE001 - _translate re-raises what is not a Hub or network failure
         if problem is not None:  # the Hub's refusal says more than "not in the cache"
             raise problem[0] from None
-        if offline and isinstance(err, hf.errors.LocalEntryNotFoundError) and \
-                not isinstance(err, getattr(hf.errors, "IncompleteSnapshotError", ())):
+        from huggingface_hub import errors
+
+        if offline and isinstance(err, errors.LocalEntryNotFoundError) and \
+                not isinstance(err, getattr(errors, "IncompleteSnapshotError", ())):
             raise _offline_error(repo_id, revision, cache, "the checkpoint") from None
         raise _translate(err, repo_id, revision, token, cache, endpoint, wanted="the checkpoint")[0] from None
     if problem is not None:
@@ -335,7 +347,7 @@ def _translate(err: Exception, repo_id: str, revision: str, token, cache: str, e
     Re-raises ``err`` itself when it is neither a Hub answer nor a network failure (a bug, not input).
     """
     hf = _hf()
-    errors = hf.errors
+    from huggingface_hub import errors
     what, kw = _what(repo_id, revision), dict(repo_id=repo_id, revision=revision)
     if isinstance(err, HubError):
         return err, False
