@@ -519,12 +519,13 @@ def test_gated_with_a_token_without_access(fake_hub, monkeypatch):
 
 def test_gated_error_raised_by_huggingface_hub_is_translated(monkeypatch):
     """The same one line when huggingface_hub itself raises GatedRepoError (here from a stub)."""
-    import httpx2  # the HTTP client of huggingface_hub 2.x
-
     from huggingface_hub.errors import GatedRepoError
 
+    # huggingface_hub's HTTP client: httpx2 (2.x), httpx (1.x); whichever it imported.
+    http = sys.modules.get("httpx2") or pytest.importorskip("httpx")
+
     def refuse(url, **kwargs):
-        response = httpx2.Response(403, request=httpx2.Request("HEAD", url))
+        response = http.Response(403, request=http.Request("HEAD", url))
         raise GatedRepoError("403 Client Error.\n\nCannot access gated repo", response=response)
 
     monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", refuse)
