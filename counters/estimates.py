@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Union
 
-from . import formulas as F
+from llama_ref.config import LlamaConfig
+
+from .analytic import analyze
+
 
 __all__ = [
     "ESTIMATES", "Exact", "ModelShape", "calflops_flops_per_token", "exact_forward_macs",
@@ -324,7 +327,7 @@ def three_x_forward_flops_per_token(config: Any, seq_len: int, include_nonmatmul
     ``calculate_flops``): 3 x the forward FLOPs per token. With the forward's matmul FLOPs only it *is*
     the exact model count (the backward does exactly 2 x the forward's products). With
     ``include_nonmatmul`` the forward's non-matmul FLOPs (this project's conventions,
-    :mod:`counters.formulas`: RMSNorm, RoPE, scale/mask/softmax, SwiGLU gate, residual adds) are
+    :mod:`counters.table`: RMSNorm, RoPE, scale/mask/softmax, SwiGLU gate, residual adds) are
     tripled too - the "3 x total forward" that a counter reporting all forward FLOPs gives."""
     s, t = ModelShape.of(config), _seq_len(seq_len)
     flops = exact_model_flops_per_token(s, t)
@@ -347,11 +350,10 @@ def calflops_flops_per_token(config: Any, seq_len: int) -> int:
 
 
 def _forward_nonmatmul_flops(s: ModelShape, n: int) -> int:
-    """Non-matmul FLOPs of one forward of N tokens (batch 1, empty cache), the project's conventions."""
-    per_layer = (2 * F.rmsnorm(n, s.dim) + F.rope(n, s.n_heads, s.n_kv_heads, s.head_dim)
-                 + F.attention_core(1, s.n_heads, n, n, s.head_dim) + F.gated_silu(n, s.hidden_dim)
-                 + F.residuals(n, s.dim))
-    return s.n_layers * per_layer.nonmatmul_flops + F.rmsnorm(n, s.dim).nonmatmul_flops
+    """Non-matmul FLOPs of one forward of N tokens (batch 1, empty cache): the work table's conventions."""
+    config = LlamaConfig(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
+                         vocab_size=s.vocab_size, hidden_dim=s.hidden_dim, max_seq_len=n)
+    return analyze(config, n_tokens=n).nonmatmul_flops
 
 
 # ---------------------------------------------------------------- registry and helpers
