@@ -1,0 +1,93 @@
+"""The layout rules: who imports whom (every import, lazy ones included), and scripts that are only scripts."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("llama_ref", "counters")
+# The counting core: everything that produces or compares counts. The studies build on it, never under it.
+CORE = {"counters.primitives", "counters.ops", "counters.table", "counters.result", "counters.analytic",
+        "counters.hooks", "counters.fvcore_counter", "counters.torch_counter", "counters.crosscheck",
+        "counters.report", "counters.published", "counters.estimates"}
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
+
+
+def _imports(name: str, path: Path) -> set[str]:
+    """Every module of ours that ``path`` imports, anywhere in the file (function-level imports included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            found.update(f"{target}.{a.name}" for a in node.names)  # "from . import table" imports a module
+    modules = _modules()
+    return {m for m in found if m in modules and m != name}
+
+
+GRAPH = {name: _imports(name, path) for name, path in _modules().items()}
+
+
+def test_llama_ref_never_imports_counters():
+    bad = {m: sorted(i for i in deps if i.startswith("counters")) for m, deps in GRAPH.items()
+           if m.startswith("llama_ref")}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_the_counting_core_never_imports_the_studies_or_the_cli():
+    assert CORE <= set(GRAPH)
+    bad = {m: sorted(d for d in GRAPH[m] if d.startswith(("counters.studies", "counters.cli", "counters.commands",
+                                                            "counters.models")))
+           for m in CORE}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_no_import_cycles():
+    state: dict[str, int] = {}  # 1 visiting, 2 done
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(GRAPH[m]):
+            # a package's __init__ importing its own submodules is not a cycle back into the package
+            if state.get(d) == 1 and not m.startswith(d + "."):
+                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(GRAPH):
+        if m not in state:
+            visit(m)
+
+
+@pytest.mark.parametrize("pkg", PACKAGES)
+def test_no_importlib_tricks(pkg):
+    for path in sorted((ROOT / pkg).rglob("*.py")):
+        text = path.read_text()
+        assert "importlib" not in text and "spec_from_file_location" not in text, path
