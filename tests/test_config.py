@@ -40,13 +40,13 @@ def test_derived_values_cannot_be_set_inconsistently():
         c.dim = 128  # frozen: changing dim alone would leave head_dim stale in a mutable design
     with pytest.raises(AttributeError):
         c.head_dim = 8
-    with pytest.raises(ValueError, match="head_dim"):
-        c.replace(head_dim=8)
     with pytest.raises(ValueError, match="n_rep"):
         c.replace(n_rep=1)
-    # replace() re-derives and re-validates.
+    with pytest.raises(ValueError, match="kv_dim"):
+        c.replace(kv_dim=64)
+    # replace() re-derives a derived head_dim and re-validates.
     d = c.replace(dim=128)
-    assert d.head_dim == 32 and c.head_dim == 16
+    assert d.head_dim == 32 and c.head_dim == 16 and not d.head_dim_explicit
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         c.replace(n_kv_heads=3)
 
@@ -152,8 +152,8 @@ def test_from_meta_errors(tmp_path):
         LlamaConfig.from_meta({"dim": 64, "n_layers": 2}, vocab_size=10)
     with pytest.raises(ValueError, match="n_kv_heads must be positive, got 0"):
         LlamaConfig.from_meta({**META_PARAMS["llama-2-70b"], "n_kv_heads": 0}, vocab_size=32000)
-    with pytest.raises(ValueError, match="use_scaled_rope"):
-        LlamaConfig.from_meta({**META_PARAMS["llama-3-8b"], "use_scaled_rope": True})
+    with pytest.raises(ValueError, match="unknown key 'rope_scaling'.*use_scaled_rope"):
+        LlamaConfig.from_meta({**META_PARAMS["llama-3-8b"], "rope_scaling": {"rope_type": "linear", "factor": 4}})
     with pytest.raises(FileNotFoundError, match="params.json"):
         LlamaConfig.from_meta(tmp_path, vocab_size=32000)
     with pytest.raises(FileNotFoundError):
@@ -214,12 +214,21 @@ def test_hf_config_dict_round_trips(tiny_config):
     [
         ({"model_type": "mistral"}, "model_type is 'mistral'"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
         ({"attention_bias": True}, "attention_bias"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope scaling type 'llama3'"),
-        ({"head_dim": 32}, "head_dim=32"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        # llama3 without its band factors: transformers raises KeyError, we name the missing field.
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+         "missing required field rope_parameters.low_freq_factor"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}},
+         "'yarn' is not supported"),
+        ({"rope_parameters": {"rope_type": "longrope"}}, "'longrope' is not supported"),
+        ({"rope_parameters": {"rope_type": "su"}}, "'su' is not a RoPE type llama_ref knows"),
+        ({"head_dim": 7}, "head_dim=7 must be even"),
+        ({"num_attention_heads": 5, "head_dim": 16}, "hidden_size=96 is not divisible by num_attention_heads=5"),
         ({"num_key_value_heads": 4}, "n_heads=6 is not divisible by n_kv_heads=4"),
-        ({"num_key_value_heads": 0}, "n_kv_heads must be positive, got 0"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads must be positive, got 0"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
     ],
 )
 def test_from_hf_rejects_unsupported(changes, match):
