@@ -50,7 +50,10 @@ def read_json(path_or_dict: PathOrDict, default_name: str) -> tuple[dict, str]:
         raise ValueError(f"expected a path to {default_name}, its directory, or a dict; got {type(path_or_dict).__name__}")
     path = os.fspath(path_or_dict)
     if os.path.isdir(path):
-        path = os.path.join(path, default_name)
+        inner = os.path.join(path, default_name)
+        if os.path.basename(os.path.normpath(path)) == default_name and not os.path.lexists(inner):
+            raise ValueError(f"{path} is a directory, expected the {default_name} file")
+        path = inner
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -175,12 +178,20 @@ def parse_hf_config(cfg: Mapping[str, Any], source: str = "config dict") -> Llam
     _check_full_rotary(cfg, source)
     rope_theta, rope_scaling = resolve_hf_rope(cfg, source, max_seq_len)
     name = cfg.get("_name_or_path")
-    return LlamaConfig(
+    return _named(source, LlamaConfig,
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
         hidden_dim=hidden_dim, norm_eps=norm_eps, rope_theta=float(rope_theta), max_seq_len=max_seq_len,
         rope_scaling=rope_scaling, tie_word_embeddings=tie, head_dim=head_dim,
         name=name if isinstance(name, str) and name else "hf",
     )
+
+
+def _named(source: str, build, *args, **kwargs):
+    """``build(*args, **kwargs)``, with a validation error prefixed by the file it came from."""
+    try:
+        return build(*args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
 
 
 # Keys transformers reads from a RoPE dict, per type (its _validate_*_rope_parameters); others it ignores.
@@ -259,7 +270,7 @@ def _scaling_from_dict(d: Mapping, key: str, rope_type: str, source: str, cfg: M
     if rope_type in UNSUPPORTED_ROPE_TYPES:
         raise ValueError(f"{source}: {key} rope_type {rope_type!r} is not supported: {UNSUPPORTED_ROPE_TYPES[rope_type]}")
     if rope_type == "linear":
-        return RopeScaling.linear(_number(d, "factor", source, where=where))
+        return _named(source, RopeScaling.linear, _number(d, "factor", source, where=where))
     if rope_type == "llama3":
         # transformers moves a top-level original_max_position_embeddings over the dict's value
         # (standardize_rope_params runs again when the RoPE table is built), else it defaults to
@@ -270,7 +281,8 @@ def _scaling_from_dict(d: Mapping, key: str, rope_type: str, source: str, cfg: M
             raise ValueError(f"{source}: original_max_position_embeddings={top} disagrees with "
                              f"{where}original_max_position_embeddings={inner} (transformers uses {top}): remove one")
         original = top if top is not None else inner if inner is not None else max_position_embeddings
-        return RopeScaling.llama3(
+        return _named(
+            source, RopeScaling.llama3,
             factor=_number(d, "factor", source, where=where),
             low_freq_factor=_number(d, "low_freq_factor", source, where=where),
             high_freq_factor=_number(d, "high_freq_factor", source, where=where),
@@ -357,9 +369,11 @@ def parse_meta_params(params: Mapping[str, Any], source: str = "config dict", *,
     max_seq_len = max_seq_len if max_seq_len is not None else file_max if file_max is not None else 4096
     multiple_of = _int(params, "multiple_of", source, 256)
     ffn_mult = _number(params, "ffn_dim_multiplier", source, None, nullable=True)
-    return LlamaConfig(
+    hidden_dim = _named(source, meta_ffn_hidden_dim, dim, multiple_of, ffn_mult)
+    return _named(
+        source, LlamaConfig,
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
-        hidden_dim=meta_ffn_hidden_dim(dim, multiple_of, ffn_mult),
+        hidden_dim=hidden_dim,
         norm_eps=_number(params, "norm_eps", source, 1e-5),
         rope_theta=float(_number(params, "rope_theta", source, 10000.0)),
         max_seq_len=max_seq_len, rope_scaling=_meta_rope_scaling(params, source),
@@ -397,7 +411,8 @@ def _meta_rope_scaling(params: Mapping, source: str) -> Optional[RopeScaling]:
         logger.info("%s: use_scaled_rope=true without rope_scaling_factor: factor %s as in Meta's llama3 "
                     "apply_scaling", source, META_ROPE_DEFAULTS["factor"])
     d = META_ROPE_DEFAULTS
-    return RopeScaling.llama3(
+    return _named(
+        source, RopeScaling.llama3,
         factor=d["factor"] if factor is None else factor,
         low_freq_factor=d["low_freq_factor"],
         high_freq_factor=d["high_freq_factor"] if high is None else high,
