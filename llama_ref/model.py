@@ -170,12 +170,12 @@ class Llama(nn.Module):
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"cache max_seq_len={max_seq_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
         dtype = self.compute_dtype if dtype is None else dtype
-        self.reserve_positions(max_seq_len)
         c = self.config
         self.caches = nn.ModuleList(
             KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, device=self.device, dtype=dtype)
             for _ in self._schedule
         )
+        self.reserve_positions(max_seq_len)  # every position the cache can hold has its rotation ready
 
     def clear_cache(self) -> None:
         self.caches = None
@@ -291,7 +291,8 @@ def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
         return False
     if a.is_meta or b.is_meta:
         return True  # no data to compare; shapes agree
-    return bool(torch.equal(a, b.to(device=a.device, dtype=a.dtype)))
+    wide = torch.promote_types(a.dtype, b.dtype)  # exact: compare values, not roundings of them
+    return bool(torch.equal(a.to(wide), b.to(device=a.device, dtype=wide)))
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

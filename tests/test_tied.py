@@ -69,7 +69,6 @@ def test_the_head_uses_the_embedding(tied_config, make_model):
     with torch.no_grad():
         model.tok_embeddings.weight[:, 0] += 1.0  # changes the embedding *and* the head
     after = _logits(model, tokens)
-    # The head's logit for vocabulary entry v moves by the final hidden state's channel 0 alone.
     assert not torch.equal(after, before)
     untied = make_model(tied_config.replace(tie_word_embeddings=False))
     untied.load_state_dict(model.state_dict())  # both copies equal: untied model, same numbers
