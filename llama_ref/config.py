@@ -28,7 +28,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _positive_finite(value: Any) -> bool:
-    # Written as "not (valid)" by the callers' negation so NaN fails: NaN > 0 is False.
+    """A real number (never a bool), finite and > 0: NaN, inf, 0, negatives, strings all fail."""
     return _is_number(value) and math.isfinite(value) and value > 0
 
 

@@ -178,7 +178,8 @@ def parse_hf_config(cfg: Mapping[str, Any], source: str = "config dict") -> Llam
     _check_full_rotary(cfg, source)
     rope_theta, rope_scaling = resolve_hf_rope(cfg, source, max_seq_len)
     name = cfg.get("_name_or_path")
-    return _named(source, LlamaConfig,
+    return _named(
+        source, LlamaConfig,
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
         hidden_dim=hidden_dim, norm_eps=norm_eps, rope_theta=float(rope_theta), max_seq_len=max_seq_len,
         rope_scaling=rope_scaling, tie_word_embeddings=tie, head_dim=head_dim,
