@@ -29,7 +29,12 @@ def _is_number(value: Any) -> bool:
 
 def _positive_finite(value: Any) -> bool:
     """A real number (never a bool), finite and > 0: NaN, inf, 0, negatives, strings all fail."""
-    return _is_number(value) and math.isfinite(value) and value > 0
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int too large for a float (e.g. 400 digits in a JSON file)
+        return False
 
 
 @dataclass(frozen=True)

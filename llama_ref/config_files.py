@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import stat
 from typing import Any, Mapping, Optional
 
-from .config import PathOrDict, RopeScaling, UNSUPPORTED_ROPE_TYPES, LlamaConfig, meta_ffn_hidden_dim
+from .config import (PathOrDict, RopeScaling, UNSUPPORTED_ROPE_TYPES, LlamaConfig, _positive_finite,
+                     meta_ffn_hidden_dim)
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,9 @@ def _number(d: Mapping, key: str, source: str, default: Any = _MISSING, *, where
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{source}: {label} must be a number{' or null' if nullable else ''}, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{source}: {label} must be a positive finite number, got {value!r}")
+    if not _positive_finite(value):
+        shown = value if isinstance(value, float) or abs(value) < 10**30 else f"an int of {len(str(value))} digits"
+        raise ValueError(f"{source}: {label} must be a positive finite number, got {shown!r}")
     return value
 
 

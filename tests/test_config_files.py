@@ -99,6 +99,7 @@ META_BAD = [
     ("rope_theta", "500000", "rope_theta must be a number, got '500000'"),
     ("rope_theta", None, "rope_theta must be a number, got None"),
     ("rope_theta", float("inf"), "rope_theta must be a positive finite number, got inf"),
+    ("rope_theta", 10**400, "rope_theta must be a positive finite number, got 'an int of 401 digits'"),
     ("vocab_size", "100", "vocab_size must be an int, got '100'"),
     ("use_scaled_rope", "true", "use_scaled_rope must be true or false, got 'true'"),
     ("use_scaled_rope", 1, "use_scaled_rope must be true or false, got 1"),
