@@ -1,23 +1,124 @@
-"""Model configuration: one frozen dataclass with Meta's names, presets, HF and Meta readers."""
+"""Model configuration: one frozen dataclass with Meta's names, RoPE scaling, presets, and the
+entry points for HF ``config.json`` and Meta ``params.json`` (parsed in :mod:`llama_ref.config_files`)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
 PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
 
+# RoPE variants with a fixed position -> rotation table that llama_ref computes exactly as transformers.
+ROPE_SCALING_TYPES = ("llama3", "linear")
+# Known variants that llama_ref refuses, and why (never silently plain RoPE).
+UNSUPPORTED_ROPE_TYPES = {
+    "dynamic": "dynamic NTK recomputes the frequencies from the longest sequence seen so far (state that "
+               "depends on the history of calls), which a fixed position table does not reproduce",
+    "yarn": "YaRN also rescales attention logits (mscale) and has several more parameters; not implemented",
+    "longrope": "LongRoPE switches frequency sets by sequence length; not implemented",
+    "proportional": "partial/proportional RoPE is not part of the Llama architecture",
+}
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _positive_finite(value: Any) -> bool:
+    """A real number (never a bool), finite and > 0: NaN, inf, 0, negatives, strings all fail."""
+    if not _is_number(value):
+        return False
+    try:
+        return math.isfinite(float(value)) and value > 0
+    except OverflowError:  # an int too large for a float (e.g. 400 digits in a JSON file)
+        return False
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How the RoPE *frequencies* are rescaled for long context. Positions stay integers; only the
+    table ``e^{i * pos * inv_freq}`` changes (see :func:`llama_ref.rope.scaled_inv_freq`).
+
+    * ``"llama3"`` (Llama 3.1+; Meta's ``apply_scaling``, transformers' ``_compute_llama3_parameters``):
+      wavelengths longer than ``original_max_position_embeddings / low_freq_factor`` are stretched by
+      ``factor``, shorter than ``original_max_position_embeddings / high_freq_factor`` kept, and the band
+      between interpolated smoothly.
+    * ``"linear"`` (position interpolation): every frequency divided by ``factor``.
+    """
+
+    rope_type: str
+    factor: float
+    low_freq_factor: Optional[float] = None
+    high_freq_factor: Optional[float] = None
+    original_max_position_embeddings: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        t = self.rope_type
+        if not isinstance(t, str):
+            raise ValueError(f"RopeScaling.rope_type must be a string, got {t!r}")
+        if t == "default":
+            raise ValueError("RopeScaling(rope_type='default') is plain RoPE: use rope_scaling=None")
+        if t in UNSUPPORTED_ROPE_TYPES:
+            raise ValueError(f"rope_type {t!r} is not supported: {UNSUPPORTED_ROPE_TYPES[t]}")
+        if t not in ROPE_SCALING_TYPES:
+            raise ValueError(f"unknown rope_type {t!r}; supported: {', '.join(ROPE_SCALING_TYPES)}")
+        if not _positive_finite(self.factor):
+            raise ValueError(f"RopeScaling.factor must be a positive finite number, got {self.factor!r}")
+        object.__setattr__(self, "factor", float(self.factor))
+        extras = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if t == "linear":
+            given = [k for k in extras if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"RopeScaling(rope_type='linear') takes only factor; got {', '.join(given)}")
+            return
+        for name in ("low_freq_factor", "high_freq_factor"):
+            value = getattr(self, name)
+            if not _positive_finite(value):
+                raise ValueError(f"RopeScaling.{name} must be a positive finite number for 'llama3', got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if not self.low_freq_factor < self.high_freq_factor:
+            # Equal factors would divide by zero in the smoothing ramp (Meta's code asserts it).
+            raise ValueError(f"RopeScaling: low_freq_factor ({self.low_freq_factor}) must be less than "
+                             f"high_freq_factor ({self.high_freq_factor})")
+        omax = self.original_max_position_embeddings
+        if isinstance(omax, bool) or not isinstance(omax, int) or omax <= 0:
+            raise ValueError(f"RopeScaling.original_max_position_embeddings must be a positive int for 'llama3', "
+                             f"got {omax!r}")
+
+    @classmethod
+    def llama3(cls, factor: float = 8.0, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+               original_max_position_embeddings: int = 8192) -> "RopeScaling":
+        """Defaults are Meta's ``apply_scaling`` constants (Llama 3.1)."""
+        return cls("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+
+    @classmethod
+    def linear(cls, factor: float) -> "RopeScaling":
+        return cls("linear", factor)
+
+    def to_hf(self) -> dict:
+        """The ``rope_scaling`` / ``rope_parameters`` entries transformers expects (without ``rope_theta``)."""
+        out: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            out.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
+                       original_max_position_embeddings=self.original_max_position_embeddings)
+        return out
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
     """Shape of a Llama-2/3 model.
 
-    Frozen on purpose: ``head_dim`` and ``n_rep`` are derived properties, so they can never
-    disagree with ``dim``/``n_heads``/``n_kv_heads``. Use ``dataclasses.replace`` (or
-    :meth:`replace`) to get a modified copy; it re-runs validation.
+    Frozen on purpose: ``n_rep`` and ``kv_dim`` are properties, and ``head_dim`` is derived as
+    ``dim // n_heads`` unless given explicitly (transformers' ``head_dim``; e.g. a tensor-parallel
+    rank with fewer heads of the same width). Use :meth:`replace` for a modified copy: it re-derives
+    a derived ``head_dim`` and keeps an explicit one. (``dataclasses.replace`` passes the current
+    ``head_dim`` back in, which makes it explicit: prefer :meth:`replace`.)
+
+    ``rope_scaling``: ``None`` is plain RoPE, else a :class:`RopeScaling`.
+    ``tie_word_embeddings``: the output head reuses the token-embedding matrix (one parameter).
     """
 
     dim: int
@@ -29,7 +130,13 @@ class LlamaConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 4096
+    rope_scaling: Optional[RopeScaling] = None
+    tie_word_embeddings: bool = False
+    head_dim: Optional[int] = None  # None: dim // n_heads
     name: str = dataclasses.field(default="custom", compare=False)
+    # Whether head_dim was given (kept by replace) or derived (re-derived by replace). Two configs
+    # with the same head_dim describe the same model either way, hence compare=False.
+    _head_dim_explicit: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -42,23 +149,37 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{field} must be positive, got {value}")
         for field in ("norm_eps", "rope_theta"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not _positive_finite(value):
                 raise ValueError(f"LlamaConfig.{field} must be a positive number, got {value!r}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(f"LlamaConfig.tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"LlamaConfig.rope_scaling must be a RopeScaling or None, got {self.rope_scaling!r} "
+                             "(e.g. RopeScaling.llama3(factor=8.0))")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(
-                f"head_dim={self.head_dim} (dim {self.dim} / n_heads {self.n_heads}) must be even: "
-                "RoPE rotates pairs of channels"
-            )
+        self._set_head_dim()
+
+    def _set_head_dim(self) -> None:
+        hd = self.head_dim
+        explicit = hd is not None
+        if explicit:
+            if isinstance(hd, bool) or not isinstance(hd, int) or hd <= 0:
+                raise ValueError(f"LlamaConfig.head_dim must be a positive int or None, got {hd!r}")
+            if hd % 2:
+                raise ValueError(f"head_dim={hd} must be even: RoPE rotates pairs of channels")
+        else:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads} "
+                                 "(give head_dim explicitly for heads narrower or wider than dim / n_heads)")
+            hd = self.dim // self.n_heads
+            if hd % 2:
+                raise ValueError(f"head_dim={hd} (dim {self.dim} / n_heads {self.n_heads}) must be even: "
+                                 "RoPE rotates pairs of channels")
+        object.__setattr__(self, "head_dim", hd)
+        object.__setattr__(self, "_head_dim_explicit", explicit)
 
     # Derived values: properties, never fields, so they cannot be set inconsistently.
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
     @property
     def n_rep(self) -> int:
         """How many query heads share one key/value head (1 for MHA)."""
@@ -69,80 +190,54 @@ class LlamaConfig:
         """Width of the k and v projections: n_kv_heads * head_dim."""
         return self.n_kv_heads * self.head_dim
 
+    @property
+    def q_dim(self) -> int:
+        """Width of the q projection (and input of wo): n_heads * head_dim (= dim unless head_dim is explicit)."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def head_dim_explicit(self) -> bool:
+        """True when head_dim was given rather than derived from dim // n_heads."""
+        return self._head_dim_explicit
+
     def replace(self, **changes: Any) -> "LlamaConfig":
-        fields = {f.name for f in dataclasses.fields(self)}
+        """A copy with ``changes``, re-validated. A derived ``head_dim`` is re-derived from the new
+        ``dim``/``n_heads``; an explicit one is kept (pass ``head_dim=None`` to derive it again)."""
+        fields = {f.name for f in dataclasses.fields(self) if f.init}
         unknown = sorted(set(changes) - fields)
         if unknown:
-            derived = {"head_dim", "n_rep", "kv_dim"}
-            hint = " (derived from dim, n_heads and n_kv_heads; change those instead)" if set(unknown) & derived else ""
+            derived = {"n_rep", "kv_dim", "q_dim"}
+            hint = " (derived from dim, n_heads, n_kv_heads and head_dim; change those instead)" if set(unknown) & derived else ""
             raise ValueError(f"LlamaConfig has no settable field {', '.join(unknown)}{hint}")
+        if "head_dim" not in changes and not self._head_dim_explicit:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field (``head_dim`` as its value, ``rope_scaling`` as a dict or None): JSON-ready."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+        out["rope_scaling"] = None if self.rope_scaling is None else dataclasses.asdict(self.rope_scaling)
+        return out
 
     # ------------------------------------------------------------------ readers
     @classmethod
     def from_preset(cls, name: str) -> "LlamaConfig":
         try:
             return PRESETS[name]
-        except KeyError:
+        except (KeyError, TypeError):
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
 
     @classmethod
     def from_hf(cls, path_or_dict: PathOrDict) -> "LlamaConfig":
-        """Read a Hugging Face ``config.json`` (a directory holding one, the file, or a dict)."""
+        """Read a Hugging Face ``config.json`` (a directory holding one, the file, a dict, or a live
+        ``transformers.LlamaConfig``), resolving RoPE settings the way transformers does and refusing
+        settings that conflict. See :func:`llama_ref.config_files.parse_hf_config`."""
+        from .config_files import parse_hf_config, read_json
+
         if not isinstance(path_or_dict, (Mapping, str, os.PathLike)) and hasattr(path_or_dict, "to_dict"):
             path_or_dict = path_or_dict.to_dict()  # a live transformers.LlamaConfig
-        cfg, source = _read_json(path_or_dict, "config.json")
-        model_type = cfg.get("model_type", "llama")
-        if model_type != "llama":
-            raise ValueError(f"{source}: model_type is {model_type!r}, only 'llama' is supported")
-        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size")
-        missing = [k for k in required if k not in cfg]
-        if missing:
-            raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{source}: hidden_act={act!r} is not supported (Llama uses 'silu')")
-        for flag in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
-            if cfg.get(flag):
-                raise ValueError(f"{source}: {flag}=true is not supported by the Llama-2 architecture here")
-        # transformers >= 4.45 may nest RoPE settings in rope_parameters; older files use rope_theta/rope_scaling.
-        rope_params = cfg.get("rope_parameters") or {}
-        rope_scaling = cfg.get("rope_scaling") or {}
-        rope_type = rope_params.get("rope_type") or rope_scaling.get("rope_type") or rope_scaling.get("type") or "default"
-        if rope_type != "default":
-            raise ValueError(f"{source}: rope scaling type {rope_type!r} is not supported (only plain RoPE)")
-        # transformers 5.x writes only rope_parameters.rope_theta; older files only a top-level rope_theta.
-        rope_theta = rope_params.get("rope_theta")
-        if rope_theta is None:
-            rope_theta = cfg.get("rope_theta")
-        if rope_theta is None:
-            rope_theta = 10000.0
-        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)):
-            raise ValueError(f"{source}: rope_theta must be a number, got {rope_theta!r}")
-        n_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim")
-        if head_dim is not None and head_dim * n_heads != cfg["hidden_size"]:
-            raise ValueError(
-                f"{source}: head_dim={head_dim} with {n_heads} heads does not equal hidden_size="
-                f"{cfg['hidden_size']}; decoupled head_dim is not supported"
-            )
-        return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            # Absent or null means MHA; an explicit 0 is passed on so validation rejects it (no silent MHA).
-            n_kv_heads=n_heads if cfg.get("num_key_value_heads") is None else cfg["num_key_value_heads"],
-            vocab_size=cfg["vocab_size"],
-            hidden_dim=cfg["intermediate_size"],
-            norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope_theta),
-            # 2048 is transformers' LlamaConfig default, i.e. what HF would assume for this file.
-            max_seq_len=cfg.get("max_position_embeddings", 2048),
-            name=cfg.get("_name_or_path") or "hf",
-        )
+        cfg, source = read_json(path_or_dict, "config.json")
+        return parse_hf_config(cfg, source)
 
     @classmethod
     def from_meta(
@@ -150,46 +245,22 @@ class LlamaConfig:
         path_or_dict: PathOrDict,
         *,
         vocab_size: Optional[int] = None,
-        max_seq_len: int = 4096,
+        max_seq_len: Optional[int] = None,
+        tie_word_embeddings: bool = False,
     ) -> "LlamaConfig":
         """Read Meta's ``params.json``.
 
-        Meta's Llama-2 files say ``"vocab_size": -1`` (the tokenizer decides); pass
-        ``vocab_size`` then (the checkpoint loader reads it off ``tok_embeddings``).
-        ``max_seq_len`` is not in the file: Llama-2 was trained with 4096.
+        Meta's Llama-2 files say ``"vocab_size": -1`` (the tokenizer decides); pass ``vocab_size``
+        then (the checkpoint loader reads it off ``tok_embeddings``). ``max_seq_len`` is not in
+        Meta's files: default 4096 (Llama-2's training length). Meta's files have no tie flag:
+        ``tie_word_embeddings=True`` when the checkpoint has no ``output.weight`` (the loader
+        decides). See :func:`llama_ref.config_files.parse_meta_params` for every key.
         """
-        params, source = _read_json(path_or_dict, "params.json")
-        missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
-        if missing:
-            raise ValueError(f"{source}: missing required field(s) {', '.join(missing)}")
-        if params.get("use_scaled_rope"):
-            raise ValueError(f"{source}: use_scaled_rope=true (Llama-3.1 RoPE scaling) is not supported")
-        file_vocab = params.get("vocab_size", -1)
-        if file_vocab is not None and (isinstance(file_vocab, bool) or not isinstance(file_vocab, int)):
-            raise ValueError(f"{source}: vocab_size must be an int, got {file_vocab!r}")
-        if vocab_size is None:
-            if file_vocab is None or file_vocab <= 0:
-                raise ValueError(
-                    f"{source}: vocab_size is {file_vocab!r}; pass vocab_size= (the tokenizer's size, "
-                    "or tok_embeddings.weight.shape[0] of the checkpoint)"
-                )
-            vocab_size = file_vocab
-        elif file_vocab not in (None, -1) and file_vocab != vocab_size:
-            raise ValueError(f"{source}: vocab_size {file_vocab} does not match the given vocab_size={vocab_size}")
-        return cls(
-            dim=params["dim"],
-            n_layers=params["n_layers"],
-            n_heads=params["n_heads"],
-            n_kv_heads=params["n_heads"] if params.get("n_kv_heads") is None else params["n_kv_heads"],
-            vocab_size=vocab_size,
-            hidden_dim=meta_ffn_hidden_dim(
-                params["dim"], params.get("multiple_of", 256), params.get("ffn_dim_multiplier")
-            ),
-            norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=float(params.get("rope_theta", 10000.0)),
-            max_seq_len=max_seq_len,
-            name="meta",
-        )
+        from .config_files import parse_meta_params, read_json
+
+        params, source = read_json(path_or_dict, "params.json")
+        return parse_meta_params(params, source, vocab_size=vocab_size, max_seq_len=max_seq_len,
+                                 tie_word_embeddings=tie_word_embeddings)
 
 
 def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
@@ -200,9 +271,7 @@ def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional
     """
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of <= 0:
         raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}")
-    if ffn_dim_multiplier is not None and (
-        isinstance(ffn_dim_multiplier, bool) or not isinstance(ffn_dim_multiplier, (int, float)) or not ffn_dim_multiplier > 0
-    ):
+    if ffn_dim_multiplier is not None and not _positive_finite(ffn_dim_multiplier):
         raise ValueError(f"ffn_dim_multiplier must be a positive number or None, got {ffn_dim_multiplier!r}")
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
@@ -210,24 +279,19 @@ def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def _read_json(path_or_dict: PathOrDict, default_name: str) -> tuple[dict, str]:
-    if isinstance(path_or_dict, Mapping):
-        return dict(path_or_dict), "config dict"
-    if not isinstance(path_or_dict, (str, os.PathLike)):
-        raise ValueError(f"expected a path to {default_name}, its directory, or a dict; got {type(path_or_dict).__name__}")
-    path = os.fspath(path_or_dict)
-    if os.path.isdir(path):
-        path = os.path.join(path, default_name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {default_name} at {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data, path
+# Llama 3.1 / 3.3: Meta's apply_scaling constants. Llama 3.2 1B/3B: factor 32 (their config.json).
+_LLAMA31_ROPE = RopeScaling.llama3(factor=8.0)
+_LLAMA32_ROPE = RopeScaling.llama3(factor=32.0)
+
+
+def _llama3x(name: str, **shape: Any) -> LlamaConfig:
+    return LlamaConfig(name=name, vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, max_seq_len=131072,
+                       **shape)
+
+
+def _code_llama(name: str, **shape: Any) -> LlamaConfig:
+    # Code Llama: Llama-2 shapes, rope_theta 1e6, 16k context (its config.json max_position_embeddings).
+    return LlamaConfig(name=name, rope_theta=1_000_000.0, max_seq_len=16384, norm_eps=1e-5, **shape)
 
 
 PRESETS: dict[str, LlamaConfig] = {
@@ -244,6 +308,27 @@ PRESETS: dict[str, LlamaConfig] = {
         name="llama-3-8b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, hidden_dim=14336,
         rope_theta=500000.0, max_seq_len=8192,
     ),
+    "llama-3.1-8b": _llama3x("llama-3.1-8b", dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                             rope_scaling=_LLAMA31_ROPE),
+    "llama-3.1-70b": _llama3x("llama-3.1-70b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
+                              rope_scaling=_LLAMA31_ROPE),
+    "llama-3.1-405b": _llama3x("llama-3.1-405b", dim=16384, n_layers=126, n_heads=128, n_kv_heads=8,
+                               hidden_dim=53248, rope_scaling=_LLAMA31_ROPE),
+    "llama-3.2-1b": _llama3x("llama-3.2-1b", dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, hidden_dim=8192,
+                             rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True),
+    "llama-3.2-3b": _llama3x("llama-3.2-3b", dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, hidden_dim=8192,
+                             rope_scaling=_LLAMA32_ROPE, tie_word_embeddings=True),
+    "llama-3.3-70b": _llama3x("llama-3.3-70b", dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, hidden_dim=28672,
+                              rope_scaling=_LLAMA31_ROPE),
+    # 7B and 13B add 16 infilling tokens to Llama-2's 32000; 34B does not, and uses GQA (8 kv heads).
+    "code-llama-7b": _code_llama("code-llama-7b", dim=4096, n_layers=32, n_heads=32, vocab_size=32016,
+                                 hidden_dim=11008),
+    "code-llama-13b": _code_llama("code-llama-13b", dim=5120, n_layers=40, n_heads=40, vocab_size=32016,
+                                  hidden_dim=13824),
+    "code-llama-34b": _code_llama("code-llama-34b", dim=8192, n_layers=48, n_heads=64, n_kv_heads=8,
+                                  vocab_size=32000, hidden_dim=22016),
+    "tinyllama-1.1b": LlamaConfig(name="tinyllama-1.1b", dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                                  vocab_size=32000, hidden_dim=5632, norm_eps=1e-5, max_seq_len=2048),
     # Small grouped-query config for tests: 4 query heads share 2 kv heads (n_rep=2).
     "tiny": LlamaConfig(
         name="tiny", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=176, max_seq_len=128

@@ -101,7 +101,11 @@ def convert_hf_state_dict(state_dict: Mapping[str, torch.Tensor], config: LlamaC
 
 
 def hf_config_dict(config: LlamaConfig) -> dict:
-    """A ``config.json`` for ``transformers.LlamaConfig`` describing the same model."""
+    """A ``config.json`` for ``transformers.LlamaConfig`` describing the same model.
+
+    RoPE is written in the 2024 spelling (top-level ``rope_theta``, ``rope_scaling`` dict or null),
+    which transformers 4.45+ and 5.x both read; ``LlamaConfig.from_hf`` reads it back unchanged.
+    """
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -110,17 +114,51 @@ def hf_config_dict(config: LlamaConfig) -> dict:
         "num_hidden_layers": config.n_layers,
         "num_attention_heads": config.n_heads,
         "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
         "vocab_size": config.vocab_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
+        "rope_scaling": None if config.rope_scaling is None else config.rope_scaling.to_hf(),
         "max_position_embeddings": config.max_seq_len,
         "hidden_act": "silu",
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": config.tie_word_embeddings,
         "attention_bias": False,
         "mlp_bias": False,
         "bos_token_id": 1,
         "eos_token_id": 2,
     }
+
+
+def hf_state_dict(model) -> dict[str, torch.Tensor]:
+    """``model``'s weights under HF names and in HF layout (q/k rows permuted for rotate-half RoPE).
+    Tensors other than wq/wk share storage with the model (no copy). A tied head appears under both
+    names, as in transformers' own ``state_dict()``."""
+    out = {}
+    for name, tensor in model.state_dict().items():
+        hf_name, hf_tensor = convert_meta_tensor_to_hf(name, tensor.detach(), model.config)
+        out[hf_name] = hf_tensor.contiguous()
+    return out
+
+
+def to_hf_model(model, *, attn_implementation: str = "eager"):
+    """A ``transformers.LlamaForCausalLM`` computing what ``model`` computes: same weights (q/k
+    permuted; all other tensors share storage), same device and weight dtype, eval mode, frozen."""
+    import transformers
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    hf_cfg = transformers.LlamaConfig(**hf_config_dict(model.config), attn_implementation=attn_implementation)
+    state = hf_state_dict(model)
+    dtype = state["model.embed_tokens.weight"].dtype
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    hf.load_state_dict(state, strict=True, assign=True)
+    if model.config.tie_word_embeddings:
+        hf.lm_head.weight = hf.model.embed_tokens.weight  # assign=True set two Parameters; tie them again
+    # Buffers made on "meta" (the RoPE inverse frequencies) have no data: rebuild them for real.
+    hf.model.rotary_emb = LlamaRotaryEmbedding(config=hf_cfg).to(model.device)
+    hf.config.dtype = dtype
+    hf.requires_grad_(False)
+    return hf.eval()
 
 
 def from_hf_model(hf_model, *, device=None, dtype: Optional[torch.dtype] = None, **kwargs):
@@ -135,6 +173,8 @@ def from_hf_model(hf_model, *, device=None, dtype: Optional[torch.dtype] = None,
     dtype = first.dtype if dtype is None else dtype
     model = Llama(config, device="meta", dtype=dtype, **kwargs)
     state = {k: v.detach().to(device=device, dtype=dtype).clone() for k, v in state.items()}
+    # A tied pair arrives twice (HF's state_dict lists lm_head too); the model's load hooks check the
+    # two are equal and tie them again.
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers()
     return model

@@ -17,6 +17,9 @@ from .schedule import ScheduleSpec, format_schedule, resolve_schedule
 
 logger = logging.getLogger(__name__)
 
+# RoPE positions built when a model is made (fewer if max_seq_len is smaller); more on demand.
+ROPE_EAGER_POSITIONS = 4096
+
 DeviceLike = Union[str, torch.device, None]
 
 
@@ -53,6 +56,14 @@ class Llama(nn.Module):
         )
         self.norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
         self.output = Linear(config.dim, config.vocab_size, device=device, dtype=dtype)
+        if config.tie_word_embeddings:
+            self.tie_weights()
+        # Tied heads: a state dict may hold the embedding alone (HF's save_pretrained) or both copies.
+        self.register_load_state_dict_pre_hook(_tied_state_dict_pre_hook)
+        self.register_load_state_dict_post_hook(_retie_after_load)
+        # The RoPE table covers positions [0, _rope_positions); it grows on demand (reserve_positions),
+        # never eagerly to max_seq_len (2**31 - 1 positions would be an 8.6 GB table).
+        self._rope_positions = min(config.max_seq_len, ROPE_EAGER_POSITIONS)
         self.register_buffer("freqs_cis", torch.empty(0, dtype=torch.complex64, device=device), persistent=False)
         self.init_buffers()
         self._schedule = resolve_schedule(schedule, config.n_layers)
@@ -61,15 +72,51 @@ class Llama(nn.Module):
 
     # ------------------------------------------------------------------ state
     def init_buffers(self) -> None:
-        """(Re)compute the RoPE table on the weights' device, e.g. after ``to_empty`` or loading."""
+        """(Re)compute the RoPE table on the weights' device, e.g. after ``to_empty`` or loading.
+        It keeps covering the positions reserved so far (see :meth:`reserve_positions`)."""
         device = self.tok_embeddings.weight.device
         c = self.config
-        if device.type == "meta":
-            self.freqs_cis = precompute_freqs_cis(c.head_dim, c.max_seq_len, c.rope_theta, device=device)
-        else:
-            # Computed on the CPU (as Meta's code does) and then moved, so every device gets the
-            # bit-identical table and cross-device comparisons only see differences of the model itself.
-            self.freqs_cis = precompute_freqs_cis(c.head_dim, c.max_seq_len, c.rope_theta).to(device)
+        # A table built inside inference_mode would be an inference tensor, unusable by a later
+        # forward with autograd on; the table is model state, so build it as a normal tensor.
+        with torch.inference_mode(False), torch.no_grad():
+            if device.type == "meta":
+                table = precompute_freqs_cis(c.head_dim, self._rope_positions, c.rope_theta, device=device,
+                                             scaling=c.rope_scaling)
+            else:
+                # Computed on the CPU (as Meta's code does) and then moved, so every device gets the
+                # bit-identical table and cross-device comparisons only see differences of the model itself.
+                table = precompute_freqs_cis(c.head_dim, self._rope_positions, c.rope_theta,
+                                             scaling=c.rope_scaling).to(device)
+        self.freqs_cis = table  # (positions, head_dim // 2) complex64
+
+    @property
+    def rope_positions(self) -> int:
+        """How many positions the RoPE table covers now: ``[0, rope_positions)``."""
+        return self._rope_positions
+
+    def reserve_positions(self, end: int) -> None:
+        """Make the RoPE table cover positions ``[0, end)``. Idempotent; does nothing when it already does.
+
+        Grows to the next power of two (capped at ``max_seq_len``), so a decode loop rebuilds it
+        O(log n) times, not every step. ``setup_cache`` and ``forward`` call it; a counting tool calls
+        it *before* a counted forward, so that the forward does no table work at all.
+        """
+        if isinstance(end, bool) or not isinstance(end, int) or end < 0:
+            raise ValueError(f"end must be a non-negative int, got {end!r}")
+        if end > self.config.max_seq_len:
+            raise ValueError(f"cannot reserve RoPE positions up to {end}: the model's max_seq_len is "
+                             f"{self.config.max_seq_len}")
+        if end <= self._rope_positions:
+            return
+        self._rope_positions = min(self.config.max_seq_len, 1 << (end - 1).bit_length())
+        logger.debug("RoPE table grown to %d positions", self._rope_positions)
+        self.init_buffers()
+
+    def tie_weights(self) -> None:
+        """With ``tie_word_embeddings``, make ``output.weight`` the very Parameter of ``tok_embeddings``
+        (vocab_size x dim is both the embedding table and the head's weight)."""
+        if self.config.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
 
     def _apply(self, fn, *args, **kwargs):
         # ``Module.to(dtype)`` casts complex buffers as well: ``model.to(torch.bfloat16)`` would turn the
@@ -80,6 +127,9 @@ class Llama(nn.Module):
         try:
             super()._apply(fn, *args, **kwargs)
         finally:
+            # A conversion that makes new Parameters (e.g. to_empty from meta) converts each module's
+            # reference separately, which would untie the head: tie it again.
+            self.tie_weights()
             self.init_buffers()
         return self
 
@@ -137,6 +187,7 @@ class Llama(nn.Module):
             KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, device=self.device, dtype=dtype)
             for _ in self._schedule
         )
+        self.reserve_positions(max_seq_len)  # every position the cache can hold has its rotation ready
 
     def clear_cache(self) -> None:
         self.caches = None
@@ -182,6 +233,8 @@ class Llama(nn.Module):
         self._check_inputs(tokens, start_pos)
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens).to(self.compute_dtype)  # (bsz, seqlen, dim)
+        if start_pos + seqlen > self._rope_positions:
+            self.reserve_positions(start_pos + seqlen)  # counters reserve beforehand: no table work when counted
         freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]  # (seqlen, head_dim // 2)
         mask = None
         if seqlen > 1:
@@ -199,6 +252,7 @@ class Llama(nn.Module):
 
     # ------------------------------------------------------------------ conveniences
     def num_params(self) -> int:
+        """Distinct parameters: a tied embedding/output matrix counts once."""
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
@@ -218,6 +272,39 @@ class Llama(nn.Module):
         from .hf import from_hf_model
 
         return from_hf_model(hf_model, **kwargs)
+
+
+def _tied_state_dict_pre_hook(module: "Llama", state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs) -> None:
+    """Accept a tied model's state dict with the embedding only (add the head as the same tensor),
+    or with both copies when they are equal; refuse two different matrices for one tied parameter."""
+    if not module.config.tie_word_embeddings:
+        return
+    emb_key, out_key = prefix + "tok_embeddings.weight", prefix + "output.weight"
+    emb, out = state_dict.get(emb_key), state_dict.get(out_key)
+    if emb is None and out is not None:
+        raise ValueError(f"tie_word_embeddings=True but the state dict has {out_key!r} without {emb_key!r}")
+    if emb is None:
+        return  # strict loading reports the missing embedding
+    if out is None:
+        state_dict[out_key] = emb
+    elif out is not emb and not _same_values(emb, out):
+        raise ValueError(f"tie_word_embeddings=True but {emb_key!r} and {out_key!r} differ: refusing to pick "
+                         "one of two different matrices for one tied parameter")
+
+
+def _retie_after_load(module: "Llama", incompatible_keys) -> None:
+    # load_state_dict(assign=True) sets each module's Parameter separately, which would untie them.
+    module.tie_weights()
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.shape != b.shape:
+        return False
+    if a.is_meta or b.is_meta:
+        return True  # no data to compare; shapes agree
+    wide = torch.promote_types(a.dtype, b.dtype)  # exact: compare values, not roundings of them
+    return bool(torch.equal(a.to(wide), b.to(device=a.device, dtype=wide)))
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

@@ -122,8 +122,29 @@ def meta_params(config: LlamaConfig) -> dict:
     params.update({"n_layers": config.n_layers, "norm_eps": config.norm_eps})
     if config.rope_theta != 10000.0:
         params["rope_theta"] = config.rope_theta
+    if config.head_dim_explicit and config.head_dim * config.n_heads != config.dim:
+        raise ValueError(f"Meta's params.json cannot express head_dim={config.head_dim} != dim / n_heads")
+    if config.rope_scaling is not None:
+        params.update(meta_rope_params(config))
     params["vocab_size"] = -1
     return params
+
+
+def meta_rope_params(config: LlamaConfig) -> dict:
+    """``use_scaled_rope`` (Meta's llama3 constants) plus Llama-4-style overrides where they differ.
+    (Tied embeddings have no flag: the Meta writer simply has no ``output.weight`` then.)"""
+    from llama_ref.config_files import META_ROPE_DEFAULTS as d
+
+    r = config.rope_scaling
+    if (r.rope_type != "llama3" or r.low_freq_factor != d["low_freq_factor"]
+            or r.original_max_position_embeddings != d["original_max_position_embeddings"]):
+        raise ValueError(f"Meta's params.json cannot express RoPE scaling {r}")
+    out = {"use_scaled_rope": True}
+    if r.factor != d["factor"]:
+        out["rope_scaling_factor"] = r.factor
+    if r.high_freq_factor != d["high_freq_factor"]:
+        out["rope_high_freq_factor"] = r.high_freq_factor
+    return out
 
 
 def hf_config(config: LlamaConfig, dtype: torch.dtype) -> dict:

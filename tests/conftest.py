@@ -88,12 +88,15 @@ def build_hf_llama(*, hidden_size: int = 64, intermediate_size: int = 176, num_h
                    num_attention_heads: int = 4, num_key_value_heads: Optional[int] = 2, vocab_size: int = 256,
                    rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6, initializer_range: float = 0.2,
                    max_position_embeddings: int = 128, attn_implementation: str = "eager", seed: int = 0,
-                   randomize_norms: bool = True):
+                   randomize_norms: bool = True, rope_scaling: Optional[dict] = None, head_dim: Optional[int] = None,
+                   tie_word_embeddings: bool = False):
     """A random-init ``transformers.LlamaForCausalLM`` in fp32, eval mode.
 
     ``initializer_range`` defaults to 0.2 (HF uses 0.02): with 0.02 at these widths q.k is ~0 and
     attention is nearly uniform, so a wrong RoPE or mask would barely move the logits. Norm weights
     are randomized too, otherwise input/post-attention norm mix-ups would be invisible.
+    ``rope_scaling`` (2024 spelling, next to ``rope_theta``), ``head_dim`` and ``tie_word_embeddings``
+    are passed to ``transformers.LlamaConfig`` as given.
     """
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(
@@ -101,7 +104,9 @@ def build_hf_llama(*, hidden_size: int = 64, intermediate_size: int = 176, num_h
         num_attention_heads=num_attention_heads, num_key_value_heads=num_key_value_heads, vocab_size=vocab_size,
         rope_theta=rope_theta, rms_norm_eps=rms_norm_eps, initializer_range=initializer_range,
         max_position_embeddings=max_position_embeddings, attn_implementation=attn_implementation,
-        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=tie_word_embeddings, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        **({} if rope_scaling is None else {"rope_scaling": dict(rope_scaling)}),
+        **({} if head_dim is None else {"head_dim": head_dim}),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from llama_ref import PRESETS, Llama, LlamaConfig, meta_ffn_hidden_dim
+from llama_ref import PRESETS, Llama, LlamaConfig, RopeScaling, meta_ffn_hidden_dim
 from llama_ref.hf import hf_config_dict
 
 transformers = pytest.importorskip("transformers")
@@ -40,13 +40,13 @@ def test_derived_values_cannot_be_set_inconsistently():
         c.dim = 128  # frozen: changing dim alone would leave head_dim stale in a mutable design
     with pytest.raises(AttributeError):
         c.head_dim = 8
-    with pytest.raises(ValueError, match="head_dim"):
-        c.replace(head_dim=8)
     with pytest.raises(ValueError, match="n_rep"):
         c.replace(n_rep=1)
-    # replace() re-derives and re-validates.
+    with pytest.raises(ValueError, match="kv_dim"):
+        c.replace(kv_dim=64)
+    # replace() re-derives a derived head_dim and re-validates.
     d = c.replace(dim=128)
-    assert d.head_dim == 32 and c.head_dim == 16
+    assert d.head_dim == 32 and c.head_dim == 16 and not d.head_dim_explicit
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         c.replace(n_kv_heads=3)
 
@@ -152,8 +152,8 @@ def test_from_meta_errors(tmp_path):
         LlamaConfig.from_meta({"dim": 64, "n_layers": 2}, vocab_size=10)
     with pytest.raises(ValueError, match="n_kv_heads must be positive, got 0"):
         LlamaConfig.from_meta({**META_PARAMS["llama-2-70b"], "n_kv_heads": 0}, vocab_size=32000)
-    with pytest.raises(ValueError, match="use_scaled_rope"):
-        LlamaConfig.from_meta({**META_PARAMS["llama-3-8b"], "use_scaled_rope": True})
+    with pytest.raises(ValueError, match="unknown key 'rope_scaling'.*use_scaled_rope"):
+        LlamaConfig.from_meta({**META_PARAMS["llama-3-8b"], "rope_scaling": {"rope_type": "linear", "factor": 4}})
     with pytest.raises(FileNotFoundError, match="params.json"):
         LlamaConfig.from_meta(tmp_path, vocab_size=32000)
     with pytest.raises(FileNotFoundError):
@@ -214,12 +214,21 @@ def test_hf_config_dict_round_trips(tiny_config):
     [
         ({"model_type": "mistral"}, "model_type is 'mistral'"),
         ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-        ({"tie_word_embeddings": True}, "tie_word_embeddings"),
         ({"attention_bias": True}, "attention_bias"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope scaling type 'llama3'"),
-        ({"head_dim": 32}, "head_dim=32"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        # llama3 without its band factors: transformers raises KeyError, we name the missing field.
+        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+         "missing required field rope_parameters.low_freq_factor"),
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic' is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32}},
+         "'yarn' is not supported"),
+        ({"rope_parameters": {"rope_type": "longrope"}}, "'longrope' is not supported"),
+        ({"rope_parameters": {"rope_type": "su"}}, "'su' is not a RoPE type llama_ref knows"),
+        ({"head_dim": 7}, "head_dim=7 must be even"),
+        ({"num_attention_heads": 5, "head_dim": 16}, "hidden_size=96 is not divisible by num_attention_heads=5"),
         ({"num_key_value_heads": 4}, "n_heads=6 is not divisible by n_kv_heads=4"),
-        ({"num_key_value_heads": 0}, "n_kv_heads must be positive, got 0"),
+        ({"num_key_value_heads": 0}, "num_key_value_heads must be positive, got 0"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor=0.5 is not supported"),
     ],
 )
 def test_from_hf_rejects_unsupported(changes, match):
@@ -247,3 +256,182 @@ def test_presets_are_consistent_with_meta_arithmetic():
         got = meta_ffn_hidden_dim(params["dim"], params["multiple_of"], params.get("ffn_dim_multiplier"))
         assert got == PRESETS[name].hidden_dim, name
     assert math.isclose(PRESETS["llama-3-8b"].rope_theta, 500000.0)
+
+
+# ---------------------------------------------------------------- Llama 3.x / Code Llama / TinyLlama presets
+# Published totals (model cards / HF parameter counts); Code Llama 13B/34B are computed from their
+# config.json shapes (13B: Llama-2-13B with vocab 32016; 34B: dim 8192, 48 layers, 64 heads, 8 kv
+# heads, FFN 22016, vocab 32000).
+FAMILY_COUNTS = {
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
+    "llama-3.1-405b": 405_853_388_800,
+    "llama-3.2-1b": 1_235_814_400,
+    "llama-3.2-3b": 3_212_749_824,
+    "llama-3.3-70b": 70_553_706_496,
+    "code-llama-7b": 6_738_546_688,
+    "code-llama-13b": 13_016_028_160,
+    "code-llama-34b": 33_743_970_304,
+    "tinyllama-1.1b": 1_100_048_384,
+}
+
+
+@pytest.mark.parametrize("name, expected", list(FAMILY_COUNTS.items()))
+def test_family_preset_parameter_counts_exact_on_meta(name, expected):
+    import time
+
+    t0 = time.perf_counter()
+    model = Llama.from_preset(name, device="meta")
+    assert time.perf_counter() - t0 < 30  # 405B builds in well under a second here; no storage at all
+    assert model.num_params() == expected
+    assert all(p.is_meta for p in model.parameters())
+
+
+def _by_formula(c: LlamaConfig) -> int:
+    per_layer = 2 * c.dim * c.q_dim + 2 * c.dim * c.kv_dim + 3 * c.dim * c.hidden_dim + 2 * c.dim
+    embeddings = (1 if c.tie_word_embeddings else 2) * c.vocab_size * c.dim
+    return embeddings + c.n_layers * per_layer + c.dim
+
+
+def test_code_llama_totals_by_formula():
+    # 13B: 13,015,864,320 (Llama-2-13B) + 2 x 16 extra tokens x 5120 = 13,016,028,160.
+    assert FAMILY_COUNTS["code-llama-13b"] == 13_015_864_320 + 2 * 16 * 5120
+    # 34B per layer: 2*8192*8192 + 2*8192*1024 + 3*8192*22016 + 2*8192 = 692,076,544;
+    # x 48 + 2*32000*8192 + 8192 = 33,743,970,304.
+    assert FAMILY_COUNTS["code-llama-34b"] == 48 * 692_076_544 + 2 * 32000 * 8192 + 8192
+    for name, total in FAMILY_COUNTS.items():
+        assert _by_formula(PRESETS[name]) == total, name
+
+
+@pytest.mark.parametrize(
+    "name, max_seq_len, theta, factor, tied",
+    [
+        ("llama-3.1-8b", 131072, 500000.0, 8.0, False),
+        ("llama-3.1-70b", 131072, 500000.0, 8.0, False),
+        ("llama-3.1-405b", 131072, 500000.0, 8.0, False),
+        ("llama-3.3-70b", 131072, 500000.0, 8.0, False),
+        ("llama-3.2-1b", 131072, 500000.0, 32.0, True),
+        ("llama-3.2-3b", 131072, 500000.0, 32.0, True),
+        ("code-llama-7b", 16384, 1e6, None, False),
+        ("code-llama-13b", 16384, 1e6, None, False),
+        ("code-llama-34b", 16384, 1e6, None, False),
+        ("tinyllama-1.1b", 2048, 10000.0, None, False),
+    ],
+)
+def test_family_preset_settings(name, max_seq_len, theta, factor, tied):
+    c = PRESETS[name]
+    assert (c.max_seq_len, c.rope_theta, c.tie_word_embeddings, c.norm_eps, c.name) == (max_seq_len, theta, tied, 1e-5, name)
+    if factor is None:
+        assert c.rope_scaling is None
+    else:  # Llama 3.x: Meta's llama3 scaling constants, factor 8 (3.1, 3.3) or 32 (3.2)
+        assert c.rope_scaling == RopeScaling("llama3", factor, 1.0, 4.0, 8192)
+    assert not c.head_dim_explicit and c.head_dim == c.dim // c.n_heads
+
+
+def test_llama33_is_llama31_70b():
+    assert PRESETS["llama-3.3-70b"] == PRESETS["llama-3.1-70b"]  # names are not compared
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_transformers(name):
+    """hf_config_dict writes rope_scaling, tie_word_embeddings and head_dim; transformers reads the
+    same model back (its own to_dict, in the 5.x spelling) and so do we."""
+    c = PRESETS[name]
+    d = hf_config_dict(c)
+    assert LlamaConfig.from_hf(d) == c
+    hf = transformers.LlamaConfig(**json.loads(json.dumps(d)))
+    assert LlamaConfig.from_hf(hf.to_dict()) == c
+    assert (hf.head_dim, hf.tie_word_embeddings) == (c.head_dim, c.tie_word_embeddings)
+
+
+# ---------------------------------------------------------------- head_dim: derived or explicit
+def test_head_dim_explicit_and_derived():
+    derived = LlamaConfig(**BASE)
+    explicit = LlamaConfig(**BASE, head_dim=16)
+    assert derived == explicit and derived.head_dim == explicit.head_dim == 16  # the same model
+    assert not derived.head_dim_explicit and explicit.head_dim_explicit
+    wide = LlamaConfig(**BASE, head_dim=24)  # q: 4 heads x 24 = 96 wide for a 64-wide model
+    assert (wide.head_dim, wide.q_dim, wide.kv_dim, wide.n_rep) == (24, 96, 48, 2)
+    # dim need not divide by n_heads when head_dim is given (e.g. 3 heads of 32 on a 64-wide model).
+    assert LlamaConfig(**{**BASE, "n_heads": 3, "n_kv_heads": 1}, head_dim=32).q_dim == 96
+
+
+def test_replace_rederives_a_derived_head_dim_and_keeps_an_explicit_one():
+    derived = LlamaConfig(**BASE)
+    assert derived.replace(dim=128).head_dim == 32  # 128 / 4
+    assert derived.replace(n_heads=8, n_kv_heads=4).head_dim == 8  # 64 / 8
+    # Tensor-parallel rank: fewer heads, same head width.
+    rank = LlamaConfig(**BASE, head_dim=16).replace(n_heads=2, n_kv_heads=1)
+    assert (rank.head_dim, rank.q_dim, rank.head_dim_explicit) == (16, 32, True)
+    assert LlamaConfig(**BASE, head_dim=24).replace(dim=128).head_dim == 24
+    assert LlamaConfig(**BASE, head_dim=24).replace(head_dim=None).head_dim == 16  # derive again
+    assert derived.replace(head_dim=8).head_dim == 8 and derived.replace(head_dim=8).head_dim_explicit
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        ({"head_dim": 0}, "head_dim must be a positive int or None, got 0"),
+        ({"head_dim": 16.0}, "head_dim must be a positive int or None, got 16.0"),
+        ({"head_dim": True}, "head_dim must be a positive int or None, got True"),
+        ({"head_dim": 15}, "head_dim=15 must be even"),
+        ({"tie_word_embeddings": 1}, "tie_word_embeddings must be a bool, got 1"),
+        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling must be a RopeScaling or None"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a positive number, got inf"),
+        ({"norm_eps": float("-inf")}, "norm_eps must be a positive number"),
+    ],
+)
+def test_new_fields_are_validated(changes, match):
+    with pytest.raises(ValueError, match=match):
+        LlamaConfig(**{**BASE, **changes})
+
+
+def test_model_with_explicit_head_dim_has_the_right_shapes(tiny_config):
+    c = tiny_config.replace(head_dim=24)  # 4 heads x 24 = 96, 2 kv heads x 24 = 48 on a 64-wide model
+    model = Llama(c, device="meta")
+    attn = model.layers[0].attention
+    assert tuple(attn.wq.weight.shape) == (96, 64) and tuple(attn.wo.weight.shape) == (64, 96)
+    assert tuple(attn.wk.weight.shape) == (48, 64) and tuple(attn.wv.weight.shape) == (48, 64)
+    assert model.num_params() == _by_formula(c)
+    model.setup_cache(2, 16)
+    assert tuple(model.caches[0].cache_k.shape) == (2, 16, 2, 24)
+    assert model.freqs_cis.shape[1] == 12  # head_dim // 2 rotated pairs
+
+
+# ---------------------------------------------------------------- RopeScaling
+def test_rope_scaling_constructors_and_hf_form():
+    assert RopeScaling.llama3() == RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)  # Meta's apply_scaling constants
+    assert RopeScaling.linear(4) == RopeScaling("linear", 4.0) and isinstance(RopeScaling.linear(4).factor, float)
+    assert RopeScaling.llama3(factor=32).to_hf() == {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert RopeScaling.linear(2.5).to_hf() == {"rope_type": "linear", "factor": 2.5}
+    c = LlamaConfig(**BASE, rope_scaling=RopeScaling.llama3())
+    assert c.to_dict()["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert json.loads(json.dumps(c.to_dict()))["head_dim"] == 16
+    assert hash(c) == hash(LlamaConfig(**BASE, rope_scaling=RopeScaling.llama3()))
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (("default", 1.0), "plain RoPE: use rope_scaling=None"),
+        (("dynamic", 2.0), "'dynamic' is not supported: dynamic NTK"),
+        (("yarn", 2.0), "'yarn' is not supported"),
+        (("ntk", 2.0), "unknown rope_type 'ntk'"),
+        ((None, 2.0), "rope_type must be a string"),
+        (("linear", 0.0), "factor must be a positive finite number, got 0.0"),
+        (("linear", float("nan")), "factor must be a positive finite number"),
+        (("linear", "4"), "factor must be a positive finite number, got '4'"),
+        (("linear", True), "factor must be a positive finite number, got True"),
+        (("linear", 4.0, 1.0), r"'linear'\) takes only factor; got low_freq_factor"),
+        (("llama3", 8.0), "low_freq_factor must be a positive finite number for 'llama3', got None"),
+        (("llama3", 8.0, 4.0, 1.0, 8192), r"low_freq_factor \(4.0\) must be less than high_freq_factor \(1.0\)"),
+        (("llama3", 8.0, 2.0, 2.0, 8192), "must be less than"),
+        (("llama3", 8.0, 1.0, 4.0, 8192.0), "original_max_position_embeddings must be a positive int"),
+        (("llama3", 8.0, 1.0, 4.0, 0), "original_max_position_embeddings must be a positive int"),
+    ],
+)
+def test_rope_scaling_is_validated(args, match):
+    with pytest.raises(ValueError, match=match):
+        RopeScaling(*args)

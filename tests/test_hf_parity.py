@@ -5,6 +5,11 @@ enough that attention is far from uniform, randomized norm weights) are converte
 (``Llama.from_hf``) and through ``save_pretrained`` + ``Llama.from_pretrained``; in fp32 every logit
 must agree within 1e-4, for a full forward and for cached decoding, and greedy generation must
 produce HF's tokens. Mutation tests show these checks fail when the conversion is wrong.
+
+The Llama-3 family features run through the same checks: ``llama3`` RoPE scaling in the 2024
+file spelling (top-level ``rope_theta`` + ``rope_scaling``) with original_max_position_embeddings=16,
+so the 24-token tests and 40-token generations run past it; ``linear`` scaling with tied embeddings
+(``save_pretrained`` writes the embedding only); and an explicit ``head_dim`` != hidden / heads.
 """
 
 from __future__ import annotations
@@ -33,6 +38,21 @@ CONFIGS = {
     "gqa": dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=320, rope_theta=500000.0, rms_norm_eps=1e-5,
                 initializer_range=0.12),
+    # head_dim 32, theta 2500: wavelengths 6.3, 10.2, 16.7, ... against high/low bounds 16/2 = 8 and
+    # 16/1 = 16, so the table has all three llama3 regimes (kept, smoothed, divided by factor).
+    "llama3": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=300, rope_theta=2500.0, rms_norm_eps=1e-5,
+                   initializer_range=0.12,
+                   rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 2.0, "original_max_position_embeddings": 16}),
+    "linear-tied": dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
+                        num_key_value_heads=2, vocab_size=300, rope_theta=2500.0, rms_norm_eps=1e-5,
+                        initializer_range=0.15, rope_scaling={"rope_type": "linear", "factor": 3.0},
+                        tie_word_embeddings=True),
+    # head_dim 24 with 6 heads: q is 144 wide for a 96-wide model (transformers allows it).
+    "head-dim": dict(hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=6,
+                     num_key_value_heads=3, head_dim=24, vocab_size=300, rope_theta=50000.0, rms_norm_eps=1e-5,
+                     initializer_range=0.15),
 }
 
 
@@ -90,8 +110,15 @@ def test_logits_are_not_trivially_small(hf_model):
 @pytest.mark.parametrize("kernel", ["math", "sdpa"])
 def test_full_forward_parity(hf_model, kernel):
     ours = Llama.from_hf(hf_model, attn_kernel=kernel)
-    assert ours.config.rope_theta == hf_model.config.rope_parameters["rope_theta"]
+    hf_rope = hf_model.config.rope_parameters
+    assert ours.config.rope_theta == hf_rope["rope_theta"]
     assert ours.config.norm_eps == hf_model.config.rms_norm_eps
+    assert ours.config.head_dim == hf_model.config.head_dim
+    assert ours.config.tie_word_embeddings == hf_model.config.tie_word_embeddings
+    if ours.config.rope_scaling is None:
+        assert hf_rope["rope_type"] == "default"
+    else:
+        assert ours.config.rope_scaling.to_hf() == {k: hf_rope[k] for k in ours.config.rope_scaling.to_hf()}
     tokens = _tokens(2, 24, ours.config.vocab_size, seed=1)
     for attn in ("eager", "sdpa"):
         hf_model.set_attn_implementation(attn)

@@ -29,7 +29,9 @@ def test_meta_params_reproduce_the_preset(preset):
     config = PRESETS[preset]
     params = synth().meta_params(config)
     assert params["vocab_size"] == -1  # as in Meta's files
-    back = LlamaConfig.from_meta(params, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len)
+    # Meta's files have no tie flag (the loader reads it off the missing output.weight).
+    back = LlamaConfig.from_meta(params, vocab_size=config.vocab_size, max_seq_len=config.max_seq_len,
+                                 tie_word_embeddings=config.tie_word_embeddings)
     assert back == config
 
 

@@ -11,9 +11,10 @@ from typing import Optional
 import torch
 
 from ..config import LlamaConfig
+from ..config_files import parse_hf_config, read_hf_dtype, read_json
 from ..hf import HF_IGNORED_SUFFIXES, hf_to_meta_key, meta_to_hf_key
 from .detect import CheckpointFiles
-from .errors import CheckpointError
+from .errors import CheckpointError, fmt_shape
 from .plan import PlannedTensor
 from .readers import OpenFiles, StoredTensor
 
@@ -24,18 +25,15 @@ _CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16"
 
 
 def read_hf_config(files: CheckpointFiles) -> tuple[LlamaConfig, Optional[torch.dtype]]:
-    """The model config and the dtype ``config.json`` says the weights are in (``None``: not stated)."""
-    config = LlamaConfig.from_hf(files.config)
-    with open(files.config, encoding="utf-8") as f:
-        raw = json.load(f)  # already validated as JSON by from_hf
-    # transformers < 5 writes "torch_dtype", 5.x writes "dtype".
-    value = raw.get("dtype", raw.get("torch_dtype"))
-    if value is None or value == "auto":
-        return config, None
-    name = str(value).removeprefix("torch.")
-    if name not in _CONFIG_DTYPES:
-        raise CheckpointError(f"{files.config}: unknown dtype {value!r} (expected float32, float16 or bfloat16)")
-    return config, _CONFIG_DTYPES[name]
+    """The model config and the dtype ``config.json`` says the weights are in (``None``: not stated).
+    The file is read once; both come from the same strict reader (:mod:`llama_ref.config_files`)."""
+    raw, source = read_json(files.config, "config.json")
+    config = parse_hf_config(raw, source)
+    try:
+        name = read_hf_dtype(raw, source)  # transformers < 5 writes "torch_dtype", 5.x writes "dtype"
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    return config, None if name is None else _CONFIG_DTYPES[name]
 
 
 def read_weight_map(index_path: str) -> dict[str, str]:
@@ -82,6 +80,8 @@ def plan_hf(files: CheckpointFiles, opener: OpenFiles, config: LlamaConfig) -> t
                              shard, len(unlisted), unlisted[0])
     else:
         stored = opener.describe(files.weights)
+    if config.tie_word_embeddings:
+        problems += _drop_tied_head(stored, opener)
     plan = []
     for hf_name, s in stored.items():
         if hf_name.endswith(HF_IGNORED_SUFFIXES):
@@ -101,3 +101,32 @@ def plan_hf(files: CheckpointFiles, opener: OpenFiles, config: LlamaConfig) -> t
 def hf_name_map(names) -> dict[str, str]:
     """Our names -> HF names, so 'missing tensor' messages use the names the user's files use."""
     return {n: meta_to_hf_key(n) for n in names}
+
+
+_HF_EMBED, _HF_HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _drop_tied_head(stored: dict[str, StoredTensor], opener: OpenFiles) -> list[str]:
+    """With ``tie_word_embeddings``, the head *is* the embedding. transformers' ``save_pretrained``
+    stores only the embedding; some files store both: then they must be equal (checked here, by
+    value), and the head's copy is not loaded. Returns problems for ``check_plan``."""
+    head = stored.pop(_HF_HEAD, None)
+    embed = stored.get(_HF_EMBED)
+    if head is None:
+        return []
+    if embed is None:
+        return [f"tie_word_embeddings=true but {os.path.basename(head.file)} has {_HF_HEAD!r} without "
+                f"{_HF_EMBED!r}"]
+    if head.shape != embed.shape:
+        return [f"tie_word_embeddings=true but {_HF_HEAD!r} {fmt_shape(head.shape)} and {_HF_EMBED!r} "
+                f"{fmt_shape(embed.shape)} differ in shape"]
+    with opener.tensor(embed) as a, opener.tensor(head) as b:
+        wide = torch.promote_types(a.dtype, b.dtype)  # exact: compare values, not roundings
+        same = torch.equal(a.to(wide), b.to(wide))
+        del a, b  # drop the views so the files' maps can be closed
+    if not same:
+        return [f"tie_word_embeddings=true but {_HF_HEAD!r} in {os.path.basename(head.file)} differs from "
+                f"{_HF_EMBED!r} in {os.path.basename(embed.file)}: refusing to pick one of two different "
+                "matrices for one tied parameter"]
+    logger.debug("%s: %s equals %s (tied); loading it once", head.file, _HF_HEAD, _HF_EMBED)
+    return []

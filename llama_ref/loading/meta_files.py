@@ -5,20 +5,25 @@ dimension its parallel layer partitions, and is concatenated back along it:
 
 * ColumnParallelLinear (output features split): ``wq, wk, wv, w1, w3, output`` -> dim 0
 * RowParallelLinear (input features split): ``wo, w2`` -> dim 1
-* ParallelEmbedding (embedding dim split): ``tok_embeddings`` -> dim 1
+* ParallelEmbedding (embedding dim split, Llama-2): ``tok_embeddings`` -> dim 1; Llama-3's
+  VocabParallelEmbedding splits the vocabulary instead -> dim 0 (told apart by the shard's width)
 * RMSNorm weights are replicated in every shard.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
 from ..config import LlamaConfig
+from ..config_files import parse_meta_params, read_json
 from .detect import CheckpointFiles
 from .errors import CheckpointError, fmt_shape
 from .plan import PlannedTensor
 from .readers import OpenFiles, StoredTensor
+
+logger = logging.getLogger(__name__)
 
 # Tensors Meta's checkpoints carry that the model does not load: the RoPE frequencies of
 # LLaMA-1-era code, recomputed from the config here.
@@ -34,18 +39,47 @@ def meta_split_dim(name: str) -> Optional[int]:
 
 
 def read_meta_config(files: CheckpointFiles, opener: OpenFiles) -> LlamaConfig:
-    """``params.json`` says ``"vocab_size": -1``; the vocabulary is the embedding's row count."""
+    """The config from ``params.json`` plus what only the weights tell.
+
+    * The vocabulary: ``params.json`` says ``"vocab_size": -1`` for Llama-2, so it is the
+      embedding's row count (summed over shards when the embedding is split by vocabulary rows).
+    * Tied embeddings: Meta's files have no flag, and Meta's model code always has a separate
+      ``output``; a checkpoint without ``output.weight`` in any shard is read as tied (the head is
+      the embedding), one with it as untied.
+    """
+    params, source = read_json(files.config, "params.json")
+    shard_tensors = [opener.describe(s) for s in files.shards]
     first = files.shards[0]
-    tensors = opener.describe(first)
-    emb = tensors.get("tok_embeddings.weight")
+    emb = shard_tensors[0].get(_EMBEDDING)
     if emb is None or len(emb.shape) != 2:
-        raise CheckpointError(f"{first}: no 2-D tensor 'tok_embeddings.weight', cannot tell the vocabulary size")
-    return LlamaConfig.from_meta(files.config, vocab_size=emb.shape[0])
+        raise CheckpointError(f"{first}: no 2-D tensor {_EMBEDDING!r}, cannot tell the vocabulary size")
+    vocab = emb.shape[0]
+    if _embedding_split_dim(emb.shape, params.get("dim"), len(files.shards)) == 0:
+        vocab = sum(t[_EMBEDDING].shape[0] for t in shard_tensors if _EMBEDDING in t)
+    tied = not any(_HEAD in t for t in shard_tensors)
+    if tied:
+        logger.info("%s: no %r in %s: reading the head as tied to the embedding", files.root, _HEAD,
+                    ", ".join(os.path.basename(s) for s in files.shards))
+    return parse_meta_params(params, source, vocab_size=vocab, tie_word_embeddings=tied)
+
+
+_EMBEDDING, _HEAD = "tok_embeddings.weight", "output.weight"
+
+
+def _embedding_split_dim(shard_shape: tuple[int, ...], model_dim, n_shards: int) -> Optional[int]:
+    """Llama-2's ParallelEmbedding splits the embedding width (dim 1); Llama-3's VocabParallelEmbedding
+    splits the vocabulary (dim 0). A shard holding the full width was split by vocabulary."""
+    if n_shards == 1:
+        return None
+    if isinstance(model_dim, int) and not isinstance(model_dim, bool) and shard_shape[1] == model_dim:
+        return 0
+    return 1
 
 
 def plan_meta(files: CheckpointFiles, opener: OpenFiles) -> tuple[list[PlannedTensor], list[str]]:
     shard_tensors = [opener.describe(s) for s in files.shards]
     names = list(dict.fromkeys(n for tensors in shard_tensors for n in tensors))  # shard 0's order first
+    model_dim = read_json(files.config, "params.json")[0].get("dim")
     plan, problems = [], []
     for name in names:
         if name in META_KNOWN_EXTRAS:
@@ -56,13 +90,13 @@ def plan_meta(files: CheckpointFiles, opener: OpenFiles) -> tuple[list[PlannedTe
             present = next(p.file for p in parts if p is not None)
             problems.append(f"tensor {name!r} is in {os.path.basename(present)} but missing from {', '.join(absent)}")
             continue
-        merged = _merge(name, parts, problems)
+        merged = _merge(name, parts, problems, model_dim)
         if merged is not None:
             plan.append(merged)
     return plan, problems
 
 
-def _merge(name: str, parts: list[StoredTensor], problems: list[str]) -> Optional[PlannedTensor]:
+def _merge(name: str, parts: list[StoredTensor], problems: list[str], model_dim=None) -> Optional[PlannedTensor]:
     """The planned full tensor, or ``None`` after appending why the shards cannot be merged."""
     if len(parts) == 1:
         return PlannedTensor(name, parts[0].shape, tuple(parts))
@@ -71,6 +105,8 @@ def _merge(name: str, parts: list[StoredTensor], problems: list[str]) -> Optiona
         problems.append(f"tensor {name!r}: shards disagree in dtype or rank: {listing}")
         return None
     dim = meta_split_dim(name)
+    if name == _EMBEDDING and len(parts[0].shape) == 2:
+        dim = _embedding_split_dim(parts[0].shape, model_dim, len(parts))
     if dim is None or dim >= len(parts[0].shape):
         # Replicated (norms) -- or a name we do not know, which check_plan reports as unexpected.
         if len({p.shape for p in parts}) > 1:
