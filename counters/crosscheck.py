@@ -187,6 +187,8 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
         results["analytic"] = analytic_report.as_counter_result()
 
     saved_caches = model.caches
+    # The RoPE table grows on demand; grow it now, so that no counted forward builds it.
+    model.reserve_positions(n_cached + n_tokens)
     try:
         if n_cached > 0:
             _prefill(model, batch, n_cached, n_tokens, tokens.device)

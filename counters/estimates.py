@@ -57,7 +57,8 @@ def _positive_int(name: str, value: Any) -> int:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The shape numbers the formulas need, validated. ``n_kv_heads=None`` means MHA."""
+    """The shape numbers the formulas need, validated. ``n_kv_heads=None`` means MHA; ``head_dim=None``
+    means ``dim // n_heads``."""
 
     dim: int
     n_layers: int
@@ -65,12 +66,12 @@ class ModelShape:
     n_kv_heads: int
     vocab_size: int
     hidden_dim: int
+    head_dim: int
+    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
-        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim"):
+        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "head_dim"):
             _positive_int(field, getattr(self, field))
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
 
@@ -83,16 +84,18 @@ class ModelShape:
         if missing:
             raise ValueError(f"config {config!r} has no attribute(s) {', '.join(missing)}")
         n_kv = getattr(config, "n_kv_heads", None)
+        head_dim = getattr(config, "head_dim", None)
+        if head_dim is None:
+            _positive_int("n_heads", config.n_heads)
+            if config.dim % config.n_heads:
+                raise ValueError(f"dim={config.dim} is not divisible by n_heads={config.n_heads}")
+            head_dim = config.dim // config.n_heads
         return cls(config.dim, config.n_layers, config.n_heads, config.n_heads if n_kv is None else n_kv,
-                   config.vocab_size, config.hidden_dim)
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+                   config.vocab_size, config.hidden_dim, head_dim, bool(getattr(config, "tie_word_embeddings", False)))
 
     @property
     def q_dim(self) -> int:
-        """Width of the q projection and of the attention output: n_heads * head_dim (= dim here)."""
+        """Width of the q projection and of the attention output: n_heads * head_dim."""
         return self.n_heads * self.head_dim
 
     @property
@@ -112,12 +115,14 @@ def param_counts(config: Any) -> dict[str, int]:
     and ``matmul`` (layers_matmul + output: the weights that enter a matrix product)."""
     s = ModelShape.of(config)
     layers_matmul = s.n_layers * (s.dim * s.q_dim + 2 * s.dim * s.kv_dim + s.q_dim * s.dim + 3 * s.dim * s.hidden_dim)
-    embedding = output = s.vocab_size * s.dim
+    embedding = head = s.vocab_size * s.dim
+    output = 0 if s.tie_word_embeddings else head  # a tied head is the embedding matrix itself
     norms = (2 * s.n_layers + 1) * s.dim
     total = embedding + layers_matmul + norms + output
     return {
         "embedding": embedding, "output": output, "layers_matmul": layers_matmul, "norms": norms, "total": total,
-        "non_embedding": total - embedding, "matmul": layers_matmul + output,
+        # the head is a matrix product whether or not its matrix is shared with the embedding
+        "non_embedding": total - embedding, "matmul": layers_matmul + head,
     }
 
 
@@ -352,7 +357,8 @@ def calflops_flops_per_token(config: Any, seq_len: int) -> int:
 def _forward_nonmatmul_flops(s: ModelShape, n: int) -> int:
     """Non-matmul FLOPs of one forward of N tokens (batch 1, empty cache): the work table's conventions."""
     config = LlamaConfig(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
-                         vocab_size=s.vocab_size, hidden_dim=s.hidden_dim, max_seq_len=n)
+                         vocab_size=s.vocab_size, hidden_dim=s.hidden_dim, head_dim=s.head_dim, max_seq_len=n,
+                         tie_word_embeddings=s.tie_word_embeddings)
     return analyze(config, n_tokens=n).nonmatmul_flops
 
 

@@ -367,7 +367,7 @@ class Row:
 
 
 def _q_width(c: LlamaConfig) -> int:
-    return c.n_heads * c.head_dim
+    return c.q_dim
 
 
 def _linear_row(name: str, k: Callable[[LlamaConfig], int], n: Callable[[LlamaConfig], int],
@@ -394,7 +394,7 @@ def _hidden(c: LlamaConfig) -> int:
 
 def _output_params(c: LlamaConfig) -> int:
     # A tied head is the embedding tensor itself: its parameters are counted once, under tok_embeddings.
-    return 0 if getattr(c, "tie_word_embeddings", False) else c.dim * c.vocab_size
+    return 0 if c.tie_word_embeddings else c.dim * c.vocab_size
 
 
 # Top-level rows before the decoder layers, in execution order.

@@ -4,108 +4,14 @@ entry points for HF ``config.json`` and Meta ``params.json`` (parsed in :mod:`ll
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
-PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
+from .config_files import PathOrDict, hf_config_fields, meta_config_fields, meta_ffn_hidden_dim, read_json, with_source
+from .rope_scaling import RopeScaling, is_number, positive_finite
 
-# RoPE variants with a fixed position -> rotation table that llama_ref computes exactly as transformers.
-ROPE_SCALING_TYPES = ("llama3", "linear")
-# Known variants that llama_ref refuses, and why (never silently plain RoPE).
-UNSUPPORTED_ROPE_TYPES = {
-    "dynamic": "dynamic NTK recomputes the frequencies from the longest sequence seen so far (state that "
-               "depends on the history of calls), which a fixed position table does not reproduce",
-    "yarn": "YaRN also rescales attention logits (mscale) and has several more parameters; not implemented",
-    "longrope": "LongRoPE switches frequency sets by sequence length; not implemented",
-    "proportional": "partial/proportional RoPE is not part of the Llama architecture",
-}
-
-
-def _is_number(value: Any) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float))
-
-
-def _positive_finite(value: Any) -> bool:
-    """A real number (never a bool), finite and > 0: NaN, inf, 0, negatives, strings all fail."""
-    if not _is_number(value):
-        return False
-    try:
-        return math.isfinite(float(value)) and value > 0
-    except OverflowError:  # an int too large for a float (e.g. 400 digits in a JSON file)
-        return False
-
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """How the RoPE *frequencies* are rescaled for long context. Positions stay integers; only the
-    table ``e^{i * pos * inv_freq}`` changes (see :func:`llama_ref.rope.scaled_inv_freq`).
-
-    * ``"llama3"`` (Llama 3.1+; Meta's ``apply_scaling``, transformers' ``_compute_llama3_parameters``):
-      wavelengths longer than ``original_max_position_embeddings / low_freq_factor`` are stretched by
-      ``factor``, shorter than ``original_max_position_embeddings / high_freq_factor`` kept, and the band
-      between interpolated smoothly.
-    * ``"linear"`` (position interpolation): every frequency divided by ``factor``.
-    """
-
-    rope_type: str
-    factor: float
-    low_freq_factor: Optional[float] = None
-    high_freq_factor: Optional[float] = None
-    original_max_position_embeddings: Optional[int] = None
-
-    def __post_init__(self) -> None:
-        t = self.rope_type
-        if not isinstance(t, str):
-            raise ValueError(f"RopeScaling.rope_type must be a string, got {t!r}")
-        if t == "default":
-            raise ValueError("RopeScaling(rope_type='default') is plain RoPE: use rope_scaling=None")
-        if t in UNSUPPORTED_ROPE_TYPES:
-            raise ValueError(f"rope_type {t!r} is not supported: {UNSUPPORTED_ROPE_TYPES[t]}")
-        if t not in ROPE_SCALING_TYPES:
-            raise ValueError(f"unknown rope_type {t!r}; supported: {', '.join(ROPE_SCALING_TYPES)}")
-        if not _positive_finite(self.factor):
-            raise ValueError(f"RopeScaling.factor must be a positive finite number, got {self.factor!r}")
-        object.__setattr__(self, "factor", float(self.factor))
-        extras = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        if t == "linear":
-            given = [k for k in extras if getattr(self, k) is not None]
-            if given:
-                raise ValueError(f"RopeScaling(rope_type='linear') takes only factor; got {', '.join(given)}")
-            return
-        for name in ("low_freq_factor", "high_freq_factor"):
-            value = getattr(self, name)
-            if not _positive_finite(value):
-                raise ValueError(f"RopeScaling.{name} must be a positive finite number for 'llama3', got {value!r}")
-            object.__setattr__(self, name, float(value))
-        if not self.low_freq_factor < self.high_freq_factor:
-            # Equal factors would divide by zero in the smoothing ramp (Meta's code asserts it).
-            raise ValueError(f"RopeScaling: low_freq_factor ({self.low_freq_factor}) must be less than "
-                             f"high_freq_factor ({self.high_freq_factor})")
-        omax = self.original_max_position_embeddings
-        if isinstance(omax, bool) or not isinstance(omax, int) or omax <= 0:
-            raise ValueError(f"RopeScaling.original_max_position_embeddings must be a positive int for 'llama3', "
-                             f"got {omax!r}")
-
-    @classmethod
-    def llama3(cls, factor: float = 8.0, low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
-               original_max_position_embeddings: int = 8192) -> "RopeScaling":
-        """Defaults are Meta's ``apply_scaling`` constants (Llama 3.1)."""
-        return cls("llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
-
-    @classmethod
-    def linear(cls, factor: float) -> "RopeScaling":
-        return cls("linear", factor)
-
-    def to_hf(self) -> dict:
-        """The ``rope_scaling`` / ``rope_parameters`` entries transformers expects (without ``rope_theta``)."""
-        out: dict[str, Any] = {"rope_type": self.rope_type, "factor": self.factor}
-        if self.rope_type == "llama3":
-            out.update(low_freq_factor=self.low_freq_factor, high_freq_factor=self.high_freq_factor,
-                       original_max_position_embeddings=self.original_max_position_embeddings)
-        return out
-
+__all__ = ["LlamaConfig", "PRESETS", "RopeScaling", "meta_ffn_hidden_dim"]
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -149,7 +55,7 @@ class LlamaConfig:
                 raise ValueError(f"LlamaConfig.{field} must be positive, got {value}")
         for field in ("norm_eps", "rope_theta"):
             value = getattr(self, field)
-            if not _positive_finite(value):
+            if not positive_finite(value):
                 raise ValueError(f"LlamaConfig.{field} must be a positive number, got {value!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise ValueError(f"LlamaConfig.tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
@@ -228,16 +134,16 @@ class LlamaConfig:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
 
     @classmethod
-    def from_hf(cls, path_or_dict: PathOrDict) -> "LlamaConfig":
+    def from_hf(cls, path_or_dict: PathOrDict, *, source: Optional[str] = None) -> "LlamaConfig":
         """Read a Hugging Face ``config.json`` (a directory holding one, the file, a dict, or a live
         ``transformers.LlamaConfig``), resolving RoPE settings the way transformers does and refusing
-        settings that conflict. See :func:`llama_ref.config_files.parse_hf_config`."""
-        from .config_files import parse_hf_config, read_json
-
+        settings that conflict. See :func:`llama_ref.config_files.hf_config_fields`. ``source`` names
+        where a dict came from, for messages."""
         if not isinstance(path_or_dict, (Mapping, str, os.PathLike)) and hasattr(path_or_dict, "to_dict"):
             path_or_dict = path_or_dict.to_dict()  # a live transformers.LlamaConfig
-        cfg, source = read_json(path_or_dict, "config.json")
-        return parse_hf_config(cfg, source)
+        cfg, read_from = read_json(path_or_dict, "config.json")
+        source = source or read_from
+        return with_source(source, cls, **hf_config_fields(cfg, source))
 
     @classmethod
     def from_meta(
@@ -247,6 +153,7 @@ class LlamaConfig:
         vocab_size: Optional[int] = None,
         max_seq_len: Optional[int] = None,
         tie_word_embeddings: bool = False,
+        source: Optional[str] = None,
     ) -> "LlamaConfig":
         """Read Meta's ``params.json``.
 
@@ -254,29 +161,13 @@ class LlamaConfig:
         then (the checkpoint loader reads it off ``tok_embeddings``). ``max_seq_len`` is not in
         Meta's files: default 4096 (Llama-2's training length). Meta's files have no tie flag:
         ``tie_word_embeddings=True`` when the checkpoint has no ``output.weight`` (the loader
-        decides). See :func:`llama_ref.config_files.parse_meta_params` for every key.
+        decides). See :func:`llama_ref.config_files.meta_config_fields` for every key.
         """
-        from .config_files import parse_meta_params, read_json
-
-        params, source = read_json(path_or_dict, "params.json")
-        return parse_meta_params(params, source, vocab_size=vocab_size, max_seq_len=max_seq_len,
-                                 tie_word_embeddings=tie_word_embeddings)
-
-
-def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
-    """FFN width exactly as Meta's ``FeedForward.__init__`` computes it.
-
-    SwiGLU has three matrices instead of two, so the nominal 4*dim is scaled by 2/3 to keep the
-    parameter count, optionally multiplied, then rounded *up* to a multiple of ``multiple_of``.
-    """
-    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of <= 0:
-        raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}")
-    if ffn_dim_multiplier is not None and not _positive_finite(ffn_dim_multiplier):
-        raise ValueError(f"ffn_dim_multiplier must be a positive number or None, got {ffn_dim_multiplier!r}")
-    hidden = int(2 * (4 * dim) / 3)
-    if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
-    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+        params, read_from = read_json(path_or_dict, "params.json")
+        source = source or read_from
+        return with_source(source, cls, **meta_config_fields(params, source, vocab_size=vocab_size,
+                                                             max_seq_len=max_seq_len,
+                                                             tie_word_embeddings=tie_word_embeddings))
 
 
 # Llama 3.1 / 3.3: Meta's apply_scaling constants. Llama 3.2 1B/3B: factor 32 (their config.json).

@@ -27,10 +27,11 @@ import json
 import logging
 import os
 import stat
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
 
-from .config import (PathOrDict, RopeScaling, UNSUPPORTED_ROPE_TYPES, LlamaConfig, _positive_finite,
-                     meta_ffn_hidden_dim)
+from .rope_scaling import UNSUPPORTED_ROPE_TYPES, RopeScaling, positive_finite
+
+PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def _number(d: Mapping, key: str, source: str, default: Any = _MISSING, *, where
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{source}: {label} must be a number{' or null' if nullable else ''}, got {value!r}")
-    if not _positive_finite(value):
+    if not positive_finite(value):
         shown = value if isinstance(value, float) or abs(value) < 10**30 else f"an int of {len(str(value))} digits"
         raise ValueError(f"{source}: {label} must be a positive finite number, got {shown!r}")
     return value
@@ -149,8 +150,9 @@ def _check_full_rotary(d: Mapping, source: str, where: str = "") -> None:
 
 
 # ---------------------------------------------------------------------------- Hugging Face config.json
-def parse_hf_config(cfg: Mapping[str, Any], source: str = "config dict") -> LlamaConfig:
-    """A :class:`LlamaConfig` from the contents of an HF ``config.json`` (``source`` names the file)."""
+def hf_config_fields(cfg: Mapping[str, Any], source: str = "config dict") -> dict[str, Any]:
+    """The :class:`~llama_ref.config.LlamaConfig` fields of an HF ``config.json``'s contents (``source``
+    names the file)."""
     model_type = _str(cfg, "model_type", source, "llama")
     if model_type != "llama":
         raise ValueError(f"{source}: model_type is {model_type!r}, only 'llama' is supported")
@@ -179,8 +181,7 @@ def parse_hf_config(cfg: Mapping[str, Any], source: str = "config dict") -> Llam
     _check_full_rotary(cfg, source)
     rope_theta, rope_scaling = resolve_hf_rope(cfg, source, max_seq_len)
     name = cfg.get("_name_or_path")
-    return _named(
-        source, LlamaConfig,
+    return dict(
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
         hidden_dim=hidden_dim, norm_eps=norm_eps, rope_theta=float(rope_theta), max_seq_len=max_seq_len,
         rope_scaling=rope_scaling, tie_word_embeddings=tie, head_dim=head_dim,
@@ -188,7 +189,7 @@ def parse_hf_config(cfg: Mapping[str, Any], source: str = "config dict") -> Llam
     )
 
 
-def _named(source: str, build, *args, **kwargs):
+def with_source(source: str, build, *args, **kwargs):
     """``build(*args, **kwargs)``, with a validation error prefixed by the file it came from."""
     try:
         return build(*args, **kwargs)
@@ -272,7 +273,7 @@ def _scaling_from_dict(d: Mapping, key: str, rope_type: str, source: str, cfg: M
     if rope_type in UNSUPPORTED_ROPE_TYPES:
         raise ValueError(f"{source}: {key} rope_type {rope_type!r} is not supported: {UNSUPPORTED_ROPE_TYPES[rope_type]}")
     if rope_type == "linear":
-        return _named(source, RopeScaling.linear, _number(d, "factor", source, where=where))
+        return with_source(source, RopeScaling.linear, _number(d, "factor", source, where=where))
     if rope_type == "llama3":
         # transformers moves a top-level original_max_position_embeddings over the dict's value
         # (standardize_rope_params runs again when the RoPE table is built), else it defaults to
@@ -283,7 +284,7 @@ def _scaling_from_dict(d: Mapping, key: str, rope_type: str, source: str, cfg: M
             raise ValueError(f"{source}: original_max_position_embeddings={top} disagrees with "
                              f"{where}original_max_position_embeddings={inner} (transformers uses {top}): remove one")
         original = top if top is not None else inner if inner is not None else max_position_embeddings
-        return _named(
+        return with_source(
             source, RopeScaling.llama3,
             factor=_number(d, "factor", source, where=where),
             low_freq_factor=_number(d, "low_freq_factor", source, where=where),
@@ -339,10 +340,10 @@ _META_OFF_VALUES = {
 _META_INERT = {"vision_max_num_chunks", "floor_scale", "attn_scale"}
 
 
-def parse_meta_params(params: Mapping[str, Any], source: str = "config dict", *, vocab_size: Optional[int] = None,
-                      max_seq_len: Optional[int] = None, tie_word_embeddings: bool = False) -> LlamaConfig:
-    """A :class:`LlamaConfig` from the contents of Meta's ``params.json``. Every key is honoured,
-    known to be inert, or refused: nothing that changes the model is ignored."""
+def meta_config_fields(params: Mapping[str, Any], source: str = "config dict", *, vocab_size: Optional[int] = None,
+                       max_seq_len: Optional[int] = None, tie_word_embeddings: bool = False) -> dict[str, Any]:
+    """The :class:`~llama_ref.config.LlamaConfig` fields of Meta's ``params.json`` contents. Every key is
+    honoured, known to be inert, or refused: nothing that changes the model is ignored."""
     params = params.get("model", params) if isinstance(params.get("model"), Mapping) else params
     for key, value in params.items():
         if key in _META_HONOURED or key in _META_RUNTIME or key in _META_INERT:
@@ -371,9 +372,8 @@ def parse_meta_params(params: Mapping[str, Any], source: str = "config dict", *,
     max_seq_len = max_seq_len if max_seq_len is not None else file_max if file_max is not None else 4096
     multiple_of = _int(params, "multiple_of", source, 256)
     ffn_mult = _number(params, "ffn_dim_multiplier", source, None, nullable=True)
-    hidden_dim = _named(source, meta_ffn_hidden_dim, dim, multiple_of, ffn_mult)
-    return _named(
-        source, LlamaConfig,
+    hidden_dim = with_source(source, meta_ffn_hidden_dim, dim, multiple_of, ffn_mult)
+    return dict(
         dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, vocab_size=vocab_size,
         hidden_dim=hidden_dim,
         norm_eps=_number(params, "norm_eps", source, 1e-5),
@@ -413,10 +413,26 @@ def _meta_rope_scaling(params: Mapping, source: str) -> Optional[RopeScaling]:
         logger.info("%s: use_scaled_rope=true without rope_scaling_factor: factor %s as in Meta's llama3 "
                     "apply_scaling", source, META_ROPE_DEFAULTS["factor"])
     d = META_ROPE_DEFAULTS
-    return _named(
+    return with_source(
         source, RopeScaling.llama3,
         factor=d["factor"] if factor is None else factor,
         low_freq_factor=d["low_freq_factor"],
         high_freq_factor=d["high_freq_factor"] if high is None else high,
         original_max_position_embeddings=d["original_max_position_embeddings"],
     )
+
+
+def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float] = None) -> int:
+    """FFN width exactly as Meta's ``FeedForward.__init__`` computes it.
+
+    SwiGLU has three matrices instead of two, so the nominal 4*dim is scaled by 2/3 to keep the
+    parameter count, optionally multiplied, then rounded *up* to a multiple of ``multiple_of``.
+    """
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of <= 0:
+        raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}")
+    if ffn_dim_multiplier is not None and not positive_finite(ffn_dim_multiplier):
+        raise ValueError(f"ffn_dim_multiplier must be a positive number or None, got {ffn_dim_multiplier!r}")
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)

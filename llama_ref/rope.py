@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import RopeScaling
+from .rope_scaling import RopeScaling
 
 
 def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: Optional[RopeScaling] = None,

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..config import LlamaConfig
-from ..config_files import parse_hf_config, read_hf_dtype, read_json
+from ..config_files import read_hf_dtype, read_json
 from ..hf import HF_IGNORED_SUFFIXES, hf_to_meta_key, meta_to_hf_key
 from .detect import CheckpointFiles
 from .errors import CheckpointError, fmt_shape
@@ -28,7 +28,7 @@ def read_hf_config(files: CheckpointFiles) -> tuple[LlamaConfig, Optional[torch.
     """The model config and the dtype ``config.json`` says the weights are in (``None``: not stated).
     The file is read once; both come from the same strict reader (:mod:`llama_ref.config_files`)."""
     raw, source = read_json(files.config, "config.json")
-    config = parse_hf_config(raw, source)
+    config = LlamaConfig.from_hf(raw, source=source)
     try:
         name = read_hf_dtype(raw, source)  # transformers < 5 writes "torch_dtype", 5.x writes "dtype"
     except ValueError as e:

@@ -17,7 +17,7 @@ import os
 from typing import Optional
 
 from ..config import LlamaConfig
-from ..config_files import parse_meta_params, read_json
+from ..config_files import read_json
 from .detect import CheckpointFiles
 from .errors import CheckpointError, fmt_shape
 from .plan import PlannedTensor
@@ -60,7 +60,7 @@ def read_meta_config(files: CheckpointFiles, opener: OpenFiles) -> LlamaConfig:
     if tied:
         logger.info("%s: no %r in %s: reading the head as tied to the embedding", files.root, _HEAD,
                     ", ".join(os.path.basename(s) for s in files.shards))
-    return parse_meta_params(params, source, vocab_size=vocab, tie_word_embeddings=tied)
+    return LlamaConfig.from_meta(params, source=source, vocab_size=vocab, tie_word_embeddings=tied)
 
 
 _EMBEDDING, _HEAD = "tok_embeddings.weight", "output.weight"
