@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from llama_ref.config import PRESETS, LlamaConfig
+from llama_ref.hub import is_hub_id
 from llama_ref.loading import find_checkpoint_files
 from llama_ref.model import Llama
 
@@ -33,7 +34,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 @dataclass
 class ModelSource:
     config: LlamaConfig
-    kind: str  # "preset" | "hf" | "meta"
+    kind: str  # "preset" | "hf" | "meta" | "hub"
     path: Optional[str] = None  # file or directory given
     checkpoint_dir: Optional[str] = None  # directory holding weights, if any
 
@@ -54,16 +55,24 @@ def _has_weights(directory: str) -> bool:
     return True
 
 
-def resolve_model(spec: str, *, vocab_size: Optional[int] = None) -> ModelSource:
-    """A preset name, an HF directory / config.json, or a Meta directory / params.json."""
+def resolve_model(spec: str, *, vocab_size: Optional[int] = None, revision: Optional[str] = None) -> ModelSource:
+    """A preset name, an HF directory / config.json, a Meta directory / params.json, or a Hugging Face
+    Hub model id ``org/name`` (only its ``config.json`` is fetched, at ``revision``)."""
+    if revision is not None and not is_hub_id(spec):
+        raise BadInput(f"--revision applies to a Hub model id (org/name), not to {spec!r}")
     if spec in PRESETS:
         if vocab_size is not None and vocab_size != PRESETS[spec].vocab_size:
             raise BadInput(f"--vocab-size {vocab_size} contradicts preset {spec} (vocab_size "
                            f"{PRESETS[spec].vocab_size})")
         return ModelSource(PRESETS[spec], "preset")
+    if is_hub_id(spec):  # never an existing local path (is_hub_id checks)
+        config = LlamaConfig.from_hf(spec, revision=revision)
+        if vocab_size is not None and vocab_size != config.vocab_size:
+            raise BadInput(f"--vocab-size {vocab_size} contradicts {spec} (vocab_size {config.vocab_size})")
+        return ModelSource(config, "hub", path=spec)
     if not os.path.exists(spec):
-        raise BadInput(f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}) "
-                       "and no such file or directory")
+        raise BadInput(f"unknown model {spec!r}: not a preset ({', '.join(sorted(PRESETS))}), "
+                       "no such file or directory, and not a Hub model id (org/name)")
     if os.path.isdir(spec):
         directory = spec
         if os.path.isfile(os.path.join(spec, "config.json")):

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 from .config_files import PathOrDict, hf_config_fields, meta_config_fields, meta_ffn_hidden_dim, read_json, with_source
+from .hub import hub_config_path, is_hub_id
 from .rope_scaling import RopeScaling, is_number, positive_finite
 
 __all__ = ["LlamaConfig", "PRESETS", "RopeScaling", "meta_ffn_hidden_dim"]
@@ -134,14 +135,26 @@ class LlamaConfig:
             raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(PRESETS))}") from None
 
     @classmethod
-    def from_hf(cls, path_or_dict: PathOrDict, *, source: Optional[str] = None) -> "LlamaConfig":
-        """Read a Hugging Face ``config.json`` (a directory holding one, the file, a dict, or a live
-        ``transformers.LlamaConfig``), resolving RoPE settings the way transformers does and refusing
-        settings that conflict. See :func:`llama_ref.config_files.hf_config_fields`. ``source`` names
-        where a dict came from, for messages."""
+    def from_hf(cls, path_or_dict: PathOrDict, *, source: Optional[str] = None,
+                revision: Optional[str] = None) -> "LlamaConfig":
+        """Read a Hugging Face ``config.json`` (a directory holding one, the file, a dict, a live
+        ``transformers.LlamaConfig``, or a Hub model id ``"org/name"``, of which only ``config.json`` is
+        fetched, at ``revision``), resolving RoPE settings the way transformers does and refusing
+        settings that conflict. See :func:`llama_ref.config_files.hf_config_fields` and
+        :mod:`llama_ref.hub`. ``source`` names where a dict came from, for messages."""
         if not isinstance(path_or_dict, (Mapping, str, os.PathLike)) and hasattr(path_or_dict, "to_dict"):
             path_or_dict = path_or_dict.to_dict()  # a live transformers.LlamaConfig
+        hub_id = None
+        if is_hub_id(path_or_dict):
+            hub_id = path_or_dict
+            path_or_dict = hub_config_path(hub_id, revision=revision)
+        elif revision is not None:
+            raise ValueError(f"revision={revision!r} applies to a Hub model id ('org/name'), not to {path_or_dict!r}")
         cfg, read_from = read_json(path_or_dict, "config.json")
+        if hub_id is not None:
+            read_from = f"{hub_id} ({read_from})"
+            if not cfg.get("_name_or_path"):
+                cfg = {**cfg, "_name_or_path": hub_id}  # else the model is named after a snapshot hash
         source = source or read_from
         return with_source(source, cls, **hf_config_fields(cfg, source))
 

@@ -177,6 +177,28 @@ def test_meta_params_without_checkpoint_needs_vocab_size(capsys, tmp_path):
     assert code == EXIT_OK and doc["params"] == param_count(PRESETS["tiny"])
 
 
+# ---------------------------------------------------------------- Hugging Face hub ids
+def test_hub_id_offline_from_a_cache_holding_only_the_config(capsys, tmp_path, monkeypatch):
+    from _hub_cache import cache_file
+
+    from llama_ref.hf import hf_config_dict
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    commit = "c0ffee" + "0" * 34
+    data = json.dumps(hf_config_dict(PRESETS["llama-3.2-1b"])).encode()
+    cache_file(tmp_path, "meta-llama/Llama-3.2-1B", commit, "config.json", data, refs=("main",))
+    code, doc, err = _json(capsys, "count", "meta-llama/Llama-3.2-1B", "--tokens", "16", "--counters", "analytic,hooks")
+    assert code == EXIT_OK, err
+    assert doc["model"] == "meta-llama/Llama-3.2-1B" and doc["model_source"]["kind"] == "hub"
+    assert doc["params"] == 1_235_814_400  # tied: the head is the embedding, counted once
+    assert doc["config"]["rope_scaling"]["factor"] == 32.0 and doc["agree"]
+    code, doc, _ = _json(capsys, "params", "meta-llama/Llama-3.2-1B", "--revision", commit)
+    assert code == EXIT_OK and doc["params"] == doc["meta_model_numel"] == 1_235_814_400
+    code, _, err = _run(capsys, "count", "meta-llama/Llama-3.2-3B")
+    assert code == EXIT_BAD_INPUT and "not in the local cache" in err and len(err.strip().splitlines()) == 1
+
+
 # ---------------------------------------------------------------- exit codes and bad input
 @pytest.mark.parametrize("argv, needle", [
     (["count", "no-such-model"], "unknown model 'no-such-model'"),

@@ -10,7 +10,6 @@ errors are huggingface_hub's own (GatedRepoError, RevisionNotFoundError, ...), n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from llama_ref.hub import (  # noqa: E402
 )
 
 from _ckpt_helpers import logits, reference_model, synth, tokens  # noqa: E402
+from _hub_cache import cache_file, git_blob_sha1  # noqa: E402
 
 REPO_ID = "org/tiny-llama"
 COMMIT_A = "a" * 40
@@ -52,11 +52,6 @@ def config_bytes(**changes) -> bytes:
     return json.dumps({**TINY_HF, **changes}, indent=2).encode()
 
 
-def git_blob_sha1(data: bytes) -> str:
-    """The id git (and the Hub's ETag for a non-LFS file) gives a blob."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
 def one_line(err: BaseException) -> str:
     text = str(err)
     assert text and "\n" not in text, f"not one line: {text!r}"
@@ -70,28 +65,6 @@ def closed_port() -> int:
 
 
 # ============================================================================ the hand-made cache
-def cache_file(cache: Path, repo_id: str, commit: str, filename: str, data: bytes, *,
-               refs: tuple[str, ...] = ()) -> Path:
-    """Put one file in the standard hub cache layout, exactly as hf_hub_download leaves it::
-
-        models--org--name/blobs/<git sha1 of the content>
-        models--org--name/snapshots/<commit>/<filename> -> ../../blobs/<sha1>   (relative symlink)
-        models--org--name/refs/<ref>                     the commit, no newline
-    """
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    blob = repo / "blobs" / git_blob_sha1(data)
-    blob.parent.mkdir(parents=True, exist_ok=True)
-    blob.write_bytes(data)
-    pointer = repo / "snapshots" / commit / filename
-    pointer.parent.mkdir(parents=True, exist_ok=True)
-    pointer.symlink_to(os.path.relpath(blob, pointer.parent))
-    for ref in refs:
-        ref_file = repo / "refs" / ref
-        ref_file.parent.mkdir(parents=True, exist_ok=True)
-        ref_file.write_text(commit)
-    return pointer
-
-
 # ============================================================================ the fake Hub
 class FakeHub:
     """A loopback HTTP server with the Hub's URL layout and error headers. ``requests`` logs every

@@ -3,6 +3,7 @@ arguments and output paths that run before any work."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import tempfile
 from typing import Optional
@@ -22,6 +23,20 @@ MAX_COUNT_ARG = 1 << 40
 
 class BadInput(Exception):
     """Bad user input: reported as one line on stderr, exit status 2."""
+
+
+MODEL_HELP = ("preset name, HF checkpoint dir or config.json, Meta dir or params.json, or a Hugging Face Hub "
+              "model id org/name (only its config.json is fetched)")
+
+
+def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    """MODEL and the options that say how to read it, the same for every command."""
+    if optional:
+        p.add_argument("model", metavar="MODEL", nargs="?", default="llama-2-7b", help=MODEL_HELP + " (default llama-2-7b)")
+    else:
+        p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for a Meta params.json saying -1")
+    p.add_argument("--revision", default=None, help="branch, tag or commit of a Hub model id (default main)")
 
 
 def check_int(name: str, value: int, minimum: int, maximum: int = MAX_COUNT_ARG) -> int:

@@ -15,7 +15,7 @@ from ..crosscheck import crosscheck
 from ..models import DTYPES, build_model, choose_device, resolve_model
 from ..report import render_csv, render_table, to_json
 from ..result import COUNTER_NAMES
-from .common import EXIT_DISAGREE, EXIT_OK, BadInput, check_int, check_output_file
+from .common import EXIT_DISAGREE, EXIT_OK, BadInput, add_model_arguments, check_int, check_output_file
 
 HELP = "count MACs/FLOPs per layer with several counters and check they agree"
 DEFAULT_TOKENS = 128
@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="preset name, HF checkpoint dir or config.json, or Meta dir (params.json)")
+    add_model_arguments(p)
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"new tokens N per sequence (default {DEFAULT_TOKENS})")
     p.add_argument("--cached", type=int, default=0, help="cached tokens C before them (prefilled, not counted)")
     p.add_argument("--batch", type=int, default=1, help="batch size B")
@@ -37,7 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernel", default="math", choices=("math", "sdpa"), help="attention kernel")
     p.add_argument("--strict", action="store_true", help="fail (exit 3) on any op or module without a formula")
     p.add_argument("--detail", action="store_true", help="per-module rows instead of one line per layer run")
-    p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for a Meta params.json saying -1")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and tokens")
 
 
@@ -61,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     check_int("seed", args.seed, 0, (1 << 63) - 1)
     names = parse_counters(args.counters)
     check_output_file(args.out)
-    source = resolve_model(args.model, vocab_size=args.vocab_size)
+    source = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision)
     config = source.config
     schedule = resolve_schedule(args.schedule, config.n_layers)
     end = args.cached + args.tokens

@@ -12,19 +12,18 @@ from llama_ref.model import Llama
 
 from ..analytic import param_breakdown, param_count
 from ..models import resolve_model
-from .common import EXIT_DISAGREE, EXIT_OK
+from .common import EXIT_DISAGREE, EXIT_OK, add_model_arguments
 
 HELP = "exact parameter count breakdown"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL")
+    add_model_arguments(p)
     p.add_argument("--format", default="table", choices=("table", "json"))
-    p.add_argument("--vocab-size", type=int, default=None)
 
 
 def run(args: argparse.Namespace) -> int:
-    source = resolve_model(args.model, vocab_size=args.vocab_size)
+    source = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision)
     config = source.config
     parts = param_breakdown(config)
     total = param_count(config)

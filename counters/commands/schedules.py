@@ -17,18 +17,17 @@ from ..analytic import macs_polynomial
 from ..hooks import count_hooks
 from ..models import resolve_model
 from ..published import REF000_MACS, REF000_SOURCE
-from .common import EXIT_DISAGREE, EXIT_OK, BadInput
+from .common import EXIT_DISAGREE, EXIT_OK, BadInput, add_model_arguments
 
 HELP = "a*N + b*N^2 MACs of every schedule preset vs the published figures"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", nargs="?", default="llama-2-7b", help="model (default llama-2-7b)")
+    add_model_arguments(p, optional=True)
     p.add_argument("--measure", action="store_true",
                    help="confirm a, b by counting with hooks on the meta device at two token counts")
     p.add_argument("--measure-tokens", default="16,48", help="the two N values of --measure (default 16,48)")
     p.add_argument("--format", default="table", choices=("table", "json"))
-    p.add_argument("--vocab-size", type=int, default=None)
 
 
 def measure_polynomial(model, n1: int, n2: int) -> tuple[int, int]:
@@ -120,7 +119,7 @@ def _measure_tokens(text: str, max_seq_len: int) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    source = resolve_model(args.model, vocab_size=args.vocab_size)
+    source = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision)
     n1, n2 = _measure_tokens(args.measure_tokens, source.config.max_seq_len)
     rows = schedule_rows(source.config, measure=args.measure, measure_tokens=(n1, n2))
     if args.format == "json":

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 
 from ..analytic import analyze
-from ..commands.common import EXIT_OK, BadInput, check_int, check_output_dir
+from ..commands.common import EXIT_OK, BadInput, add_model_arguments, check_int, check_output_dir
 from ..models import resolve_model
 from ..table import BLOCK_ROWS, TOP_ROWS_AFTER, TOP_ROWS_BEFORE, RowKey
 from .factory import measure
@@ -81,7 +81,7 @@ def load_timings(path: Union[str, os.PathLike], *, n_tokens: Optional[int] = Non
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="preset name (e.g. llama-2-7b) or path to config.json / params.json / checkpoint dir")
+    add_model_arguments(parser)
     parser.add_argument("--hardware", default="h100-sxm", choices=HARDWARE_NAMES,
                         help="peak table entry, or 'cpu' to measure this machine (default: h100-sxm)")
     parser.add_argument("--tokens", "-N", type=int, default=2048, help="new tokens per sequence (default 2048)")
@@ -95,7 +95,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="one row per layer run (default) or per module")
     parser.add_argument("--layers", type=int, default=None,
                         help="use only the first K decoder layers (same shapes): lets --measure fit in memory")
-    parser.add_argument("--vocab-size", type=int, default=None, help="for Meta params.json files with vocab_size -1")
     parser.add_argument("--measure", action="store_true",
                         help="also time each layer run on this machine (cpu for --hardware cpu, else CUDA)")
     parser.add_argument("--timings", default=None, help="JSON with measured per-layer seconds to plot beside the prediction")
@@ -122,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if args.timings is not None and not os.path.isfile(args.timings):
         raise BadInput(f"--timings {args.timings}: no such file")
     check_output_dir(args.out)
-    config = resolve_model(args.model, vocab_size=args.vocab_size).config
+    config = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision).config
     if args.layers is not None:
         check_int("layers", args.layers, 1, config.n_layers)
         config = config.replace(n_layers=args.layers, name=f"{config.name}[:{args.layers} layers]")
