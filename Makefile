@@ -1,0 +1,37 @@
+# Two commands on a fresh machine (each sets everything up on first use):
+#   make count   # the main job: count Llama-2-7B, four counters, exact agreement
+#   make test    # the test suite
+#
+# The virtualenv (.venv) gets a CPU build of torch from PyTorch's CPU index, so a machine without a GPU
+# never downloads the multi-GB CUDA build; the package itself asks only for torch>=2.4. To use your own
+# torch (e.g. CUDA), install it into .venv first, or run `make TORCH_INDEX= count`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+COUNT_ARGS ?= llama-2-7b --tokens 2048
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llama-ref-installed
+export MPLBACKEND := Agg
+
+.PHONY: count test setup clean
+
+count: $(STAMP)
+	$(BIN)/llama-ref count $(COUNT_ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
