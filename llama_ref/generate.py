@@ -16,8 +16,9 @@ Prompts = Union[torch.Tensor, Sequence[Union[Sequence[int], torch.Tensor]]]
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Sample from the smallest set of tokens whose probability mass reaches ``p``. probs: (bsz, vocab)."""
-    if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or not probs.is_floating_point():
-        raise ValueError(f"probs must be a floating (bsz, vocab) tensor, got {_describe(probs)}")
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or not probs.is_floating_point() or probs.is_meta:
+        raise ValueError(f"probs must be a floating (bsz, vocab) tensor with data, got {_describe(probs)}"
+                         + (" on the meta device" if isinstance(probs, torch.Tensor) and probs.is_meta else ""))
     if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {p!r}")
     if not all_finite(probs) or bool((probs < 0).any()):

@@ -55,7 +55,8 @@ class Llama(nn.Module):
         if target.type != "meta":
             weight_dtype = torch.get_default_dtype() if dtype is None else dtype
             check_memory(weight_bytes(config, weight_dtype), target,
-                         f"Llama({config.name}) with {parameter_count(config):,} weights in {weight_dtype}")
+                         f"Llama({config.name}) with {parameter_count(config):,} weights in {weight_dtype} "
+                         f"and a RoPE table for max_seq_len={config.max_seq_len:,}")
         self.config = config
         self._compute_dtype = compute_dtype
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)

@@ -140,8 +140,14 @@ def format_schedule(order: Sequence[int]) -> str:
 
 def resolve_schedule(spec: ScheduleSpec, n_layers: int) -> tuple[int, ...]:
     """Turn a preset name, a string form or a sequence of layer indices into a validated tuple."""
+    if isinstance(n_layers, bool) or not isinstance(n_layers, numbers.Integral) or n_layers <= 0:
+        raise ValueError(f"n_layers must be a positive int, got {_show(n_layers)}")
     # isinstance first: ``array == "baseline"`` would compare elementwise.
     if spec is None or (isinstance(spec, str) and spec == "baseline"):
+        if n_layers > MAX_SCHEDULE_RUNS:
+            # Also what keeps Llama(config) with n_layers=10**9 from building layers for hours.
+            raise ValueError(f"a model with {n_layers:,} layers runs more than {MAX_SCHEDULE_RUNS:,} layers per forward, "
+                             "the limit (MAX_SCHEDULE_RUNS)")
         return tuple(range(n_layers))
     if isinstance(spec, str):
         if not spec or spec.isspace():

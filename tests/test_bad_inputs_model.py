@@ -412,6 +412,8 @@ CASES: list[Case] = [
     Case("schedule-negative-int", lambda c: resolve_schedule([2, -3], 4), ValueError, "layer index -3 out of range"),
     Case("schedule-huge-string", lambda c: resolve_schedule("0-3," * 5_000_000 + "0", 4), ValueError,
          "more than 10,000 layer runs"),
+    Case("model-billion-layers", lambda c: Llama(TINY.replace(n_layers=10**9), device="meta"), ValueError,
+         "1,000,000,000 layers", "more than 10,000"),
     # --- generate
     Case("generate-meta", lambda c: generate(Llama(TINY, device="meta"), [[1, 2]], 2), ValueError, "meta device"),
     Case("generate-temperature-inf", lambda c: generate(c.model(), [[1]], 2, temperature=math.inf), ValueError,

@@ -87,7 +87,8 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
                    hf_names=None if files.format == META else hf_name_map(expected))
         if device.type != "meta":
             check_memory(weight_bytes(config, target), device,
-                         f"loading {files.root} ({parameter_count(config):,} weights in {target})")
+                         f"loading {files.root} ({parameter_count(config):,} weights in {target} and a RoPE table "
+                         f"for max_seq_len={config.max_seq_len:,})")
             state = materialize(plan, opener, config, device=device, dtype=target, progress=progress,
                                 desc=f"loading {os.path.basename(os.path.normpath(files.root))}",
                                 check_finite=check_finite)
