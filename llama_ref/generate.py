@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from typing import Optional, Sequence, Union
@@ -38,8 +39,12 @@ def _describe(x) -> str:
     return type(x).__name__
 
 
-def _as_prompt_list(prompts: Prompts) -> list[list[int]]:
-    """Prompts as lists of Python ints: a (bsz, seqlen) tensor, or a list of lists / 1-D tensors."""
+def _as_prompt_list(prompts: Prompts, max_seq_len: int) -> list[list[int]]:
+    """Prompts as lists of Python ints: a (bsz, seqlen) tensor, or a list of lists / 1-D tensors.
+
+    A prompt is read up to one token past ``max_seq_len`` (enough to refuse it), so a huge tensor is
+    never converted to Python ints and an endless iterator never consumed.
+    """
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2:
             raise ValueError(f"prompt tensor must have shape (bsz, seqlen), got {tuple(prompts.shape)}")
@@ -47,7 +52,7 @@ def _as_prompt_list(prompts: Prompts) -> list[list[int]]:
             raise ValueError("prompt tensor is on the meta device: it has no token ids to read")
         if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
             raise ValueError(f"prompt tensor must hold integer token ids, got {prompts.dtype}")
-        return prompts.tolist()
+        return prompts[:, : max_seq_len + 1].tolist()
     if isinstance(prompts, (str, bytes)):
         raise ValueError(f"prompts must be token ids, not text: got {prompts[:40]!r}; tokenize first")
     out = []
@@ -56,11 +61,11 @@ def _as_prompt_list(prompts: Prompts) -> list[list[int]]:
             if isinstance(p, torch.Tensor):
                 if p.dim() != 1 or p.is_meta or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
                     raise ValueError(f"a prompt given as a tensor must be a 1-D integer tensor, got {_describe(p)}")
-                out.append(p.tolist())
+                out.append(p[: max_seq_len + 1].tolist())
             elif isinstance(p, (str, bytes)):
                 raise ValueError(f"prompts must be token ids, not text: got {p[:40]!r}; tokenize first")
             else:
-                out.append(list(p))
+                out.append(list(itertools.islice(p, max_seq_len + 1)))
     except TypeError:
         raise ValueError(
             f"prompts must be a (bsz, seqlen) tensor or a list of token-id lists, got {str(prompts)[:200]}"
@@ -87,9 +92,13 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
     if model.device.type == "meta":
         raise ValueError("generate() needs real weights: this model is on the meta device (shapes only, no data to "
                          "sample from); load or build it on 'cpu' or 'cuda'")
-    prompts = _as_prompt_list(prompts)
+    max_seq_len = model.config.max_seq_len
+    prompts = _as_prompt_list(prompts, max_seq_len)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
+    too_long = next((row for row, p in enumerate(prompts) if len(p) > max_seq_len), None)
+    if too_long is not None:
+        raise ValueError(f"prompt {too_long} is longer than the model's max_seq_len={max_seq_len}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
     max_new_tokens = int(max_new_tokens)
@@ -105,6 +114,14 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
         if temperature > 0 and generator.device.type != model.device.type:
             raise ValueError(f"generator is on {generator.device} but the model samples on {model.device}; "
                              f"use torch.Generator(device={str(model.device)!r})")
+    bsz = len(prompts)
+    min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
+    total_len = max_len + max_new_tokens
+    if total_len > max_seq_len:
+        raise ValueError(
+            f"longest prompt ({max_len}) + max_new_tokens ({max_new_tokens}) = {total_len} exceeds "
+            f"max_seq_len={max_seq_len}"
+        )
     vocab = model.config.vocab_size
     for row, p in enumerate(prompts):
         for t in p:
@@ -115,14 +132,6 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
                                or not 0 <= eos_id < vocab):
         raise ValueError(f"eos_id {eos_id!r} is not a token id in the vocabulary [0, {vocab})")
-    bsz = len(prompts)
-    min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
-    total_len = max_len + max_new_tokens
-    if total_len > model.config.max_seq_len:
-        raise ValueError(
-            f"longest prompt ({max_len}) + max_new_tokens ({max_new_tokens}) = {total_len} exceeds "
-            f"max_seq_len={model.config.max_seq_len}"
-        )
     if max_new_tokens == 0:
         return [[] for _ in prompts]
 

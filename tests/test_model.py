@@ -426,3 +426,15 @@ def test_check_finite(tiny_model):
     with pytest.raises(NonFiniteError, match="2 weight tensor\\(s\\).*norm.weight \\(1 NaN and 0 inf.*"
                                              "output.weight \\(1 NaN and 2 inf"):
         tiny_model.check_finite()
+
+
+def test_available_memory_and_devices():
+    from llama_ref.devices import resolve_device
+    from llama_ref.memory import available_memory_bytes
+
+    cpu = available_memory_bytes("cpu")
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert isinstance(cpu, int) and 0 < cpu <= total
+    assert available_memory_bytes("meta") is None  # nothing to check there
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("meta")).type == "meta"
