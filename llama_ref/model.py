@@ -188,6 +188,25 @@ class Llama(nn.Module):
             for cache in self.caches:
                 cache.reset()
 
+    def mark_cache_filled(self, n_positions: int, bsz: Optional[int] = None) -> None:
+        """Declare positions ``[0, n_positions)`` of rows ``[:bsz]`` written *without computing them*.
+
+        For timing and op counting only, where the cached values do not matter (the cache then holds
+        zeros or stale keys there, so logits computed over it are meaningless): a decode step after
+        C cached tokens does the same work whatever the keys are, and a real prefill of C tokens can
+        cost far more than the step being measured. Never use it before generating.
+        """
+        if self.caches is None:
+            raise ValueError("mark_cache_filled() needs a KV cache: call setup_cache() first")
+        max_batch, max_seq = self.caches[0].max_batch_size, self.caches[0].max_seq_len
+        bsz = max_batch if bsz is None else bsz
+        if isinstance(bsz, bool) or not isinstance(bsz, int) or not 0 < bsz <= max_batch:
+            raise ValueError(f"bsz must be an int in [1, {max_batch}] (the cache's max_batch_size), got {bsz!r}")
+        if isinstance(n_positions, bool) or not isinstance(n_positions, int) or not 0 <= n_positions <= max_seq:
+            raise ValueError(f"n_positions must be an int in [0, {max_seq}] (the cache's max_seq_len), got {n_positions!r}")
+        for cache in self.caches:
+            cache.mark_written(0, bsz, n_positions)
+
     def cache_filled(self, bsz: Optional[int] = None) -> Optional[int]:
         """How many leading positions the KV cache holds for every row of ``[:bsz]`` (default: all rows)
         in every schedule run: the largest ``start_pos`` the next call may use. ``None`` without a cache."""

@@ -438,3 +438,17 @@ def test_available_memory_and_devices():
     assert isinstance(cpu, int) and 0 < cpu <= total
     assert available_memory_bytes("meta") is None  # nothing to check there
     assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("meta")).type == "meta"
+
+
+def test_mark_cache_filled_is_explicit_and_checked(tiny_model, tiny_config):
+    # For timing/counting a decode step after C positions without computing them (values meaningless).
+    with pytest.raises(ValueError, match="needs a KV cache"):
+        tiny_model.mark_cache_filled(4)
+    tiny_model.setup_cache(2, 16)
+    tiny_model.mark_cache_filled(10, bsz=1)
+    assert (tiny_model.cache_filled(1), tiny_model.cache_filled(2)) == (10, 0)
+    assert tiny_model(_tokens(1, 1, tiny_config.vocab_size), start_pos=10).shape == (1, 1, tiny_config.vocab_size)
+    with pytest.raises(ValueError, match="n_positions must be an int in \\[0, 16\\]"):
+        tiny_model.mark_cache_filled(17)
+    with pytest.raises(ValueError, match="bsz must be an int in \\[1, 2\\]"):
+        tiny_model.mark_cache_filled(3, bsz=3)
