@@ -452,3 +452,23 @@ def test_mark_cache_filled_is_explicit_and_checked(tiny_model, tiny_config):
         tiny_model.mark_cache_filled(17)
     with pytest.raises(ValueError, match="bsz must be an int in \\[1, 2\\]"):
         tiny_model.mark_cache_filled(3, bsz=3)
+
+
+def test_cuda_index_beyond_the_device_count(monkeypatch):
+    # Simulated: one visible GPU (this machine has none); the index check runs before any CUDA call.
+    from llama_ref.devices import resolve_device
+    from llama_ref.errors import DeviceUnavailableError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(DeviceUnavailableError, match="'cuda:7' requested but this machine has 1 CUDA device\\(s\\) "
+                                                     "\\(valid: cuda:0\\)"):
+        resolve_device("cuda:7")
+
+
+def test_available_memory_on_cuda_is_free_device_memory(monkeypatch):
+    from llama_ref.memory import available_memory_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123_456_789, 10**10))
+    assert available_memory_bytes("cuda:0") == 123_456_789
