@@ -151,6 +151,12 @@ def _generate_with_inf_output_row(ctx):
     generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=2, temperature=0.8, generator=torch.Generator())
 
 
+def _generate_low_memory(ctx):
+    model = ctx.model()
+    ctx.monkeypatch.setattr(llama_memory, "available_memory_bytes", lambda device: 100_000)
+    generate(model, [[1]] * 4, 127)
+
+
 def _check_finite_nan_model(ctx):
     _nan_model(ctx).check_finite()
 
@@ -443,9 +449,9 @@ CASES: list[Case] = [
     Case("generate-generator-type", lambda c: generate(c.model(), [[1]], 2, temperature=1.0, generator=7), ValueError,
          "generator", "int"),
     Case("generate-not-a-model", lambda c: generate(torch.nn.Linear(2, 2), [[1]], 2), ValueError, "Linear"),
-    # 2 * 10**6 rows * 128 positions * 2 * 16 * 4 bytes * 4 runs = 131,072,000,000 bytes, refused before allocation
-    Case("generate-batch-too-big", lambda c: generate(c.model(), [[1]] * 10**6, 127), InsufficientMemoryError,
-         "131,072,000,000 bytes", skip=_memory_at_least(131_072_000_000)),
+    # 2 * 4 rows * 128 positions * 2 kv heads * 16 * 4 bytes * 4 runs = 524,288 bytes > 100,000 available
+    Case("generate-batch-too-big", _generate_low_memory, InsufficientMemoryError,
+         "setup_cache(max_batch_size=4, max_seq_len=128)", "524,288 bytes", "100,000 bytes"),
     Case("generate-nan-weights", _generate_with_nan_weights, NonFiniteError, "non-finite logits", "step 0",
          "batch row(s) 0"),
     Case("generate-inf-logit-sampling", _generate_with_inf_output_row, NonFiniteError, "non-finite logits",
