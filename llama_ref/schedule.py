@@ -4,6 +4,10 @@ Layer-pruning and layer-repeat studies run a model with some layers skipped and 
 than once. A schedule is a tuple of layer indices; its string form is a comma-separated list of
 items ``i``, ``i-j`` (inclusive) and ``i-jxK`` / ``ixK`` (each layer of the item run K times back to
 back), e.g. ``"0-5,10-13,14-18x2,19-24,29-31"``.
+
+A schedule has at most :data:`MAX_SCHEDULE_RUNS` (10,000) layer runs. Bounds and the run count are
+checked from each item's numbers before anything is expanded, so a typo like ``0-99999999999`` is
+refused at once.
 """
 
 from __future__ import annotations
