@@ -18,20 +18,22 @@ export MPLBACKEND := Agg
 .PHONY: count test setup clean
 
 count: $(STAMP)
-	$(BIN)/llama-ref count $(COUNT_ARGS)
+	@$(BIN)/llama-ref count $(COUNT_ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	@$(BIN)/python -m pytest -q
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || \
-		$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[test]"
-	touch $@
+	@echo "setting up $(VENV) (first run only): torch (CPU build), then llama-ref with its test extras ..."
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -qq --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || \
+		$(BIN)/python -m pip install -qq $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
+	@$(BIN)/python -m pip install -qq -e ".[test]"
+	@touch $@
+	@echo "$(VENV) ready"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -16,12 +16,12 @@ import torch
 from llama_ref.config import PRESETS, LlamaConfig
 from llama_ref.hub import is_hub_id
 from llama_ref.loading import find_checkpoint_files
+from llama_ref.memory import available_memory_bytes
 from llama_ref.model import Llama
 
 from .analytic import param_count
 from .commands.common import BadInput
 from .studies.factory import random_model
-from .studies.hardware import available_memory_bytes
 
 # Random weights serve only to run real kernels (counts depend on shapes, never on values), so a
 # random-init model is built on the CPU only when it is small; anything larger is counted on meta.

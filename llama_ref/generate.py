@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import numbers
 from typing import Optional, Sequence, Union
 
 import torch
 
-Prompts = Union[torch.Tensor, Sequence[Sequence[int]]]
+from .errors import NonFiniteError
+from .finite import all_finite
+
+Prompts = Union[torch.Tensor, Sequence[Union[Sequence[int], torch.Tensor]]]
 
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Sample from the smallest set of tokens whose probability mass reaches ``p``. probs: (bsz, vocab)."""
+    if not isinstance(probs, torch.Tensor) or probs.dim() != 2 or not probs.is_floating_point() or probs.is_meta:
+        raise ValueError(f"probs must be a floating (bsz, vocab) tensor with data, got {_describe(probs)}"
+                         + (" on the meta device" if isinstance(probs, torch.Tensor) and probs.is_meta else ""))
+    if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p!r}")
+    if not all_finite(probs) or bool((probs < 0).any()):
+        raise NonFiniteError("probs hold NaN, inf or negative values: not a probability distribution")
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     # Drop a token when the mass *before* it already reaches p; the top token always survives.
@@ -19,6 +31,46 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)  # (bsz, 1)
     return torch.gather(probs_idx, -1, next_token).squeeze(-1)  # (bsz,)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a {x.dtype} tensor of shape {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _as_prompt_list(prompts: Prompts, max_seq_len: int) -> list[list[int]]:
+    """Prompts as lists of Python ints: a (bsz, seqlen) tensor, or a list of lists / 1-D tensors.
+
+    A prompt is read up to one token past ``max_seq_len`` (enough to refuse it), so a huge tensor is
+    never converted to Python ints and an endless iterator never consumed.
+    """
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"prompt tensor must have shape (bsz, seqlen), got {tuple(prompts.shape)}")
+        if prompts.is_meta:
+            raise ValueError("prompt tensor is on the meta device: it has no token ids to read")
+        if prompts.is_floating_point() or prompts.is_complex() or prompts.dtype == torch.bool:
+            raise ValueError(f"prompt tensor must hold integer token ids, got {prompts.dtype}")
+        return prompts[:, : max_seq_len + 1].tolist()
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError(f"prompts must be token ids, not text: got {prompts[:40]!r}; tokenize first")
+    out = []
+    try:
+        for p in prompts:
+            if isinstance(p, torch.Tensor):
+                if p.dim() != 1 or p.is_meta or p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+                    raise ValueError(f"a prompt given as a tensor must be a 1-D integer tensor, got {_describe(p)}")
+                out.append(p[: max_seq_len + 1].tolist())
+            elif isinstance(p, (str, bytes)):
+                raise ValueError(f"prompts must be token ids, not text: got {p[:40]!r}; tokenize first")
+            else:
+                out.append(list(itertools.islice(p, max_seq_len + 1)))
+    except TypeError:
+        raise ValueError(
+            f"prompts must be a (bsz, seqlen) tensor or a list of token-id lists, got {str(prompts)[:200]}"
+        ) from None
+    return out
 
 
 @torch.inference_mode()
@@ -29,65 +81,85 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
     Prompts may differ in length (Meta's scheme: prefill the shortest common prefix, then step one
     position at a time, keeping prompt tokens where a row's prompt is not finished). Sets up a fresh
     KV cache for the batch and leaves the model without one afterwards.
+
+    Raises ``ValueError`` for bad arguments, and :class:`~llama_ref.errors.NonFiniteError` (a
+    ``ValueError``) as soon as a step's logits hold NaN or inf (broken weights): sampling from them
+    would return plausible-looking but meaningless token ids.
     """
-    if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2:
-            raise ValueError(f"prompt tensor must have shape (bsz, seqlen), got {tuple(prompts.shape)}")
-        prompts = prompts.tolist()
-    try:
-        prompts = [list(p) for p in prompts]
-    except TypeError:
-        raise ValueError(f"prompts must be a (bsz, seqlen) tensor or a list of token-id lists, got {prompts!r}") from None
+    for attr in ("config", "device", "setup_cache", "clear_cache"):
+        if not hasattr(model, attr):
+            raise ValueError(f"model must be a llama_ref Llama, got {type(model).__name__} (no {attr!r})")
+    if model.device.type == "meta":
+        raise ValueError("generate() needs real weights: this model is on the meta device (shapes only, no data to "
+                         "sample from); load or build it on 'cpu' or 'cuda'")
+    max_seq_len = model.config.max_seq_len
+    prompts = _as_prompt_list(prompts, max_seq_len)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: every prompt needs at least one token")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    too_long = next((row for row, p in enumerate(prompts) if len(p) > max_seq_len), None)
+    if too_long is not None:
+        raise ValueError(f"prompt {too_long} is longer than the model's max_seq_len={max_seq_len}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
-    # Written as "not (valid)" so that NaN is rejected too.
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+    max_new_tokens = int(max_new_tokens)
+    # Written as "not (valid)" so that NaN is rejected too; inf would flatten every distribution to uniform.
+    if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not temperature >= 0
+            or math.isinf(temperature)):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-    vocab = model.config.vocab_size
-    for p in prompts:
-        for t in p:
-            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
-                raise ValueError(f"token ids must be ints, got {t!r}")
-            if not 0 <= t < vocab:
-                raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
-    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
-                               or not 0 <= eos_id < vocab):
-        raise ValueError(f"eos_id {eos_id!r} is not a token id in the vocabulary [0, {vocab})")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if temperature > 0 and generator.device.type != model.device.type:
+            raise ValueError(f"generator is on {generator.device} but the model samples on {model.device}; "
+                             f"use torch.Generator(device={str(model.device)!r})")
     bsz = len(prompts)
     min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
     total_len = max_len + max_new_tokens
-    if total_len > model.config.max_seq_len:
+    if total_len > max_seq_len:
         raise ValueError(
             f"longest prompt ({max_len}) + max_new_tokens ({max_new_tokens}) = {total_len} exceeds "
-            f"max_seq_len={model.config.max_seq_len}"
+            f"max_seq_len={max_seq_len}"
         )
+    vocab = model.config.vocab_size
+    for row, p in enumerate(prompts):
+        for t in p:
+            if isinstance(t, bool) or not isinstance(t, numbers.Integral):
+                raise ValueError(f"token ids must be ints, got {t!r} in prompt {row}")
+            if not 0 <= t < vocab:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab}) (prompt {row})")
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, numbers.Integral)
+                               or not 0 <= eos_id < vocab):
+        raise ValueError(f"eos_id {eos_id!r} is not a token id in the vocabulary [0, {vocab})")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
 
     device = model.device
-    pad = 0
-    tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-    is_prompt = torch.zeros_like(tokens, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        is_prompt[i, : len(p)] = True
-    finished = torch.zeros(bsz, dtype=torch.bool, device=device)
-    # Last position each row needs: rows with short prompts are done before total_len, and only
-    # their first max_new_tokens are returned, so with an eos they need not hold up the batch.
-    last_pos = torch.tensor([len(p) + max_new_tokens - 1 for p in prompts], device=device)  # (bsz,)
-
+    # Refuses (with the estimate) before anything is allocated when the batch's cache cannot fit;
+    # outside the try: a refused setup leaves the model as it was.
     model.setup_cache(bsz, total_len)
     try:
+        pad = 0
+        tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        is_prompt = torch.zeros_like(tokens, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            is_prompt[i, : len(p)] = True
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        # Last position each row needs: rows with short prompts are done before total_len, and only
+        # their first max_new_tokens are returned, so with an eos they need not hold up the batch.
+        last_pos = torch.tensor([len(p) + max_new_tokens - 1 for p in prompts], device=device)  # (bsz,)
         prev_pos = 0
         for cur_pos in range(min_len, total_len):
             logits = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos)[:, -1]  # (bsz, vocab)
+            _check_finite_logits(logits, cur_pos, min_len)
             if temperature > 0:
-                probs = torch.softmax(logits / temperature, dim=-1)
+                # Shift by the max before dividing: logits / tiny temperature would overflow to inf and
+                # softmax(inf - inf) is NaN; shifted values are <= 0 and a tiny temperature gives one-hot.
+                shifted = logits - logits.amax(dim=-1, keepdim=True)  # (bsz, vocab)
+                probs = torch.softmax(shifted / temperature, dim=-1)
                 next_token = sample_top_p(probs, top_p, generator)
             else:
                 next_token = torch.argmax(logits, dim=-1)
@@ -109,3 +181,17 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
             new = new[: new.index(eos_id) + 1]
         out.append(new)
     return out
+
+
+def _check_finite_logits(logits: torch.Tensor, cur_pos: int, min_len: int) -> None:
+    """Refuse to sample from NaN/inf logits, naming the step, position and batch rows."""
+    ok = torch.isfinite(logits).all(dim=-1)  # (bsz,)
+    if bool(ok.all()):
+        return
+    rows = [int(r) for r in torch.nonzero(~ok).flatten().tolist()]
+    shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
+    raise NonFiniteError(
+        f"non-finite logits (NaN or inf) at generation step {cur_pos - min_len} (predicting position {cur_pos}) "
+        f"in batch row(s) {shown}: the model's weights or activations hold NaN/inf, so no token can be sampled; "
+        "check the weights with model.check_finite()"
+    )

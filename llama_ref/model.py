@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -11,14 +12,15 @@ from torch import nn
 from .attention import ATTENTION_KERNELS, KVCache
 from .block import TransformerBlock
 from .config import LlamaConfig
+from .devices import resolve_device
+from .errors import NonFiniteError
+from .finite import all_finite, describe_nonfinite
 from .layers import Linear, RMSNorm
-from .rope import precompute_freqs_cis
+from .memory import check_memory, kv_cache_bytes, parameter_count, weight_bytes
+from .rope import ROPE_EAGER_POSITIONS, precompute_freqs_cis
 from .schedule import ScheduleSpec, format_schedule, resolve_schedule
 
 logger = logging.getLogger(__name__)
-
-# RoPE positions built when a model is made (fewer if max_seq_len is smaller); more on demand.
-ROPE_EAGER_POSITIONS = 4096
 
 DeviceLike = Union[str, torch.device, None]
 
@@ -44,10 +46,17 @@ class Llama(nn.Module):
         for name, value in (("dtype", dtype), ("compute_dtype", compute_dtype)):
             if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
                 raise ValueError(f"{name} must be a floating-point torch.dtype, got {value!r}")
-        try:
-            device = None if device is None else torch.device(device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"device={device!r} is not a valid torch device ({e})") from None
+        if attn_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention kernel {attn_kernel!r}; choose one of {ATTENTION_KERNELS}")
+        # Everything that can be refused is refused before a single weight is allocated.
+        device = None if device is None else resolve_device(device)
+        schedule = resolve_schedule(schedule, config.n_layers)
+        target = torch.get_default_device() if device is None else device
+        if target.type != "meta":
+            weight_dtype = torch.get_default_dtype() if dtype is None else dtype
+            check_memory(weight_bytes(config, weight_dtype), target,
+                         f"Llama({config.name}) with {parameter_count(config):,} weights in {weight_dtype} "
+                         f"and a RoPE table for max_seq_len={config.max_seq_len:,}")
         self.config = config
         self._compute_dtype = compute_dtype
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)
@@ -66,7 +75,7 @@ class Llama(nn.Module):
         self._rope_positions = min(config.max_seq_len, ROPE_EAGER_POSITIONS)
         self.register_buffer("freqs_cis", torch.empty(0, dtype=torch.complex64, device=device), persistent=False)
         self.init_buffers()
-        self._schedule = resolve_schedule(schedule, config.n_layers)
+        self._schedule = schedule
         # One cache per schedule *position*: a layer that runs twice must not share keys between runs.
         self.caches: Optional[nn.ModuleList] = None
 
@@ -108,7 +117,12 @@ class Llama(nn.Module):
                              f"{self.config.max_seq_len}")
         if end <= self._rope_positions:
             return
-        self._rope_positions = min(self.config.max_seq_len, 1 << (end - 1).bit_length())
+        positions = min(self.config.max_seq_len, 1 << (end - 1).bit_length())
+        entry_bytes = (self.config.head_dim // 2) * 8  # complex64
+        if self.device.type != "meta":
+            check_memory(positions * entry_bytes, self.device, f"a RoPE table of {positions:,} positions",
+                         freeable_bytes=self._rope_positions * entry_bytes)
+        self._rope_positions = positions
         logger.debug("RoPE table grown to %d positions", self._rope_positions)
         self.init_buffers()
 
@@ -132,6 +146,25 @@ class Llama(nn.Module):
             self.tie_weights()
             self.init_buffers()
         return self
+
+    def to(self, *args, **kwargs) -> "Llama":
+        """``nn.Module.to``, refusing a device this process does not have (CUDA on a CPU-only build,
+        ``cuda:7`` with one GPU) with a clear ``DeviceUnavailableError`` instead of torch's assert."""
+        try:
+            device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"Llama.to{args!r}: {str(e).splitlines()[0]}") from None
+        if device is not None:
+            resolve_device(device)
+        return super().to(*args, **kwargs)
+
+    def cuda(self, device=None) -> "Llama":
+        """``nn.Module.cuda`` with the same device check as :meth:`to`."""
+        if device is None:
+            resolve_device("cuda")
+        else:
+            resolve_device(torch.device("cuda", device) if isinstance(device, int) else device)
+        return super().cuda(device)
 
     @property
     def device(self) -> torch.device:
@@ -174,15 +207,36 @@ class Llama(nn.Module):
 
     def setup_cache(self, max_batch_size: int, max_seq_len: Optional[int] = None,
                     dtype: Optional[torch.dtype] = None) -> None:
-        """Allocate one KV cache per schedule position (not per layer: a repeated layer gets two)."""
+        """Allocate one KV cache per schedule position (not per layer: a repeated layer gets two).
+
+        Any previous cache is dropped. On a real device the bytes needed
+        (``2 * max_batch_size * max_seq_len * n_kv_heads * head_dim * itemsize * n_runs``) are checked
+        against the memory available first (:class:`~llama_ref.errors.InsufficientMemoryError`).
+        """
         max_seq_len = self.config.max_seq_len if max_seq_len is None else max_seq_len
         for name, value in (("max_batch_size", max_batch_size), ("max_seq_len", max_seq_len)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"cache max_seq_len={max_seq_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise ValueError(f"cache dtype must be a floating-point torch.dtype, got {dtype!r}")
         dtype = self.compute_dtype if dtype is None else dtype
         c = self.config
+        elements = max_batch_size * max_seq_len * c.n_kv_heads * c.head_dim
+        if elements >= 2**63:  # torch's own limit on a tensor's element count (it matters on meta)
+            raise ValueError(f"setup_cache({max_batch_size}, {max_seq_len}): a cache of {elements:,} elements "
+                             "exceeds torch's limit of 2**63 - 1")
+        n_runs = len(self._schedule)
+        old = self.caches
+        freeable = 0
+        if old is not None:
+            freeable = sum(b.numel() * b.element_size() for b in old.buffers() if b.device == self.device)
+        check_memory(kv_cache_bytes(c, max_batch_size, max_seq_len, n_runs, dtype), self.device,
+                     f"setup_cache(max_batch_size={max_batch_size}, max_seq_len={max_seq_len}): keys and values "
+                     f"for {n_runs} layer run(s) in {dtype}", freeable_bytes=freeable)
+        self.caches = None  # free the old cache before allocating the new one
+        del old
         self.caches = nn.ModuleList(
             KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, device=self.device, dtype=dtype)
             for _ in self._schedule
@@ -190,12 +244,62 @@ class Llama(nn.Module):
         self.reserve_positions(max_seq_len)  # every position the cache can hold has its rotation ready
 
     def clear_cache(self) -> None:
+        """Drop the KV cache (and its memory); ``start_pos`` must be 0 until ``setup_cache`` is called again."""
         self.caches = None
 
+    def reset_cache(self) -> None:
+        """Mark every cache slot empty without reallocating: the next call must start at ``start_pos=0``."""
+        if self.caches is not None:
+            for cache in self.caches:
+                cache.reset()
+
+    def mark_cache_filled(self, n_positions: int, bsz: Optional[int] = None) -> None:
+        """Declare positions ``[0, n_positions)`` of rows ``[:bsz]`` written *without computing them*.
+
+        For timing and op counting only, where the cached values do not matter (the cache then holds
+        zeros or stale keys there, so logits computed over it are meaningless): a decode step after
+        C cached tokens does the same work whatever the keys are, and a real prefill of C tokens can
+        cost far more than the step being measured. Never use it before generating.
+        """
+        if self.caches is None:
+            raise ValueError("mark_cache_filled() needs a KV cache: call setup_cache() first")
+        max_batch, max_seq = self.caches[0].max_batch_size, self.caches[0].max_seq_len
+        bsz = max_batch if bsz is None else bsz
+        if isinstance(bsz, bool) or not isinstance(bsz, int) or not 0 < bsz <= max_batch:
+            raise ValueError(f"bsz must be an int in [1, {max_batch}] (the cache's max_batch_size), got {bsz!r}")
+        if isinstance(n_positions, bool) or not isinstance(n_positions, int) or not 0 <= n_positions <= max_seq:
+            raise ValueError(f"n_positions must be an int in [0, {max_seq}] (the cache's max_seq_len), got {n_positions!r}")
+        for cache in self.caches:
+            cache.mark_written(0, bsz, n_positions)
+
+    def cache_filled(self, bsz: Optional[int] = None) -> Optional[int]:
+        """How many leading positions the KV cache holds for every row of ``[:bsz]`` (default: all rows)
+        in every schedule run: the largest ``start_pos`` the next call may use. ``None`` without a cache."""
+        if self.caches is None:
+            return None
+        return min(cache.filled_len(bsz) for cache in self.caches)
+
+    def check_finite(self) -> None:
+        """Raise :class:`~llama_ref.errors.NonFiniteError` naming every weight that holds NaN or inf.
+
+        One ``aminmax`` pass per tensor (about memory bandwidth); nothing to check on the meta device.
+        """
+        bad = [f"{name} ({describe_nonfinite(p)})" for name, p in self.named_parameters() if not all_finite(p.detach())]
+        if bad:
+            shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteError(f"{len(bad)} weight tensor(s) hold NaN or inf: {shown}")
+
     # ------------------------------------------------------------------ forward
-    def _check_inputs(self, tokens: torch.Tensor, start_pos: int) -> None:
+    def _check_inputs(self, tokens: torch.Tensor, start_pos: int) -> int:
+        """Refuse bad input before any tensor work; returns ``start_pos`` as a Python int.
+
+        Adds no tensor op beyond the vocabulary check's min/max (the counters require every forward to
+        run the same ops), and no data-dependent Python on the meta device.
+        """
         if not isinstance(tokens, torch.Tensor):
             raise ValueError(f"tokens must be a LongTensor of shape (bsz, seqlen), got {type(tokens).__name__}")
+        if tokens.layout != torch.strided:
+            raise ValueError(f"tokens must be a dense tensor, got layout {tokens.layout}")
         if tokens.dim() != 2:
             raise ValueError(f"tokens must have shape (bsz, seqlen), got shape {tuple(tokens.shape)}")
         if tokens.dtype not in (torch.int64, torch.int32):
@@ -205,8 +309,10 @@ class Llama(nn.Module):
             raise ValueError(f"empty input: tokens has shape {tuple(tokens.shape)}")
         if not _same_device(tokens.device, self.device):
             raise ValueError(f"tokens are on device {tokens.device} but the model is on {self.device}")
-        if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
-            raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
+        # numbers.Integral admits numpy ints; a tensor, float or bool start_pos is refused.
+        if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral) or start_pos < 0:
+            raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r} ({type(start_pos).__name__})")
+        start_pos = int(start_pos)
         end = start_pos + seqlen
         if end > self.config.max_seq_len:
             raise ValueError(
@@ -216,21 +322,36 @@ class Llama(nn.Module):
             if start_pos != 0:
                 raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")
         else:
-            cache = self.caches[0]
-            if bsz > cache.max_batch_size:
-                raise ValueError(f"batch size {bsz} exceeds the cache's max_batch_size={cache.max_batch_size}")
-            if end > cache.max_seq_len:
-                raise ValueError(f"sequence end {end} exceeds the cache's max_seq_len={cache.max_seq_len}")
+            self._check_caches(start_pos, bsz, seqlen)
         # Value checks need data; a meta tensor has none (and must stay free of data-dependent Python).
         if tokens.device.type != "meta":
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.config.vocab_size:
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        return start_pos
+
+    def _check_caches(self, start_pos: int, bsz: int, seqlen: int) -> None:
+        """Every schedule run has a cache of the right shape on the model's device that can take this
+        write (bounds, and no unwritten positions before ``start_pos``), checked before any layer runs."""
+        c = self.config
+        if len(self.caches) != len(self._schedule):
+            raise ValueError(f"the model holds {len(self.caches)} KV cache(s) for a schedule of {len(self._schedule)} "
+                             "layer runs; call setup_cache() again")
+        for pos, cache in enumerate(self.caches):
+            if not isinstance(cache, KVCache):
+                raise ValueError(f"caches[{pos}] is a {type(cache).__name__}, not a KVCache; call setup_cache()")
+            if tuple(cache.cache_k.shape[2:]) != (c.n_kv_heads, c.head_dim):
+                raise ValueError(f"caches[{pos}] holds {tuple(cache.cache_k.shape[2:])} (n_kv_heads, head_dim) "
+                                 f"per position, the model needs {(c.n_kv_heads, c.head_dim)}; call setup_cache()")
+            if not _same_device(cache.cache_k.device, self.device):
+                raise ValueError(f"caches[{pos}] is on {cache.cache_k.device} but the model is on {self.device}; "
+                                 "call setup_cache()")
+            cache.check_write(start_pos, bsz, seqlen)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         """Logits in fp32, shape (bsz, seqlen, vocab_size). With a cache, reads and fills it from ``start_pos``."""
-        self._check_inputs(tokens, start_pos)
+        start_pos = self._check_inputs(tokens, start_pos)
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens).to(self.compute_dtype)  # (bsz, seqlen, dim)
         if start_pos + seqlen > self._rope_positions:

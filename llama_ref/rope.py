@@ -18,6 +18,9 @@ from torch import nn
 
 from .rope_scaling import RopeScaling
 
+# RoPE positions a model's table covers when it is made (fewer if max_seq_len is smaller); more on demand.
+ROPE_EAGER_POSITIONS = 4096
+
 
 def rope_inv_freq(head_dim: int, theta: float = 10000.0, scaling: Optional[RopeScaling] = None,
                   device=None) -> torch.Tensor:

@@ -39,7 +39,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from llama_ref import PRESETS, Llama, LlamaConfig  # noqa: E402
-from counters.studies.hardware import available_memory_bytes  # noqa: E402
+from llama_ref.memory import available_memory_bytes  # noqa: E402
 from llama_ref.hf import hf_config_dict  # noqa: E402
 
 logger = logging.getLogger("compare_hf")

@@ -121,8 +121,8 @@ def test_sample_top_p_distribution():
         ([[1, 2.5]], {}, "token ids must be ints, got 2.5"),
         ([[1] * 100], {"max_new_tokens": 29}, "longest prompt \\(100\\) \\+ max_new_tokens \\(29\\) = 129 exceeds max_seq_len=128"),
         ([[1]], {"max_new_tokens": -1}, "max_new_tokens must be a non-negative int, got -1"),
-        ([[1]], {"temperature": -0.5}, "temperature must be a number >= 0, got -0.5"),
-        ([[1]], {"temperature": float("nan")}, "temperature must be a number >= 0, got nan"),
+        ([[1]], {"temperature": -0.5}, "temperature must be a finite number >= 0, got -0.5"),
+        ([[1]], {"temperature": float("nan")}, "temperature must be a finite number >= 0, got nan"),
         ([[1]], {"top_p": 0.0}, "top_p must be in \\(0, 1\\], got 0.0"),
         ([[1]], {"top_p": 1.5}, "top_p must be in \\(0, 1\\], got 1.5"),
         ([[1]], {"eos_id": 300}, "eos_id 300 is not a token id"),
@@ -135,3 +135,33 @@ def test_bad_generate_input(tiny_model, prompts, kwargs, match):
     with pytest.raises(ValueError, match=match):
         generate(tiny_model, prompts, **kwargs)
     assert tiny_model.caches is None
+
+
+# ---------------------------------------------------------------- robustness
+def test_prompts_as_1d_tensors_and_numpy_ints(tiny_model, tiny_config):
+    np = pytest.importorskip("numpy")
+    prompts = _prompts([3, 5], tiny_config.vocab_size, seed=7)
+    want = generate(tiny_model, prompts, 4)
+    assert generate(tiny_model, [torch.tensor(p) for p in prompts], 4) == want
+    assert generate(tiny_model, [np.array(p, dtype=np.int64) for p in prompts], np.int64(4)) == want
+
+
+def test_tiny_temperature_is_greedy_not_nan(tiny_model, tiny_config):
+    # logits / 1e-30 overflows to inf and softmax(inf - inf) is NaN; shifting by the max first keeps
+    # every value <= 0, so a vanishing temperature becomes argmax.
+    prompts = _prompts([4, 6], tiny_config.vocab_size, seed=8)
+    gen = torch.Generator().manual_seed(0)
+    assert generate(tiny_model, prompts, 8, temperature=1e-30, generator=gen) == generate(tiny_model, prompts, 8)
+
+
+def test_nan_weights_are_refused_not_sampled(tiny_model):
+    from llama_ref.errors import NonFiniteError
+
+    with torch.no_grad():
+        tiny_model.tok_embeddings.weight[5] = float("nan")  # only prompts containing token 5 are affected
+    assert len(generate(tiny_model, [[1, 2, 3]], 3)[0]) == 3
+    with pytest.raises(NonFiniteError, match="step 0 \\(predicting position 3\\) in batch row\\(s\\) 1:"):
+        generate(tiny_model, [[1, 2, 3], [4, 5, 6]], 3)
+    assert tiny_model.caches is None  # the cache is released on the error path too
+    with pytest.raises(NonFiniteError, match="tok_embeddings.weight \\(64 NaN and 0 inf"):  # one row of dim 64
+        tiny_model.check_finite()

@@ -443,3 +443,98 @@ def test_meta_vocab_from_embeddings(ckpts, tmp_path):
     d = copy_ckpt(ckpts["meta-1-shard"], tmp_path / "ck")
     edit_json(d / "params.json", lambda p: p.update(vocab_size=300))  # a stated vocab must agree
     _raises(d, ValueError, "params.json", "300")
+
+
+# ---------------------------------------------------------------------------- non-finite weights
+def test_check_finite_opt_out_loads_nan_weights(ckpts, tmp_path):
+    from llama_ref.errors import NonFiniteError
+
+    d = copy_ckpt(ckpts["hf-single"], tmp_path / "ck")
+
+    def poison(t):
+        t["model.norm.weight"] = t["model.norm.weight"].clone()
+        t["model.norm.weight"][3] = float("nan")
+
+    edit_safetensors(d / "model.safetensors", poison)
+    with pytest.raises(NonFiniteError, match="'model.norm.weight' holds NaN or inf in model.safetensors"):
+        load_pretrained(d)
+    model = load_pretrained(d, check_finite=False)  # explicit opt-out: loads as stored
+    assert torch.isnan(model.norm.weight[3]) and torch.isfinite(model.norm.weight[:3]).all()
+    with pytest.raises(NonFiniteError, match="norm.weight"):
+        model.check_finite()
+
+
+def test_finite_check_leaves_weights_untouched(ckpts, reference, monkeypatch):
+    # The check reads each loaded tensor once (aminmax) and must not alter or copy it.
+    from llama_ref.loading import materialize as mat
+
+    seen = []
+    real = mat.all_finite
+    monkeypatch.setattr(mat, "all_finite", lambda t: (seen.append(t.data_ptr()), real(t))[1])
+    ref, _, _ = reference
+    model = load_pretrained(ckpts["meta-2-shards"])
+    assert sorted(seen) == sorted(p.data_ptr() for p in model.parameters())  # each loaded tensor, checked in place
+    for name, p in model.named_parameters():
+        assert torch.equal(p, ref.get_parameter(name)), name
+
+
+def test_memory_check_before_materialising(ckpts, monkeypatch):
+    from llama_ref import memory
+    from llama_ref.errors import InsufficientMemoryError
+
+    # tiny fp32: 217,664 weights * 4 + RoPE 128 positions * 8 pairs * 8 bytes = 878,848 bytes (HF config: 128)
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 878_848)
+    load_pretrained(ckpts["hf-single"])  # fits exactly
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 878_847)
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("weights were materialised before the memory check")
+
+    monkeypatch.setattr(loading_api, "materialize", must_not_run)
+    with pytest.raises(InsufficientMemoryError, match="878,848 bytes"):
+        load_pretrained(ckpts["hf-single"])
+    load_pretrained(ckpts["hf-single"], device="meta")  # no weights, no check
+
+
+# ---------------------------------------------------------------------------- deterministic discovery
+def test_discovery_ignores_directory_order(ckpts, monkeypatch):
+    from llama_ref.loading import detect
+
+    want = {layout: detect.find_checkpoint_files(path) for layout, path in ckpts.items()}
+    real = detect.os.listdir
+    for order in (lambda names: names[::-1], lambda names: names[1:] + names[:1]):
+        monkeypatch.setattr(detect.os, "listdir", lambda p, order=order: order(sorted(real(p))))
+        for layout, path in ckpts.items():
+            assert detect.find_checkpoint_files(path) == want[layout], layout
+
+
+def test_single_file_with_an_index_listing_only_it(ckpts, reference, tmp_path):
+    # Some tools write an index for one file; it names exactly model.safetensors: no ambiguity.
+    _, toks, want = reference
+    d = copy_ckpt(ckpts["hf-single"], tmp_path / "ck")
+    from safetensors import safe_open
+
+    with safe_open(d / "model.safetensors", framework="pt") as f:
+        keys = list(f.keys())
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in keys}}))
+    assert detect_format(d) == "hf-safetensors"
+    assert torch.equal(logits(load_pretrained(d), toks), want)
+
+
+def test_shards_of_another_set_are_ignored_with_a_warning(ckpts, reference, tmp_path, caplog):
+    # Leftovers of an older 2-shard download next to a complete 3-shard checkpoint: the index rules.
+    _, toks, want = reference
+    d = copy_ckpt(ckpts["hf-3-shards"], tmp_path / "ck")
+    (d / "model-00001-of-00002.safetensors").write_bytes(b"old download")
+    with caplog.at_level("WARNING", logger="llama_ref.loading.hf_files"):
+        model = load_pretrained(d)
+    assert torch.equal(logits(model, toks), want)
+    assert "ignoring model-00001-of-00002.safetensors" in caplog.text
+
+
+def test_meta_shard_numbers_beyond_the_count_do_not_hang(ckpts, tmp_path):
+    # The first hole is searched among 0..N, never up to the largest number found.
+    d = copy_ckpt(ckpts["meta-1-shard"], tmp_path / "ck")
+    (d / f"consolidated.{10**18}.pth").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="consolidated.01.pth is missing"):
+        load_pretrained(d)

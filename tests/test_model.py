@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from llama_ref import Llama, apply_rotary_emb, precompute_freqs_cis, repeat_kv
+from llama_ref import Llama, LlamaConfig, apply_rotary_emb, precompute_freqs_cis, repeat_kv
 from llama_ref.attention import KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -212,3 +212,264 @@ def test_bad_start_pos_and_cache_limits(tiny_model):
 def test_bad_setup_cache(tiny_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         tiny_model.setup_cache(**kwargs)
+
+
+# ---------------------------------------------------------------- KV cache fill tracking
+def test_kv_cache_fill_marks_follow_writes():
+    cache = KVCache(max_batch_size=4, max_seq_len=16, n_kv_heads=2, head_dim=4)
+    kv = lambda bsz, n: (torch.ones(bsz, n, 2, 4), torch.ones(bsz, n, 2, 4))  # noqa: E731
+    assert cache.fill_marks == ((4, 0),) and cache.filled_len() == 0
+    cache.update(0, *kv(4, 6))  # every row holds 0..5
+    assert cache.fill_marks == ((4, 6),)
+    cache.update(6, *kv(2, 3))  # rows 0-1 now hold 0..8, rows 2-3 still 0..5
+    assert cache.fill_marks == ((2, 9), (4, 6))
+    assert (cache.filled_len(1), cache.filled_len(2), cache.filled_len(3), cache.filled_len()) == (9, 9, 6, 6)
+    cache.update(9, *kv(1, 1))  # row 0 holds 0..9
+    assert cache.fill_marks == ((1, 10), (2, 9), (4, 6))
+    # Re-writing earlier positions of every row makes what lies beyond stale: the mark moves back.
+    cache.update(2, *kv(4, 1))
+    assert cache.fill_marks == ((4, 3),)
+    cache.reset()
+    assert cache.filled_len() == 0 and cache.cache_k.abs().sum() > 0  # reset does no tensor work
+
+
+def test_kv_cache_refused_write_changes_nothing():
+    cache = KVCache(max_batch_size=2, max_seq_len=8, n_kv_heads=1, head_dim=2)
+    cache.update(0, torch.ones(2, 3, 1, 2), torch.ones(2, 3, 1, 2))
+    before = cache.cache_k.clone()
+    with pytest.raises(ValueError, match="start_pos=5 is beyond the filled part of the KV cache: rows 0-1 hold positions"):
+        cache.update(5, torch.full((2, 1, 1, 2), 7.0), torch.full((2, 1, 1, 2), 7.0))
+    with pytest.raises(ValueError, match="batch size 3 exceeds the cache's max_batch_size=2"):
+        cache.update(0, torch.ones(3, 1, 1, 2), torch.ones(3, 1, 1, 2))
+    assert cache.fill_marks == ((2, 3),) and torch.equal(cache.cache_k, before)
+
+
+@pytest.mark.parametrize("value, match", [(0, "max_batch_size must be a positive int, got 0"),
+                                          (2.0, "max_batch_size must be a positive int, got 2.0")])
+def test_kv_cache_bad_arguments(value, match):
+    with pytest.raises(ValueError, match=match):
+        KVCache(value, 8, 1, 2)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype, got torch.int64"):
+        KVCache(1, 8, 1, 2, dtype=torch.int64)
+
+
+def test_rerunning_a_step_is_allowed_and_identical(tiny_model, tiny_config):
+    # The counters count the same decode step several times at the same start_pos.
+    tokens = _tokens(2, 8, tiny_config.vocab_size, seed=6)
+    full = tiny_model(tokens)
+    tiny_model.setup_cache(2, 8)
+    tiny_model(tokens[:, :5])
+    first = tiny_model(tokens[:, 5:6], start_pos=5)
+    again = tiny_model(tokens[:, 5:6], start_pos=5)
+    assert torch.equal(first, again) and tiny_model.cache_filled() == 6
+    # Re-running the prefill's last two positions as a chunk, then decoding on, still equals the full forward.
+    tiny_model(tokens[:, 3:5], start_pos=3)
+    assert tiny_model.cache_filled() == 5  # position 5 is stale until written again
+    rest = [tiny_model(tokens[:, p : p + 1], start_pos=p) for p in range(5, 8)]
+    torch.testing.assert_close(torch.cat(rest, 1), full[:, 5:], atol=ATOL, rtol=0)
+
+
+def test_smaller_batch_fills_only_its_rows(tiny_model, tiny_config):
+    tokens = _tokens(3, 7, tiny_config.vocab_size, seed=7)
+    full = tiny_model(tokens)
+    tiny_model.setup_cache(3, 16)
+    tiny_model(tokens[:, :4])  # all rows: 0..3
+    tiny_model(tokens[:1, 4:6], start_pos=4)  # row 0 only: 4..5
+    assert (tiny_model.cache_filled(1), tiny_model.cache_filled(3)) == (6, 4)
+    with pytest.raises(ValueError, match="start_pos=6 .*rows 0-2 hold positions \\[0, 4\\) only \\(filled up to 4\\)"):
+        tiny_model(tokens[:, 6:7], start_pos=6)
+    # Rows 1-2 continue from where they are filled; row 0 re-computes position 4 (same tokens, same keys).
+    out = tiny_model(tokens[:, 4:7], start_pos=4)
+    torch.testing.assert_close(out, full[:, 4:], atol=ATOL, rtol=0)
+    assert tiny_model.cache_filled() == 7
+
+
+def test_cache_filled_and_reset(tiny_model, tiny_config):
+    assert tiny_model.cache_filled() is None
+    tiny_model.setup_cache(2, 16)
+    assert tiny_model.cache_filled() == 0
+    tiny_model(_tokens(2, 3, tiny_config.vocab_size))
+    assert tiny_model.cache_filled() == 3 and all(c.filled_len() == 3 for c in tiny_model.caches)
+    tiny_model.reset_cache()
+    assert tiny_model.cache_filled() == 0
+    with pytest.raises(ValueError, match="filled up to 0"):
+        tiny_model(_tokens(2, 1, tiny_config.vocab_size), start_pos=3)
+    tiny_model.clear_cache()
+    assert tiny_model.cache_filled() is None and tiny_model.caches is None
+
+
+def test_fill_tracking_on_the_meta_device():
+    # Python ints only: works without data, and a huge max_batch_size costs nothing (no per-row list).
+    model = Llama(LlamaConfig.from_preset("llama-2-70b").replace(n_layers=2), device="meta", dtype=torch.bfloat16,
+                  schedule="0,1x2")
+    model.setup_cache(max_batch_size=10**9, max_seq_len=64)
+    tokens = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    model(tokens)
+    assert model.caches[0].fill_marks == ((2, 8), (10**9, 0))
+    assert model(tokens[:, :1], start_pos=8).shape == (2, 1, 32000)
+    with pytest.raises(ValueError, match="start_pos=20 .*filled up to 9"):
+        model(tokens[:, :1], start_pos=20)
+
+
+def _dispatched_ops(fn) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        fn()
+    return ops
+
+
+def test_fill_tracking_adds_no_tensor_ops(tiny_config, make_model, monkeypatch):
+    """The counters require a forward to run exactly the tensor ops it ran before fill tracking:
+    the same cached step, with the tracking stubbed out, dispatches the identical op sequence."""
+    tokens = _tokens(2, 6, tiny_config.vocab_size)
+
+    def cached_step(model):
+        model.setup_cache(2, 8)
+        model(tokens[:, :4])
+        return _dispatched_ops(lambda: model(tokens[:, 4:6], start_pos=4))
+
+    with_tracking = cached_step(make_model(tiny_config, schedule="0,1x2"))
+    monkeypatch.setattr(KVCache, "check_write", lambda self, *a: None)
+    monkeypatch.setattr(KVCache, "mark_written", lambda self, *a: None)
+    monkeypatch.setattr(Llama, "_check_caches", lambda self, *a: None)
+    without = cached_step(make_model(tiny_config, schedule="0,1x2"))
+    assert with_tracking == without and len(with_tracking) > 50
+
+
+def test_fill_marks_stay_ints_under_jit_trace(tiny_model, tiny_config):
+    """Under torch.jit.trace (fvcore's counter) tensor sizes are 0-dim tensors; stored as marks they
+    would turn every later check into tensor ops (aten.gt/ge/lt) in the counted forwards."""
+    tokens = _tokens(1, 5, tiny_config.vocab_size)
+    tiny_model.setup_cache(1, 8)
+    tiny_model(tokens[:, :3])
+
+    class Step(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, t):
+            return self.model(t, 3)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(Step(tiny_model), tokens[:, 3:5], check_trace=False)
+    marks = [m for cache in tiny_model.caches for seg in cache.fill_marks for m in seg]
+    assert marks and all(type(m) is int for m in marks)
+    assert tiny_model.cache_filled() == 5
+
+
+def test_start_pos_accepts_numpy_ints(tiny_model, tiny_config):
+    np = pytest.importorskip("numpy")
+    tokens = _tokens(1, 4, tiny_config.vocab_size)
+    tiny_model.setup_cache(1, 8)
+    tiny_model(tokens[:, :3])
+    torch.testing.assert_close(tiny_model(tokens[:, 3:], start_pos=np.int64(3)),
+                               tiny_model(tokens[:, 3:], start_pos=3), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- memory and finiteness
+@pytest.mark.parametrize("preset", ["tiny", "llama-2-7b", "llama-2-70b", "llama-3-8b"])
+def test_parameter_count_matches_the_model(preset):
+    from llama_ref.memory import parameter_count, weight_bytes
+
+    config = LlamaConfig.from_preset(preset)
+    model = Llama(config, device="meta")
+    assert parameter_count(config) == model.num_params()
+    # RoPE table: max_seq_len x head_dim/2 complex64 (8 bytes)
+    assert weight_bytes(config, torch.bfloat16) == 2 * model.num_params() + model.rope_positions * config.head_dim // 2 * 8
+
+
+def test_memory_checks_refuse_before_allocating(tiny_config, monkeypatch):
+    from llama_ref import memory
+    from llama_ref.errors import InsufficientMemoryError
+
+    # tiny in fp32: 217,664 weights * 4 + RoPE 128 * 8 * 8 = 878,848 bytes
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 878_848)
+    model = Llama(tiny_config)  # fits exactly
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 878_847)
+    with pytest.raises(InsufficientMemoryError, match="878,848 bytes.*\\(878,847 bytes"):
+        Llama(tiny_config)
+    Llama(tiny_config, device="meta")  # nothing allocated, nothing checked
+    # A cache of 2 * 2 rows * 16 positions * 2 kv heads * 16 * 4 bytes * 4 runs = 32,768 bytes.
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 32_768)
+    model.setup_cache(2, 16)
+    old = model.caches
+    # Replacing it: the old cache's 32,768 bytes count as available, so 16,384 free are enough ...
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda device: 16_384)
+    model.setup_cache(2, 16)
+    assert model.caches is not old
+    # ... but not for a cache of twice the size (65,536 > 16,384 + 32,768); the refusal keeps the old one.
+    current = model.caches
+    with pytest.raises(InsufficientMemoryError, match="65,536 bytes"):
+        model.setup_cache(4, 16)
+    assert model.caches is current
+
+
+def test_check_finite(tiny_model):
+    from llama_ref.errors import NonFiniteError
+
+    tiny_model.check_finite()
+    Llama(LlamaConfig.from_preset("llama-2-70b"), device="meta").check_finite()  # nothing to check
+    with torch.no_grad():
+        tiny_model.output.weight[0, :3] = torch.tensor([float("inf"), float("-inf"), float("nan")])
+        tiny_model.norm.weight[1] = float("nan")
+    with pytest.raises(NonFiniteError, match="2 weight tensor\\(s\\).*norm.weight \\(1 NaN and 0 inf.*"
+                                             "output.weight \\(1 NaN and 2 inf"):
+        tiny_model.check_finite()
+
+
+def test_available_memory_and_devices():
+    from llama_ref.devices import resolve_device
+    from llama_ref.memory import available_memory_bytes
+
+    cpu = available_memory_bytes("cpu")
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert isinstance(cpu, int) and 0 < cpu <= total
+    assert available_memory_bytes("meta") is None  # nothing to check there
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(torch.device("meta")).type == "meta"
+
+
+def test_mark_cache_filled_is_explicit_and_checked(tiny_model, tiny_config):
+    # For timing/counting a decode step after C positions without computing them (values meaningless).
+    with pytest.raises(ValueError, match="needs a KV cache"):
+        tiny_model.mark_cache_filled(4)
+    tiny_model.setup_cache(2, 16)
+    tiny_model.mark_cache_filled(10, bsz=1)
+    assert (tiny_model.cache_filled(1), tiny_model.cache_filled(2)) == (10, 0)
+    assert tiny_model(_tokens(1, 1, tiny_config.vocab_size), start_pos=10).shape == (1, 1, tiny_config.vocab_size)
+    with pytest.raises(ValueError, match="n_positions must be an int in \\[0, 16\\]"):
+        tiny_model.mark_cache_filled(17)
+    with pytest.raises(ValueError, match="bsz must be an int in \\[1, 2\\]"):
+        tiny_model.mark_cache_filled(3, bsz=3)
+
+
+def test_cuda_index_beyond_the_device_count(monkeypatch):
+    # Simulated: one visible GPU (this machine has none); the index check runs before any CUDA call.
+    from llama_ref.devices import resolve_device
+    from llama_ref.errors import DeviceUnavailableError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(DeviceUnavailableError, match="'cuda:7' requested but this machine has 1 CUDA device\\(s\\) "
+                                                     "\\(valid: cuda:0\\)"):
+        resolve_device("cuda:7")
+
+
+def test_available_memory_on_cuda_is_free_device_memory(monkeypatch):
+    from llama_ref.memory import available_memory_bytes
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (123_456_789, 10**10))
+    assert available_memory_bytes("cuda:0") == 123_456_789

@@ -200,3 +200,54 @@ def test_cached_decoding_with_repeats_sdpa(deep_tiny_config, make_model):
     model = make_model(deep_tiny_config, gain=1.0, schedule="0-3,4x3,5-31", attn_kernel="sdpa")
     tokens = _tokens(3, 9, deep_tiny_config.vocab_size, seed=3)
     torch.testing.assert_close(_decode(model, tokens, prefill=2), model(tokens), atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------- bounds and the run cap, before expanding
+def test_run_cap_boundary():
+    from llama_ref.schedule import MAX_SCHEDULE_RUNS
+
+    assert MAX_SCHEDULE_RUNS == 10_000
+    assert len(parse_schedule("0-9999")) == 10_000  # exactly the cap: accepted
+    assert len(resolve_schedule("0-3x2500", 4)) == 10_000  # 4 layers x 2500 = 10,000
+    assert len(resolve_schedule([1] * 10_000, 4)) == 10_000
+    with pytest.raises(ValueError, match="more than 10,000 layer runs"):
+        parse_schedule("0-9999,0")  # 10,001
+    with pytest.raises(ValueError, match="more than 10,000 layer runs"):
+        resolve_schedule("0-3x2500,1", 4)
+    with pytest.raises(ValueError, match="more than 10,000 layer runs"):
+        resolve_schedule([1] * 10_001, 4)
+
+
+def test_parse_schedule_checks_bounds_when_told_n_layers():
+    assert parse_schedule("0-3x2", n_layers=4) == (0, 0, 1, 1, 2, 2, 3, 3)
+    with pytest.raises(ValueError, match="layer index 4 out of range for a model with 4 layers .*item '2-4'"):
+        parse_schedule("0,2-4", n_layers=4)
+
+
+@pytest.mark.parametrize("spec", ["0-99999999999", "0x100000000", "5-5x99999999999999", "0-3," * 100_000 + "0"])
+def test_huge_schedules_are_refused_without_building_them(spec):
+    """Refused from the item bounds: today's cost was a 400 s hang at 3.7 GB for '0-99999999999'.
+    Peak Python allocation during the refusal stays far below one expanded list (10**8 ints = 800 MB)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="out of range|more than 10,000"):
+            resolve_schedule(spec, 32)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2_000_000
+
+
+def test_long_specs_give_short_messages():
+    spec = "0-3," * 100_000 + "oops"
+    with pytest.raises(ValueError) as info:
+        resolve_schedule(spec, 4)
+    assert len(str(info.value)) < 400
+
+
+def test_non_ascii_digits_are_not_layer_indices():
+    # '\\d' would accept Arabic-Indic digits and int() would parse them; a schedule is ASCII.
+    with pytest.raises(ValueError, match="unknown layer schedule"):
+        resolve_schedule("\u0661-\u0663", 4)

@@ -7,11 +7,11 @@ from typing import Optional
 import torch
 
 from llama_ref.config import LlamaConfig
+from llama_ref.memory import available_memory_bytes
 from llama_ref.model import Llama
 from llama_ref.schedule import resolve_schedule
 
 from ..analytic import kv_cache_bytes, param_count
-from .hardware import available_memory_bytes
 from .timing import Timing, time_forward
 
 def random_model(config: LlamaConfig, *, schedule=None, device="cpu", dtype=torch.float32, seed: int = 0,
@@ -69,6 +69,10 @@ def measure(config: LlamaConfig, *, device, dtype: torch.dtype, batch: int, n_to
     model.setup_cache(batch, n_cached + n_tokens)
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
     tokens = torch.randint(0, config.vocab_size, (batch, n_tokens), generator=gen).to(device)
+    if n_cached:  # a real prefix: the cache refuses to decode after positions never written
+        prefix = torch.randint(0, config.vocab_size, (batch, n_cached), generator=gen).to(device)
+        with torch.inference_mode():
+            model(prefix, 0)
     try:
         return time_forward(model, tokens, n_cached, warmup=warmup, repeats=repeats, level=level)
     finally:

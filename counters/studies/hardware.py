@@ -206,24 +206,3 @@ def get_hardware(name: str, dtype: Optional[str] = None, **measure_kwargs) -> Ha
             measure_kwargs.setdefault("repeats", 2)
         return measure_device("cpu", dtype, **measure_kwargs)
     return table_hardware(name, dtype or "bf16")
-
-
-def available_memory_bytes(device: Union[str, torch.device]) -> Optional[int]:
-    """Memory a new allocation can use now: free GPU memory, or the kernel's MemAvailable; None if unknown."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo", encoding="utf-8") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        try:
-            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            return None
-    return None

@@ -169,6 +169,9 @@ def time_phase(model, phase: Phase, *, batch: int, kernel: str, warmup: int, rep
     tokens = make_tokens(model.config, batch, phase.n_tokens, seed=seed, device=model.device)
     model.setup_cache(batch, phase.n_cached + phase.n_tokens)
     try:
+        if phase.n_cached:  # a real prefix: the cache refuses to decode after positions never written
+            with torch.inference_mode():
+                model(make_tokens(model.config, batch, phase.n_cached, seed=seed + 1, device=model.device), 0)
         return time_forward(model, tokens, phase.n_cached, timer=timer or make_timer(model.device),
                             warmup=warmup, repeats=repeats)
     finally:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from typing import Optional, Union
+from contextlib import contextmanager
+from typing import Iterator, Optional, Union
 
 import torch
 
+from ..devices import resolve_device
+from ..memory import check_memory, parameter_count, weight_bytes
 from ..model import Llama
 from ..schedule import ScheduleSpec
 from .detect import META, CheckpointFiles, find_checkpoint_files
@@ -33,7 +37,7 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
                     dtype: Union[None, str, torch.dtype] = None, attn_kernel: str = "math",
                     schedule: ScheduleSpec = None, progress: Optional[bool] = None,
                     compute_dtype: Optional[torch.dtype] = None, max_seq_len: Optional[int] = None,
-                    requires_grad: bool = False) -> Llama:
+                    requires_grad: bool = False, check_finite: bool = True) -> Llama:
     """Load a Llama checkpoint directory in any supported layout (see :func:`detect_format`).
 
     Args:
@@ -45,20 +49,31 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
         max_seq_len: RoPE table length; Meta's ``params.json`` does not store one (4096 is used).
         requires_grad: loaded weights are frozen by default. A forward outside ``torch.no_grad()``
             would otherwise keep every upcast fp32 weight alive for backward (~27 GB for 7B in bf16).
+        check_finite: refuse a tensor holding NaN or inf (``NonFiniteWeightError``, naming the tensor
+            and file). One ``aminmax`` pass per loaded tensor, a few percent of the load time;
+            ``False`` skips it.
 
     Every file header is read and every tensor name and shape checked against the config before
     any weight data is read; on any problem a ``CheckpointError`` (a ``ValueError``) or
-    ``FileNotFoundError`` names the file and tensor, and no model is returned. Nothing is written.
+    ``FileNotFoundError``/``PermissionError`` names the file and tensor, and no model is returned.
+    Before any weight is allocated on a real device, the bytes needed are checked against the memory
+    available there (``InsufficientMemoryError``). Nothing is written.
     """
-    device = _parse_device(device)
+    device = resolve_device(device, "device")
     dtype = parse_dtype(dtype, "dtype")
     compute_dtype = parse_dtype(compute_dtype, "compute_dtype")
+    for name, flag in (("requires_grad", requires_grad), ("check_finite", check_finite)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise ValueError(f"progress must be True, False or None, got {progress!r}")
     files = find_checkpoint_files(path)
     t0 = time.perf_counter()
     with OpenFiles() as opener:
         config, config_dtype, plan, problems, source = _read_plan(files, opener)
         if max_seq_len is not None:
             config = config.replace(max_seq_len=max_seq_len)
+        _check_layer_count(config, plan, files, source)
         target = dtype or config_dtype or stored_dtype(plan)
         # On the meta device: no storage is allocated until each tensor is materialised below.
         model = Llama(config, device="meta", dtype=target, attn_kernel=attn_kernel, schedule=schedule,
@@ -71,8 +86,12 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
         check_plan(plan, expected, source=source, config_file=files.config, extra_problems=problems,
                    hf_names=None if files.format == META else hf_name_map(expected))
         if device.type != "meta":
+            check_memory(weight_bytes(config, target), device,
+                         f"loading {files.root} ({parameter_count(config):,} weights in {target} and a RoPE table "
+                         f"for max_seq_len={config.max_seq_len:,})")
             state = materialize(plan, opener, config, device=device, dtype=target, progress=progress,
-                                desc=f"loading {os.path.basename(os.path.normpath(files.root))}")
+                                desc=f"loading {os.path.basename(os.path.normpath(files.root))}",
+                                check_finite=check_finite)
             model.load_state_dict(state, strict=True, assign=True)
             del state
     model.requires_grad_(requires_grad)
@@ -85,12 +104,14 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
 def _read_plan(files: CheckpointFiles, opener: OpenFiles):
     """(config, dtype the config states or None, plan, problems so far, name of the tensor list)."""
     if files.format == META:
-        config = read_meta_config(files, opener)
+        with _config_file_errors(files.config):
+            config = read_meta_config(files, opener)
         config_dtype = None
         plan, problems = plan_meta(files, opener)
         source = ", ".join(os.path.basename(s) for s in files.shards)
     else:
-        config, config_dtype = read_hf_config(files)
+        with _config_file_errors(files.config):
+            config, config_dtype = read_hf_config(files)
         plan, problems = plan_hf(files, opener, config)
         source = os.path.basename(files.index or files.weights)
     if not plan:
@@ -112,11 +133,37 @@ def parse_dtype(value: Union[None, str, torch.dtype], what: str) -> Optional[tor
     return dtype
 
 
-def _parse_device(device: Union[str, torch.device]) -> torch.device:
+_LAYER_NAME = re.compile(r"^layers\.([0-9]+)\.")
+
+
+def _check_layer_count(config, plan, files: CheckpointFiles, source: str) -> None:
+    """A config claiming far more layers than the checkpoint holds is refused before the (meta) model
+    is built: building it costs ~1.5 ms per layer, so ``n_layers=10**9`` would hang for weeks.
+    Smaller mismatches go on to ``check_plan``, which lists every missing tensor by name."""
+    stored = {int(m.group(1)) for p in plan if (m := _LAYER_NAME.match(p.name))}
+    if config.n_layers > max(2 * len(stored), len(stored) + 64):
+        raise CheckpointError(
+            f"{files.config} says the model has {config.n_layers:,} layers but {source} hold(s) weights of "
+            f"{len(stored)} layer(s); the config does not belong to these weights. Nothing was loaded."
+        )
+
+
+@contextmanager
+def _config_file_errors(path: str) -> Iterator[None]:
+    """One-line errors naming the config file for what its JSON reader does not catch (binary data,
+    bad UTF-8, unreadable file). Messages of its own (missing fields, bad values) pass through."""
     try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"device={device!r} is not a valid torch device ({e})") from None
+        yield
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start}); a binary or corrupt file?") from None
+    except OSError as e:
+        if e.filename is None:  # already one of our messages (it names its file)
+            raise
+        if isinstance(e, FileNotFoundError):
+            raise FileNotFoundError(f"{e.filename} does not exist") from None
+        if isinstance(e, PermissionError):
+            raise PermissionError(f"cannot read {e.filename}: permission denied") from None
+        raise CheckpointError(f"cannot read {e.filename}: {e.strerror or e}") from None
 
 
 __all__ = ["CheckpointError", "load_pretrained", "parse_dtype"]

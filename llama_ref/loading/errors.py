@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..errors import NonFiniteError
+
 
 class CheckpointError(ValueError):
     """A checkpoint file is unreadable, or its tensors do not match its config.
@@ -24,3 +26,8 @@ def problems_message(header: str, problems: Sequence[str], limit: int = 12) -> s
 
 def fmt_shape(shape: Sequence[int]) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+class NonFiniteWeightError(CheckpointError, NonFiniteError):
+    """A checkpoint tensor holds NaN or inf (or overflows the requested dtype). Both a
+    ``CheckpointError`` and a :class:`llama_ref.errors.NonFiniteError`."""

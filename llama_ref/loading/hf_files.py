@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from typing import Optional
 
 import torch
@@ -15,6 +16,7 @@ from ..config_files import read_hf_dtype, read_json
 from ..hf import HF_IGNORED_SUFFIXES, hf_to_meta_key, meta_to_hf_key
 from .detect import CheckpointFiles
 from .errors import CheckpointError, fmt_shape
+from .files import check_file, read_json_file
 from .plan import PlannedTensor
 from .readers import OpenFiles, StoredTensor
 
@@ -37,12 +39,15 @@ def read_hf_config(files: CheckpointFiles) -> tuple[LlamaConfig, Optional[torch.
 
 
 def read_weight_map(index_path: str) -> dict[str, str]:
-    """``{tensor name: shard path}`` from an HF index, with every shard checked to exist."""
-    try:
-        with open(index_path, encoding="utf-8") as f:
-            index = json.load(f)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+    """``{tensor name: shard path}`` from an HF index, with every shard checked to be a readable file.
+
+    The index is authoritative (as in ``transformers``): shard files it does not list are not read.
+    Its shard names must be consistent (``model-0000k-of-0000N``: one N, 1 <= k <= N), and a file of
+    the same set that exists but is not listed is refused: the index is then stale and that file's
+    tensors would be silently ignored. Files of another set (another N) are leftovers; they are
+    ignored with a warning.
+    """
+    index = read_json_file(index_path, "index file")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: no 'weight_map' object mapping tensor names to shard files")
@@ -53,11 +58,52 @@ def read_weight_map(index_path: str) -> dict[str, str]:
         if not isinstance(shard, str) or os.path.basename(shard) != shard or shard in ("", ".", ".."):
             raise CheckpointError(f"{index_path}: tensor {name!r} maps to {shard!r}, expected a shard file name")
         out[name] = os.path.join(root, shard)
+    _check_shard_names(index_path, sorted({os.path.basename(s) for s in out.values()}))
     for shard in sorted(set(out.values())):
-        if not os.path.isfile(shard):
-            example = next(n for n, s in out.items() if s == shard)
-            raise FileNotFoundError(f"shard {shard} listed in {index_path} (e.g. for tensor {example!r}) is missing")
+        example = next(n for n, s in out.items() if s == shard)
+        try:
+            check_file(shard, "shard")
+        except FileNotFoundError as e:
+            if "broken symbolic link" in str(e):
+                raise FileNotFoundError(f"{e}; it is listed in {index_path} (e.g. for tensor {example!r})") from None
+            raise FileNotFoundError(f"shard {shard} listed in {index_path} (e.g. for tensor {example!r}) is missing") from None
     return out
+
+
+_SHARD_NAME = re.compile(r"^(model|pytorch_model)-([0-9]{1,18})-of-([0-9]{1,18})\.(safetensors|bin)$")
+
+
+def _check_shard_names(index_path: str, listed: list[str]) -> None:
+    """See :func:`read_weight_map`: one set of ``k-of-N`` names, and no unlisted file of that set."""
+    numbered = {n: m for n in listed if (m := _SHARD_NAME.match(n))}
+    if not numbered:
+        return
+    totals = {}
+    for n, m in numbered.items():
+        totals.setdefault(int(m.group(3)), n)
+    if len(totals) > 1:
+        a, b = sorted(totals.values())[:2]
+        raise CheckpointError(f"{index_path} lists shards of different sets ({a} and {b}): files of two "
+                              "downloads are mixed; re-download the checkpoint")
+    total = next(iter(totals))
+    for n, m in numbered.items():
+        if not 1 <= int(m.group(2)) <= total:
+            raise CheckpointError(f"{index_path} lists shard {n}, whose number is outside 1..{total}")
+    root = os.path.dirname(index_path)
+    try:
+        on_disk = sorted(os.listdir(root))
+    except OSError:
+        return  # find_checkpoint_files listed it a moment ago; nothing more to learn here
+    family = {(m.group(1), m.group(4)) for m in numbered.values()}
+    for n in on_disk:
+        m = _SHARD_NAME.match(n)
+        if m is None or n in numbered or (m.group(1), m.group(4)) not in family:
+            continue
+        if int(m.group(3)) == total:
+            raise CheckpointError(f"{os.path.join(root, n)} is a shard of this checkpoint's set (-of-{m.group(3)}) "
+                                  f"but {os.path.basename(index_path)} does not list it: the index is stale or "
+                                  "incomplete, and that file's tensors would be ignored; re-download the index")
+        logger.warning("%s: ignoring %s, a shard of another set (the index lists files of %d shards)", root, n, total)
 
 
 def plan_hf(files: CheckpointFiles, opener: OpenFiles, config: LlamaConfig) -> tuple[list[PlannedTensor], list[str]]:

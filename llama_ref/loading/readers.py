@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import CheckpointError, fmt_shape
+from .files import DuplicateKeyError, check_file, no_duplicate_keys, open_binary
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,8 @@ def read_safetensors_header(path: str) -> dict[str, StoredTensor]:
     Done by hand (8-byte little-endian length + JSON) rather than via ``safe_open`` so a bad file
     gets a message naming the tensor at fault, and so truncation is caught before any data is read.
     """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    size = check_file(path, "safetensors file")
+    with open_binary(path, "safetensors file") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
             raise CheckpointError(f"{path}: only {size} bytes, too short for a safetensors file (truncated?)")
@@ -66,7 +66,9 @@ def read_safetensors_header(path: str) -> dict[str, StoredTensor]:
             )
         raw = f.read(header_len)
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
+    except DuplicateKeyError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: tensor {e.args[0]!r} is described twice") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: corrupt safetensors header: not valid JSON ({e})") from None
     if not isinstance(header, dict):
@@ -123,7 +125,7 @@ def _check_coverage(path: str, tensors: dict[str, StoredTensor], data_size: int)
 # ---------------------------------------------------------------------------- torch zip archives
 def load_torch_file(path: str) -> dict[str, torch.Tensor]:
     """``torch.load`` a state dict memory-mapped and with ``weights_only`` (no code execution)."""
-    with open(path, "rb") as f:
+    with open_binary(path, "PyTorch checkpoint") as f:
         magic = f.read(4)
     mmap = magic == _ZIP_MAGIC
     if not mmap and not magic.startswith(b"\x80"):
@@ -134,6 +136,8 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
         logger.warning("%s: legacy (non-zip) PyTorch format, loading it without mmap (uses more memory)", path)
     try:
         state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+    except PermissionError:
+        raise PermissionError(f"cannot read PyTorch checkpoint {path}: permission denied") from None
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: refused to unpickle (it holds objects other than tensors): "
                               f"{str(e).splitlines()[0]}") from None
@@ -213,6 +217,7 @@ class OpenFiles:
             if path.endswith(".safetensors"):
                 from safetensors import safe_open
 
+                check_file(path, "safetensors file")  # never hand a FIFO or directory to safe_open
                 try:
                     handle = safe_open(path, framework="pt", device="cpu")
                     handle.__enter__()
