@@ -29,7 +29,8 @@ from llama_ref.schedule import ScheduleSpec, format_schedule, resolve_schedule
 
 from . import table as T
 from .primitives import ZERO, Count, matmul_exact_flops
-from .result import CounterResult, RowKey
+from .result import BACKWARD, FORWARD, RECOMPUTE, SOURCE_FORMULA, CounterResult, RowKey
+from .training import Training
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class AnalyticReport:
     def as_counter_result(self) -> CounterResult:
         result = CounterResult(name="analytic")
         for r in self.rows:
-            result.add(r.key, r.count, "formula")
+            result.add(r.key, r.count, SOURCE_FORMULA)
         result.notes.append(
             f"closed form: batch={self.batch} n_tokens={self.n_tokens} n_cached={self.n_cached} "
             f"schedule={self.schedule_str}"
@@ -291,3 +292,109 @@ def macs_polynomial(config: LlamaConfig, schedule: ScheduleSpec = None) -> tuple
     if rem or m3 != 3 * a + 9 * b:  # pragma: no cover - a row's MACs would not be of the form a*N + b*N^2
         raise ArithmeticError(f"MACs {m1}, {m2}, {m3} (N=1, 2, 3) are not of the form a*N + b*N^2")
     return a, b
+
+
+# ---------------------------------------------------------------- a training step
+@dataclass(frozen=True)
+class TrainingRow:
+    """One row of a training step: the model work of its forward and backward, and the work executed again
+    by activation checkpointing (``recompute``)."""
+
+    position: Optional[int]
+    layer: Optional[int]
+    module: str
+    forward: Count
+    backward: Count
+    recompute: Count = ZERO
+
+    @property
+    def key(self) -> RowKey:
+        return (self.position, self.module)
+
+    @property
+    def model(self) -> Count:
+        return self.forward + self.backward
+
+
+@dataclass
+class TrainingReport:
+    """Closed-form costs of one training step (forward + loss + backward) of ``batch`` sequences of
+    ``n_tokens`` tokens, running the layers of ``schedule``."""
+
+    config: LlamaConfig
+    schedule: tuple[int, ...]
+    batch: int
+    n_tokens: int
+    training: Training
+    rows: list[TrainingRow]
+
+    def phase_total(self, phase: str) -> Count:
+        total = ZERO
+        for r in self.rows:
+            total = total + getattr(r, phase)
+        return total
+
+    @property
+    def total(self) -> Count:
+        """Model work: forward + backward (the loss row included)."""
+        return self.phase_total(FORWARD) + self.phase_total(BACKWARD)
+
+    def as_counter_result(self) -> CounterResult:
+        result = CounterResult(name="analytic")
+        phases = (FORWARD, BACKWARD) + ((RECOMPUTE,) if self.training.recompute else ())
+        for phase in phases:
+            for r in self.rows:
+                result.add(r.key, getattr(r, phase), SOURCE_FORMULA, phase)
+        result.notes.append(f"closed form of a training step: batch={self.batch} n_tokens={self.n_tokens} "
+                            f"loss={self.training.loss} recompute={self.training.recompute} "
+                            f"schedule={format_schedule(self.schedule)}")
+        return result
+
+
+def _param_owner(row: T.Row, layer: Optional[int], config: LlamaConfig):
+    """Which parameters a row's module uses (None: it has none): one key per distinct weight tensor."""
+    if not row.params(config) and not (row.name == "output" and config.tie_word_embeddings):
+        return None
+    if row.name == "output" and config.tie_word_embeddings:
+        return (None, "tok_embeddings")  # the tied head is the embedding's matrix
+    return (layer, row.name)
+
+
+def analyze_training(config: LlamaConfig, *, batch: int = 1, n_tokens: int, schedule: ScheduleSpec = None,
+                     training: Training = Training()) -> TrainingReport:
+    """Closed-form per-row costs of one training step: every row's forward (as :func:`analyze`), its
+    backward as autograd runs it (the table's backward ops and each row's own gradient adds), the loss,
+    and with ``training.recompute`` one more forward of every decoder-layer run.
+
+    A weight used more than once in a step (a layer the schedule repeats; a tied embedding/head) has its
+    gradients added: one add of its size per use but the last, in the backward of that use (autograd's
+    backward runs the last use first)."""
+    if not isinstance(training, Training):
+        raise ValueError(f"training must be a Training, got {type(training).__name__}")
+    forward = analyze(config, batch=batch, n_tokens=n_tokens, schedule=schedule)
+    order = forward.schedule
+    shape = T.RunShape(batch, n_tokens, 0)
+    uses: list[tuple[RowKey, Optional[tuple], T.Row]] = []  # (row key, param owner, row), forward order
+    for r in T.TOP_ROWS_BEFORE:
+        uses.append(((None, r.name), _param_owner(r, None, config), r))
+    for pos, layer in enumerate(order):
+        for r in T.BLOCK_ROWS:
+            uses.append(((pos, r.name), _param_owner(r, layer, config), r))
+    for r in T.TOP_ROWS_AFTER:
+        uses.append(((None, r.name), _param_owner(r, None, config), r))
+    last_use = {owner: i for i, (_, owner, _) in enumerate(uses) if owner is not None}
+    param_size = {r.name: r.params(config) for r in T.TOP_ROWS_BEFORE + T.BLOCK_ROWS + T.TOP_ROWS_AFTER}
+    by_key = {r.key: r for r in forward.rows}
+    rows = []
+    for i, (key, owner, row) in enumerate(uses):
+        sizes = row.sizes(config, shape)
+        backward = T.sum_ops(row.backward_ops(sizes))
+        if owner is not None and last_use[owner] > i:
+            backward = backward + T.sum_ops((T._ew("add", param_size[owner[1]]),))
+        f = by_key[key]
+        recompute = f.count if (training.recompute and key[0] is not None) else ZERO
+        rows.append(TrainingRow(f.position, f.layer, f.module, f.count, backward, recompute))
+    loss = T.loss_row(training.loss)
+    sizes = loss.sizes(config, shape)
+    rows.append(TrainingRow(None, None, loss.name, loss.kind.count(sizes), T.sum_ops(loss.backward_ops(sizes))))
+    return TrainingReport(config, order, batch, n_tokens, training, rows)

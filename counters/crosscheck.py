@@ -7,9 +7,15 @@ For ``n_cached = C > 0`` the model gets a cache for ``C + N`` positions, an *unc
 ``C`` tokens fills it, then every counter counts the same ``N``-token step at ``start_pos = C``
 (each counted forward rewrites the same cache slots, so the counters see identical state).
 
-Equality is exact integer equality, never a tolerance. Every counter is compared on every quantity it
-claims to count (:attr:`CounterResult.claims`), in every row and in total: a counter that reports zero
-where another reports work disagrees.
+With ``training`` every counter counts one training step (forward, loss, backward; see
+:mod:`counters.training`) and reports it by phase: ``forward`` and ``backward`` (model work), and the
+executed-only ``recompute`` (activation checkpointing) and ``kernel_recompute`` (a fused attention
+backward's own recomputation of the scores).
+
+Equality is exact integer equality, never a tolerance. Every counter is compared on every
+``(phase, quantity)`` it claims (:meth:`CounterResult.claimed`), in every row and in total: a counter that
+reports zero where another reports work disagrees. A phase only one counter measures is reported, not
+compared.
 """
 
 from __future__ import annotations
@@ -20,13 +26,23 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .analytic import AnalyticReport, analyze, param_count
+from .analytic import AnalyticReport, TrainingReport, analyze, analyze_training, param_count
 from .fvcore_counter import count_fvcore
 from .hooks import count_hooks
-from .primitives import Count
-from .result import COUNTER_NAMES, QUANTITIES, CounterResult, RowKey, independent_sources
-from .table import row_order
+from .primitives import ZERO
+from .result import (
+    COUNTER_NAMES,
+    EXECUTED_ONLY,
+    FORWARD,
+    PHASE_ORDER,
+    QUANTITIES,
+    CounterResult,
+    RowKey,
+    independent_sources,
+)
+from .table import LOSS_ROW_NAME, row_order
 from .torch_counter import count_torch
+from .training import Training
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +52,7 @@ COUNTER_FUNCTIONS: dict[str, Callable[..., CounterResult]] = {
     "fvcore": count_fvcore,
     "torch": count_torch,
 }
+_LOSS_KEY: RowKey = (None, LOSS_ROW_NAME)
 
 
 @dataclass(frozen=True)
@@ -48,11 +65,13 @@ class Mismatch:
     expected: int
     counter: str
     got: int
+    phase: str = FORWARD
 
     def __str__(self) -> str:
         pos, module = self.key
         where = module if pos is None else f"run {pos} {module}"
-        return (f"{where}: {self.quantity} {self.counter}={self.got:,} vs {self.reference}={self.expected:,} "
+        phase = "" if self.phase == FORWARD else f" ({self.phase})"
+        return (f"{where}: {self.quantity}{phase} {self.counter}={self.got:,} vs {self.reference}={self.expected:,} "
                 f"(diff {self.got - self.expected:+,})")
 
 
@@ -61,18 +80,43 @@ class CrosscheckRow:
     position: Optional[int]
     layer: Optional[int]
     module: str
-    macs: dict[str, Optional[int]]  # counter -> MACs (None: the counter does not claim MACs)
-    nonmatmul_flops: dict[str, Optional[int]]  # counter -> non-matmul FLOPs (None: not claimed)
+    # (phase, quantity) -> counter -> value (None: the counter does not claim it)
+    values: dict[tuple[str, str], dict[str, Optional[int]]]
     agree: bool
-    # quantity -> the distinct source labels behind it (see counters.result)
-    sources: dict[str, list[str]] = field(default_factory=dict)
+    # (phase, quantity) -> the distinct source labels behind it (see counters.result)
+    sources: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    model_phases: tuple[str, ...] = (FORWARD,)
 
     @property
     def key(self) -> RowKey:
         return (self.position, self.module)
 
+    def get(self, quantity: str, phase: Optional[str] = None) -> dict[str, Optional[int]]:
+        """counter -> ``quantity`` in ``phase``, or summed over the model phases (None where a counter does
+        not claim every one of them)."""
+        if phase is not None:
+            return self.values.get((phase, quantity), {})
+        out: dict[str, Optional[int]] = {}
+        for p in self.model_phases:
+            for counter, v in self.values.get((p, quantity), {}).items():
+                if counter in out and out[counter] is None:
+                    continue
+                out[counter] = None if v is None else (out.get(counter) or 0) + v
+        return out
+
+    @property
+    def macs(self) -> dict[str, Optional[int]]:
+        return self.get("macs")
+
+    @property
+    def nonmatmul_flops(self) -> dict[str, Optional[int]]:
+        return self.get("nonmatmul_flops")
+
     def n_sources(self, quantity: str) -> int:
-        return len(self.sources.get(quantity, ()))
+        """Independent sources behind every model phase of ``quantity`` that has work (the fewest)."""
+        counts = [len(self.sources.get((p, quantity), ())) for p in self.model_phases
+                  if self.sources.get((p, quantity))]
+        return min(counts) if counts else 0
 
 
 @dataclass
@@ -87,10 +131,13 @@ class CrosscheckReport:
     analytic: Optional[AnalyticReport]
     params: int
     rows: list[CrosscheckRow]
-    totals: dict[str, dict[str, Optional[int]]]  # counter -> {"macs", "flops", "nonmatmul_flops"}
-    compared: dict[str, list[str]]  # quantity -> counters compared on it
+    totals: dict[str, dict[str, Optional[int]]]  # counter -> {"macs", "flops", "nonmatmul_flops", per phase ...}
+    compared: dict[tuple[str, str], list[str]]  # (phase, quantity) -> counters compared on it
     mismatches: list[Mismatch]
     unknown_ops: dict[str, dict[str, int]]  # counter -> {op: occurrences}
+    phases: tuple[str, ...] = (FORWARD,)
+    training: Optional[Training] = None
+    training_report: Optional[TrainingReport] = None
     device: str = ""
     dtype: str = ""
     kernel: str = ""
@@ -107,17 +154,34 @@ class CrosscheckReport:
         return not any(self.unknown_ops.values())
 
     @property
+    def model_phases(self) -> tuple[str, ...]:
+        return tuple(p for p in self.phases if p not in EXECUTED_ONLY)
+
+    @property
     def reference(self) -> str:
-        """The counter whose numbers a table shows (the first one claiming both quantities)."""
-        return next((n for n in self.counters if set(QUANTITIES) <= set(self.results[n].claims)), self.counters[0])
+        """The counter whose numbers a table shows: the first one claiming every model phase."""
+        for n in self.counters:
+            if all(self.results[n].claimed(p, q) for p in self.model_phases for q in QUANTITIES):
+                return n
+        return self.counters[0]
 
     def sources(self) -> dict[str, dict[str, dict[str, int]]]:
-        """counter -> quantity -> source label -> amount, over the whole forward."""
+        """counter -> quantity -> source label -> amount, over the model work it claims."""
         out = {}
         for n in self.counters:
-            totals = self.results[n].source_totals()
-            out[n] = {q: {s: getattr(c, q) for s, c in totals.items() if getattr(c, q)}
-                      for q in self.results[n].claims}
+            r = self.results[n]
+            per_q: dict[str, dict[str, int]] = {}
+            for q in QUANTITIES:
+                amounts: dict[str, int] = {}
+                for p in self.model_phases:
+                    if not r.claimed(p, q):
+                        continue
+                    for s, c in r.source_totals(p).items():
+                        if getattr(c, q):
+                            amounts[s] = amounts.get(s, 0) + getattr(c, q)
+                if any(r.claimed(p, q) for p in self.model_phases):
+                    per_q[q] = dict(sorted(amounts.items()))
+            out[n] = per_q
         return out
 
     def layer_runs(self) -> list[CrosscheckRow]:
@@ -137,16 +201,15 @@ class CrosscheckReport:
                 continue
             emitted.add(r.position)
             group = by_pos[r.position]
-            sums = {}
-            for q in QUANTITIES:
-                sums[q] = {c: (None if c not in self.compared[q] else sum(getattr(g, q)[c] for g in group))
-                           for c in self.counters}
-            sources = {}
-            for q in QUANTITIES:
-                sets = [set(g.sources.get(q, ())) for g in group if g.sources.get(q)]
-                sources[q] = sorted(set.intersection(*sets)) if sets else []
-            out.append(CrosscheckRow(r.position, r.layer, "block", sums["macs"], sums["nonmatmul_flops"],
-                                     all(g.agree for g in group), sources))
+            values: dict[tuple[str, str], dict[str, Optional[int]]] = {}
+            sources: dict[tuple[str, str], list[str]] = {}
+            for pq in group[0].values:
+                values[pq] = {c: (None if any(g.values[pq][c] is None for g in group)
+                                  else sum(g.values[pq][c] for g in group)) for c in self.counters}
+                sets = [set(g.sources.get(pq, ())) for g in group if g.sources.get(pq)]
+                sources[pq] = sorted(set.intersection(*sets)) if sets else []
+            out.append(CrosscheckRow(r.position, r.layer, "block", values, all(g.agree for g in group), sources,
+                                     self.model_phases))
         return out
 
 
@@ -158,9 +221,11 @@ def _prefill(model, batch: int, n_cached: int, n_tokens: int, device) -> None:
 
 
 def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Optional[Sequence[str]] = None,
-               strict: bool = False, weight_dtype_bytes: int = 2, act_dtype_bytes: int = 2) -> CrosscheckReport:
-    """Count one forward of ``tokens`` (shape ``(batch, N)``) after ``n_cached`` cached positions with
-    each of ``counters`` (default: all four) and compare them row by row.
+               strict: bool = False, training: Optional[Training] = None, weight_dtype_bytes: int = 2,
+               act_dtype_bytes: int = 2) -> CrosscheckReport:
+    """Count one forward of ``tokens`` (shape ``(batch, N)``) after ``n_cached`` cached positions - or with
+    ``training``, one training step on them - with each of ``counters`` (default: all four) and compare
+    them row by row.
 
     The first counter is the reference the others are compared with. The model's own KV cache (if any)
     is restored afterwards.
@@ -169,6 +234,10 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
         raise ValueError("tokens must be a (batch, n_tokens) integer tensor")
     if isinstance(n_cached, bool) or not isinstance(n_cached, int) or n_cached < 0:
         raise ValueError(f"n_cached must be a non-negative int, got {n_cached!r}")
+    if training is not None and not isinstance(training, Training):
+        raise ValueError(f"training must be a counters.training.Training, got {type(training).__name__}")
+    if training is not None and n_cached:
+        raise ValueError(f"a training step has no KV cache: n_cached must be 0, got {n_cached}")
     names = list(COUNTER_NAMES if counters is None else counters)
     if not names:
         raise ValueError("no counters to run")
@@ -180,11 +249,16 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
     config = model.config
     schedule = tuple(model.schedule)
     results: dict[str, CounterResult] = {}
-    analytic_report = None
+    analytic_report = training_report = None
     if "analytic" in names:
         analytic_report = analyze(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, schedule=schedule,
                                   weight_dtype_bytes=weight_dtype_bytes, act_dtype_bytes=act_dtype_bytes)
-        results["analytic"] = analytic_report.as_counter_result()
+        if training is None:
+            results["analytic"] = analytic_report.as_counter_result()
+        else:
+            training_report = analyze_training(config, batch=batch, n_tokens=n_tokens, schedule=schedule,
+                                                training=training)
+            results["analytic"] = training_report.as_counter_result()
 
     saved_caches = model.caches
     # The RoPE table grows on demand; grow it now, so that no counted forward builds it.
@@ -192,71 +266,116 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
     try:
         if n_cached > 0:
             _prefill(model, batch, n_cached, n_tokens, tokens.device)
+        elif training is not None:
+            model.caches = None
         for name in names:
             if name != "analytic":
                 logger.info("counting with %s", name)
-                results[name] = COUNTER_FUNCTIONS[name](model, tokens, n_cached, strict=strict)
+                kwargs = {} if training is None else {"training": training}
+                results[name] = COUNTER_FUNCTIONS[name](model, tokens, n_cached, strict=strict, **kwargs)
     finally:
         model.caches = saved_caches
 
-    return compare(results, schedule=schedule, config=config, batch=batch, n_tokens=n_tokens, n_cached=n_cached,
-                   analytic=analytic_report, order=names)
+    report = compare(results, schedule=schedule, config=config, batch=batch, n_tokens=n_tokens, n_cached=n_cached,
+                     analytic=analytic_report, order=names, loss=training is not None)
+    report.training = training
+    report.training_report = training_report
+    return report
 
 
 def compare(results: dict[str, CounterResult], *, schedule: Sequence[int], config, batch: int, n_tokens: int,
-            n_cached: int, analytic: Optional[AnalyticReport] = None,
-            order: Optional[Sequence[str]] = None) -> CrosscheckReport:
+            n_cached: int, analytic: Optional[AnalyticReport] = None, order: Optional[Sequence[str]] = None,
+            loss: bool = False) -> CrosscheckReport:
     """Build the per-row table of ``results`` and list every disagreement (pure, no model work).
 
-    Each quantity is compared across every counter that claims it: the first such counter is the
-    reference, and any other value, zero included, is a mismatch."""
+    Each ``(phase, quantity)`` is compared across every counter that claims it: the first such counter
+    is the reference, and any other value, zero included, is a mismatch."""
     names = list(order or results)
     schedule = tuple(schedule)
-    compared = {q: [n for n in names if q in results[n].claims] for q in QUANTITIES}
-    notes = [f"{n}: does not measure {q} (not compared)" for q in QUANTITIES for n in names if n not in compared[q]]
+    seen = {p for r in results.values() for p in r.phases}
+    phases = tuple(p for p in PHASE_ORDER if p in seen) + tuple(sorted(seen - set(PHASE_ORDER)))
+    compared = {(p, q): [n for n in names if results[n].claimed(p, q)] for p in phases for q in QUANTITIES}
+    notes = []
+    for n in names:
+        missing = [f"{q} ({p})" for p in phases for q in QUANTITIES
+                   if not results[n].claimed(p, q) and p not in EXECUTED_ONLY]
+        if missing:
+            notes.append(f"{n}: does not measure {', '.join(missing)} (not compared)")
+    for p in phases:
+        if p in EXECUTED_ONLY and len(compared[(p, "macs")]) == 1:
+            notes.append(f"{p}: measured by {compared[(p, 'macs')][0]} only (executed work, not compared)")
 
-    keys = row_order(len(schedule))
+    keys = row_order(len(schedule), loss=loss)
     known = set(keys)
-    extra = sorted({k for r in results.values() for k in r.rows if k not in known},
+    extra = sorted({k for r in results.values() for p in r.phases for k in r.counts[p] if k not in known},
                    key=lambda k: (-1 if k[0] is None else k[0], k[1]))
     for k in extra:
         notes.append(f"row {k} is outside the standard row set")
+    model_phases = tuple(p for p in phases if p not in EXECUTED_ONLY)
     mismatches: list[Mismatch] = []
     rows: list[CrosscheckRow] = []
     for key in keys + extra:
-        counts = {n: results[n].get(key) for n in names}
-        values = {q: {n: (getattr(counts[n], q) if n in compared[q] else None) for n in names} for q in QUANTITIES}
+        values: dict[tuple[str, str], dict[str, Optional[int]]] = {}
+        sources: dict[tuple[str, str], list[str]] = {}
         row_ok = True
-        for q in QUANTITIES:
-            if not compared[q]:
-                continue
-            ref = compared[q][0]
-            for n in compared[q][1:]:
-                if values[q][n] != values[q][ref]:
-                    row_ok = False
-                    mismatches.append(Mismatch(key, q, ref, values[q][ref], n, values[q][n]))
+        for p in phases:
+            for q in QUANTITIES:
+                vals = {n: (getattr(results[n].get(key, p), q) if results[n].claimed(p, q) else None) for n in names}
+                values[(p, q)] = vals
+                sources[(p, q)] = independent_sources(results.values(), key, q, p)
+                comp = compared[(p, q)]
+                for n in comp[1:]:
+                    if vals[n] != vals[comp[0]]:
+                        row_ok = False
+                        mismatches.append(Mismatch(key, q, comp[0], vals[comp[0]], n, vals[n], p))
         pos, module = key
         layer = schedule[pos] if pos is not None and 0 <= pos < len(schedule) else None
-        sources = {q: independent_sources(results.values(), key, q) for q in QUANTITIES}
-        rows.append(CrosscheckRow(pos, layer, module, values["macs"], values["nonmatmul_flops"], row_ok, sources))
+        rows.append(CrosscheckRow(pos, layer, module, values, row_ok, sources, model_phases))
 
-    totals: dict[str, dict[str, Optional[int]]] = {}
-    for n in names:
-        t: Count = results[n].total
-        claims = results[n].claims
-        totals[n] = {"macs": t.macs if "macs" in claims else None,
-                     "flops": t.flops if "macs" in claims else None,
-                     "nonmatmul_flops": t.nonmatmul_flops if "nonmatmul_flops" in claims else None}
-    for q in QUANTITIES:
-        for n in compared[q][1:]:
-            ref = compared[q][0]
-            if totals[n][q] != totals[ref][q]:
-                mismatches.append(Mismatch((None, "TOTAL"), q, ref, totals[ref][q], n, totals[n][q]))
+    totals = {n: _totals(results[n], phases, model_phases) for n in names}
+    for p in phases:
+        for q in QUANTITIES:
+            comp = compared[(p, q)]
+            for n in comp[1:]:
+                a, b = results[comp[0]].phase_total(p), results[n].phase_total(p)
+                if getattr(a, q) != getattr(b, q):
+                    mismatches.append(Mismatch((None, "TOTAL"), q, comp[0], getattr(a, q), n, getattr(b, q), p))
     for n in names:
         notes.extend(f"{n}: {note}" for note in results[n].notes)
     return CrosscheckReport(
         config=config, schedule=schedule, batch=batch, n_tokens=n_tokens, n_cached=n_cached, counters=names,
         results=results, analytic=analytic, params=param_count(config), rows=rows, totals=totals,
         compared=compared, mismatches=mismatches,
-        unknown_ops={n: dict(results[n].unknown_ops) for n in names}, notes=notes,
+        unknown_ops={n: dict(results[n].unknown_ops) for n in names}, phases=phases, notes=notes,
     )
+
+
+def _totals(result: CounterResult, phases: tuple[str, ...], model_phases: tuple[str, ...]) -> dict[str, Optional[int]]:
+    """A counter's totals: ``macs``/``flops``/``nonmatmul_flops`` of the model work (None unless it claims
+    every model phase); with more than one phase also ``<phase>_macs`` and ``<phase>_nonmatmul_flops``, and
+    ``executed_macs`` (model + executed-only work). A training step's loss is reported apart
+    (``loss_nonmatmul_flops``), not in the model totals."""
+    out: dict[str, Optional[int]] = {}
+
+    def phase_sum(p: str, q: str) -> Optional[int]:
+        if not result.claimed(p, q):
+            return None
+        c = result.phase_total(p)
+        loss = result.get(_LOSS_KEY, p) if _LOSS_KEY in result.counts.get(p, {}) else ZERO
+        return getattr(c, q) - getattr(loss, q)
+
+    for q in QUANTITIES:
+        parts = [phase_sum(p, q) for p in model_phases]
+        out[q] = None if any(v is None for v in parts) else sum(parts)
+    out = {"macs": out["macs"], "flops": None if out["macs"] is None else 2 * out["macs"],
+           "nonmatmul_flops": out["nonmatmul_flops"]}
+    if len(phases) > 1:
+        for p in phases:
+            for q in QUANTITIES:
+                out[f"{p}_{q}"] = phase_sum(p, q)
+        executed = [phase_sum(p, "macs") for p in phases if result.claimed(p, "macs")]
+        out["executed_macs"] = None if out["macs"] is None else sum(executed)
+    if any(_LOSS_KEY in result.counts.get(p, {}) for p in phases):
+        out["loss_nonmatmul_flops"] = (None if not all(result.claimed(p, "nonmatmul_flops") for p in model_phases)
+                                       else sum(result.get(_LOSS_KEY, p).nonmatmul_flops for p in model_phases))
+    return out

@@ -45,8 +45,9 @@ from .ops import (
     torch_sdpa_macs,
 )
 from .primitives import ZERO, Count
-from .result import SOURCE_SHAPES, CounterResult, outside
-from .table import RowKey, row_for_module, row_order
+from .result import FORWARD, QUANTITIES, SOURCE_SHAPES, CounterResult, outside
+from .table import LOSS_ROW_NAME, RowKey, row_for_module, row_order
+from .training import Training, loss_of
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +61,19 @@ FVCORE_MATMUL_KINDS = ("aten::addmm", "aten::bmm", "aten::matmul", "aten::mm", "
 _WRAPPED = "model"  # attribute name of the model inside the tracing wrapper
 
 class _StartPosWrapper(nn.Module):
-    """jit traces tensors only: ``start_pos`` (a Python int) is bound here."""
+    """jit traces tensors only: ``start_pos`` (a Python int) is bound here. With ``loss``, the traced
+    function is a training step's forward: the model, then the loss of its logits (traced in the wrapper's
+    own scope, the loss row)."""
 
-    def __init__(self, model: nn.Module, start_pos: int) -> None:
+    def __init__(self, model: nn.Module, start_pos: int, loss: Optional[str] = None) -> None:
         super().__init__()
         self.model = model
         self.start_pos = start_pos
+        self.loss = loss
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, self.start_pos)
+        logits = self.model(tokens, self.start_pos)
+        return logits if self.loss is None else loss_of(logits, tokens, self.loss)
 
 
 # ---------------------------------------------------------------- jit node -> OpCall
@@ -132,8 +137,9 @@ def _row_for_scope(scope: str, cache: dict[str, RowKey]) -> RowKey:
         fqn = ""
     elif module.startswith(_WRAPPED + "."):
         fqn = module[len(_WRAPPED) + 1:]
-    else:  # the wrapper itself ("" scope)
-        fqn = ""
+    else:  # the wrapper itself: the loss of a training step
+        cache[scope] = (None, LOSS_ROW_NAME)
+        return cache[scope]
     row = row_for_module(fqn, position)
     cache[scope] = row
     return row
@@ -177,7 +183,8 @@ def _import_fvcore():
     return FlopCountAnalysis, jit_analysis, _DEFAULT_SUPPORTED_OPS
 
 
-def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, strict: bool = False) -> CounterResult:
+def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, strict: bool = False,
+                 training: Optional[Training] = None) -> CounterResult:
     """Count one forward ``model(tokens, start_pos)`` with fvcore's ``FlopCountAnalysis``.
 
     Rows are keyed ``(position, row)`` as :mod:`counters.table` says. For ``start_pos > 0`` the
@@ -186,11 +193,16 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
 
     ``strict``: raise :class:`counters.ops.UncountedOpError` if an op has no formula; otherwise log
     a warning and list it in ``unknown_ops``.
+
+    ``training``: fvcore traces with ``torch.jit``, which records a forward only: the step's forward and
+    loss are counted, and the result claims the forward phase only (its backward is not faked).
     """
+    if training is not None and start_pos:
+        raise ValueError(f"a training step starts at position 0, got start_pos={start_pos}")
     FlopCountAnalysis, jit_analysis, _DEFAULT_SUPPORTED_OPS = _import_fvcore()
     fvcore_matmul = {k: _DEFAULT_SUPPORTED_OPS[k] for k in FVCORE_MATMUL_KINDS if k in _DEFAULT_SUPPORTED_OPS}
 
-    wrapper = _StartPosWrapper(model, start_pos)
+    wrapper = _StartPosWrapper(model, start_pos, None if training is None else training.loss)
     analysis = FlopCountAnalysis(wrapper, (tokens,))
     analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("no_tracer_warning")
     # fvcore counts with its own matrix-product handles only; every other op we know is "ignored" by it
@@ -224,8 +236,11 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
         raise RuntimeError(f"fvcore trace ran layers {layer_ids}, but the model's schedule is {list(schedule)}")
 
     result = CounterResult("fvcore")
-    for key in row_order(len(layer_ids)):
-        result.rows[key] = ZERO
+    result.ensure_rows(row_order(len(layer_ids), loss=training is not None))
+    if training is not None:
+        result.claims = frozenset({(FORWARD, q) for q in QUANTITIES})
+        result.notes.append("fvcore traces with torch.jit, which records a forward only: it counts the training "
+                            "step's forward and loss, not its backward (not claimed, not compared)")
     unknown: Counter[str] = Counter()
     scope_rows: dict[str, RowKey] = {}
     fvcore_alone_total = 0  # what FlopCountAnalysis with its defaults would return

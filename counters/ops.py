@@ -47,7 +47,7 @@ __all__ = [
     "DuplicateRegistrationError", "FREE_OPS", "INTEGER_BOOKKEEPING", "OpCall", "OpCount", "OpFormula", "OpRegistry",
     "OUTSIDE_SDPA_OPS", "REGISTRY", "SDPA_BACKEND_OPS", "TensorMeta", "UNKNOWN", "UncountableCall", "UncountedOpError",
     "canonical_op_name", "elementwise", "fvcore_to_macs", "matmul", "raise_or_warn_unknown", "reduction", "sdpa",
-    "torch_flops_to_macs", "torch_sdpa_macs",
+    "torch_flops_to_macs", "torch_sdpa_backward_macs", "torch_sdpa_macs", "SDPA_BACKWARD_OPS",
 ]
 
 # ---------------------------------------------------------------- errors
@@ -464,10 +464,11 @@ REGISTRY.register("baddbmm", matmul("batch1", "batch2", bias_arg="self", scale_a
 
 # Element-wise arithmetic. Covers the RMSNorm x*x (pow 2), + eps, x * rsqrt, * weight; the scale (div)
 # and mask add of attention; the residual adds; the SwiGLU gate multiply; RoPE's complex multiply.
-REGISTRY.register("mul", elementwise("mul"), integer_free=True)
-REGISTRY.register("add", elementwise("add", unit_args=("alpha",)), integer_free=True)
-REGISTRY.register("sub", elementwise("sub", unit_args=("alpha",)), integer_free=True)
-REGISTRY.register("div", elementwise("div"), integer_free=True)
+# The in-place forms (mul_, ...) come from decompositions FlopCounterMode applies (e.g. silu_backward's).
+REGISTRY.register(["mul", "mul_"], elementwise("mul"), integer_free=True)
+REGISTRY.register(["add", "add_"], elementwise("add", unit_args=("alpha",)), integer_free=True)
+REGISTRY.register(["sub", "sub_", "rsub"], elementwise("sub", unit_args=("alpha",)), integer_free=True)
+REGISTRY.register(["div", "div_"], elementwise("div"), integer_free=True)
 REGISTRY.register("pow", elementwise("pow"), integer_free=True)
 REGISTRY.register("rsqrt", elementwise("rsqrt"), integer_free=True)
 REGISTRY.register("maximum", elementwise("maximum"), integer_free=True)
@@ -475,6 +476,7 @@ REGISTRY.register("minimum", elementwise("minimum"), integer_free=True)
 # torch.where(cond, a, b): one select per element (seen only inside SDPA's math decomposition).
 REGISTRY.register("where", elementwise("where"), integer_free=True)
 REGISTRY.register("silu", elementwise("silu"))
+REGISTRY.register("sigmoid", elementwise("sigmoid"))
 # _safe_softmax is softmax with fully masked rows set to 0 (SDPA's math decomposition uses it).
 REGISTRY.register(["softmax", "_softmax", "_safe_softmax"], elementwise("softmax"))
 
@@ -512,11 +514,92 @@ REGISTRY.register("_scaled_dot_product_flash_attention", sdpa(None, name="sdpa_f
 REGISTRY.register(["_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"],
                   sdpa("attn_bias", name="sdpa_efficient/cudnn"))
 
+# Training: the loss and the backward ops autograd runs for llama_ref (see counters.table's backward kinds).
+REGISTRY.register("_log_softmax", elementwise("log_softmax"))
+REGISTRY.register("silu_backward", elementwise("silu_backward"))
+REGISTRY.register("_softmax_backward_data", elementwise("softmax_backward"))
+REGISTRY.register("_log_softmax_backward_data", elementwise("log_softmax_backward"))
+
+
+def _per_element_of(arg: str, primitive: str, name: str) -> OpFormula:
+    """``primitive`` once per element of the call's ``arg`` (not of its output)."""
+
+    def formula(call: OpCall) -> Count:
+        return P.elementwise(primitive, call.tensor(arg).numel)
+
+    formula.__name__ = name
+    return formula
+
+
+def _cross_entropy(call: OpCall) -> Count:
+    """``cross_entropy_loss`` (what jit records for F.cross_entropy): log_softmax over the classes, then
+    nll_loss over the targets (mean reduction, no weights, no label smoothing)."""
+    if call.get("weight") is not None or call.get("label_smoothing", 0.0) != 0.0 or call.get("reduction", 1) != 1:
+        raise UncountableCall(f"{call.op}: only the plain mean cross-entropy is counted")
+    return P.elementwise("log_softmax", call.tensor("self").numel) + P.reduction("nll_loss", call.tensor("target").numel, 1)
+
+
+REGISTRY.register("cross_entropy_loss", _cross_entropy)
+# nll_loss: each target's log-probability picked (free), summed and averaged: one FLOP per target.
+REGISTRY.register("nll_loss_forward", reduction("nll_loss", input_arg="target"))
+REGISTRY.register("nll_loss_backward", _per_element_of("target", "nll_loss_backward", "nll_loss_backward"))
+# A scatter-add of the output gradient's rows into the (zeroed) weight gradient: one add per element.
+REGISTRY.register("embedding_dense_backward",
+                  _per_element_of("grad_output", "embedding_backward", "embedding_dense_backward"))
+
+
+def sdpa_backward(name: str) -> OpFormula:
+    """A fused attention kernel's backward, by the model's convention (what the math kernel's backward runs:
+    :func:`counters.table.attention_fused_backward_ops`). The kernel's own recomputation of the scores is
+    executed work, not model work; the counters report it apart."""
+    from .table import Attn, attention_fused_backward_ops, sum_ops
+
+    def formula(call: OpCall) -> Count:
+        q, k, v = call.tensor("query"), call.tensor("key"), call.tensor("value")
+        if (len(q.shape) < 2 or k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]
+                or k.shape[:-2] != q.shape[:-2] or k.shape[-2] != v.shape[-2]):
+            raise UncountableCall(f"{call.op}: q/k/v shapes {q.shape}, {k.shape}, {v.shape} are not counted")
+        heads = math.prod(q.shape[:-2])
+        return sum_ops(attention_fused_backward_ops(Attn(heads, q.shape[-2], k.shape[-2], 1, 1, q.shape[-1], False)))
+
+    formula.__name__ = name
+    return formula
+
+
+SDPA_BACKWARD_OPS = (
+    "_scaled_dot_product_flash_attention_for_cpu_backward",
+    "_scaled_dot_product_flash_attention_backward",
+    "_scaled_dot_product_efficient_attention_backward",
+    "_scaled_dot_product_cudnn_attention_backward",
+)
+REGISTRY.register(list(SDPA_BACKWARD_OPS), sdpa_backward("sdpa_backward"))
+
 # ---------------------------------------------------------------- torch's own formulas (an outside source)
 #: Fused attention ops whose MACs the counters take from torch's registered SDPA formula
 #: (``torch.utils.flop_counter.sdpa_flop_count``), never from ours: the jit composite fvcore sees, and
 #: the kernels FlopCounterMode sees (it has a formula for the CUDA kernels, none for the CPU one).
 OUTSIDE_SDPA_OPS = ("scaled_dot_product_attention", *SDPA_BACKEND_OPS)
+
+
+def torch_sdpa_backward_macs(call: OpCall) -> tuple[int, int]:
+    """(model MACs, recompute MACs) of a fused attention backward by torch's own formulas:
+    ``sdpa_backward_flop_count`` counts five products, the first being the kernel's recomputation of the
+    scores (torch's own comment: "Step 1: We recompute the scores matrix"), which torch's ``bmm_flop``
+    gives on its own."""
+    from torch.utils.flop_counter import bmm_flop, sdpa_backward_flop_count
+
+    grad_name = next(iter(call.args))  # grad_out (grad_out_ for the efficient kernel)
+    g, q, k, v = (call.tensor(n) for n in (grad_name, "query", "key", "value"))
+    if not len(q.shape) == len(k.shape) == len(v.shape) == len(g.shape) == 4:
+        raise UncountableCall(f"{call.op}: torch's SDPA formula needs 4-d tensors")
+    b, h, s_q, d_q = q.shape
+    s_k = k.shape[-2]
+    try:
+        total = sdpa_backward_flop_count(g.shape, q.shape, k.shape, v.shape)
+        recompute = bmm_flop((b * h, s_q, d_q), (b * h, d_q, s_k))
+    except AssertionError as e:
+        raise UncountableCall(f"{call.op}: {e}") from None
+    return torch_flops_to_macs(total - recompute), torch_flops_to_macs(recompute)
 
 
 def torch_sdpa_macs(call: OpCall) -> int:
@@ -557,6 +640,7 @@ _FREE = {
     "view_as_complex": "reinterprets (.., 2) real pairs as complex: metadata only",
     "view_as_real": "reinterprets complex as (.., 2) real pairs: metadata only",
     "detach": "autograd bookkeeping: no data touched",
+    "_conj": "sets the lazy conjugate bit (RoPE's backward multiplies by conj(freqs)): no data touched",
     # copies and casts: data movement, no arithmetic
     "clone": "copy (e.g. repeat_kv materialising expanded k/v): data movement",
     "contiguous": "copy into contiguous layout: data movement",
@@ -571,6 +655,7 @@ _FREE = {
     # lookups, allocation, mask construction
     "embedding": "table lookup (formulas.embedding is zero): data movement",
     "empty": "allocation",
+    "empty_like": "allocation",
     "zeros": "allocation + fill: mask construction (cached-prefix columns)",
     "ones": "allocation + fill: mask construction (SDPA causal mask)",
     "full": "allocation + fill: mask construction (-inf)",

@@ -62,7 +62,15 @@ FLOPS_PER_ELEMENT: Mapping[str, int] = MappingProxyType({
     "where": 1,  # one select
     "maximum": 1, "minimum": 1,  # one comparison
     "silu": 4,  # x / (1 + exp(-x)): negate, exp, add, divide
+    "sigmoid": 4,  # 1 / (1 + exp(-x)): negate, exp, add, reciprocal
     "softmax": 5,  # over a row: max, subtract, exp, sum, divide - one each per element
+    "log_softmax": 5,  # over a row: max, subtract, exp, sum, subtract log(sum) - one each per element
+    # backward ops
+    "silu_backward": 9,  # g * s * (1 + x * (1 - s)), s = sigmoid(x): neg, exp, add, reciprocal + sub, mul, add, mul, mul
+    "softmax_backward": 4,  # y * (g - sum(g * y)): mul, sum, sub, mul
+    "log_softmax_backward": 4,  # g - exp(y) * sum(g): sum, exp, mul, sub
+    "embedding_backward": 1,  # each gradient row added into the table's gradient: one add per element
+    "nll_loss_backward": 1,  # -g / n written at each target
 })
 #: FLOPs per output element of an op on complex operands: (a+bi)(c+di) is 4 real multiplies and
 #: 2 real adds; (a+bi) + (c+di) is 2 real adds. An op missing here has no complex convention.
@@ -71,6 +79,7 @@ COMPLEX_FLOPS_PER_ELEMENT: Mapping[str, int] = MappingProxyType({"mul": 6, "add"
 #: i.e. numel(input) in total; ``sum``/``max``/``min`` are n-1 per output.
 REDUCTION_FLOPS: Mapping[str, tuple[int, int]] = MappingProxyType({
     "mean": (1, 0), "sum": (1, -1), "max": (1, -1), "min": (1, -1),
+    "nll_loss": (1, 0),  # pick each target's log-probability (free), sum them (n-1), divide by n (1)
 })
 
 

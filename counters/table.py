@@ -67,6 +67,17 @@ def _ew(name: str, n: int) -> Op:
     return Op(name, P.elementwise(name, n))
 
 
+def _sum(n_in: int, n_out: int) -> Op:
+    return Op("sum", P.reduction("sum", n_in, n_out))
+
+
+def sum_ops(ops) -> Count:
+    total = ZERO
+    for op in ops:
+        total = total + op.count
+    return total
+
+
 @dataclass(frozen=True)
 class RunShape:
     """What one forward computes: ``batch`` sequences of ``n_tokens`` new tokens after ``n_cached``
@@ -183,21 +194,27 @@ class Kind:
     ``read(module, args, kwargs, output)``: the sizes, from a real call's tensors (the hooks counter).
     ``bytes(sizes, dtypes)``: the bytes it moves. ``macs_causal(sizes)``: MACs of only the attention
     scores a causal mask keeps (default: all MACs).
+
+    Training: ``backward_ops(sizes)`` is what autograd runs for the module's backward (``None``: nothing,
+    e.g. views and pass-through adds), and ``read_backward(module, grad_input, grad_output)`` the same
+    sizes read from the real gradient tensors (full backward hooks).
     """
 
     name: str
-    module: type
+    module: type  # type(None) for work that is not a module's (the loss)
     leaf: bool
     ops: Callable[[Any], tuple[Op, ...]]
     read: Optional[Callable[[nn.Module, tuple, dict, Any], Any]]
     bytes: Callable[[Any, Dtypes], Bytes]
     macs_causal: Optional[Callable[[Any], int]] = None
+    backward_ops: Optional[Callable[[Any], tuple[Op, ...]]] = None
+    read_backward: Optional[Callable[[nn.Module, tuple, tuple], Any]] = None
 
     def count(self, sizes: Any) -> Count:
-        total = ZERO
-        for op in self.ops(sizes):
-            total = total + op.count
-        return total
+        return sum_ops(self.ops(sizes))
+
+    def backward_count(self, sizes: Any) -> Count:
+        return ZERO if self.backward_ops is None else sum_ops(self.backward_ops(sizes))
 
     def covers(self, module: nn.Module) -> bool:
         """``module`` is this kind's class and runs that class's own ``forward``."""
@@ -218,7 +235,18 @@ def _linear_bytes(s: Mat, dt: Dtypes) -> Bytes:
     return Bytes(weight=s.k * s.n * dt.weight, act=(s.rows * s.k + s.rows * s.n) * dt.act)
 
 
-LINEAR = Kind("linear", Linear, True, _linear_ops, _linear_read, _linear_bytes)
+def _linear_backward(s: Mat) -> tuple[Op, ...]:
+    return (_matmul(s.n, s.rows, s.k),  # dW = dY^T X: (n, rows) @ (rows, k)
+            _matmul(s.rows, s.n, s.k))  # dX = dY W: (rows, n) @ (n, k)
+
+
+def _linear_read_backward(module, grad_input, grad_output) -> Mat:
+    g = grad_output[0]  # (..., n)
+    return Mat(_rows(g.shape), int(module.weight.shape[1]), int(g.shape[-1]))
+
+
+LINEAR = Kind("linear", Linear, True, _linear_ops, _linear_read, _linear_bytes,
+              backward_ops=_linear_backward, read_backward=_linear_read_backward)
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -238,7 +266,26 @@ def _rmsnorm_bytes(s: Norm, dt: Dtypes) -> Bytes:
     return Bytes(weight=s.dim * dt.weight, act=2 * s.rows * s.dim * dt.act)
 
 
-RMSNORM = Kind("rmsnorm", RMSNorm, True, _rmsnorm_ops, _rmsnorm_read, _rmsnorm_bytes)
+def _rmsnorm_backward(s: Norm) -> tuple[Op, ...]:
+    # Autograd's own decomposition of x * rsqrt(mean(x^2) + eps) * w: 11*dim + 2 per row, minus dim.
+    n = s.rows * s.dim
+    return (
+        _ew("mul", n), _ew("mul", n), _sum(n, s.dim),  # (* w): grad * w; grad * normed, summed over rows (dW)
+        _ew("mul", n), _ew("mul", n), _sum(n, s.rows),  # (x * r): grad * r; grad * x, summed over dim (dr)
+        _ew("pow", s.rows), _ew("mul", s.rows), _ew("mul", s.rows),  # rsqrt': -0.5 * r^3 * g
+        _ew("div", n),  # mean': g / dim, expanded
+        _ew("pow", n), _ew("mul", n), _ew("mul", n),  # (x^2)': 2 * x^1 * g
+        _ew("add", n),  # x feeds both pow and the product: its two gradients are added
+    )
+
+
+def _norm_read_backward(module, grad_input, grad_output) -> Norm:
+    g = grad_output[0]
+    return Norm(_rows(g.shape), int(g.shape[-1]))
+
+
+RMSNORM = Kind("rmsnorm", RMSNorm, True, _rmsnorm_ops, _rmsnorm_read, _rmsnorm_bytes,
+               backward_ops=_rmsnorm_backward, read_backward=_norm_read_backward)
 
 
 # ---------------------------------------------------------------- RoPE
@@ -262,7 +309,15 @@ def _rope_bytes(s: Rope, dt: Dtypes) -> Bytes:
                  + s.seqlen * (s.head_dim // 2) * FREQS_CIS_ENTRY_BYTES)
 
 
-ROPE = Kind("rope", RotaryEmbedding, True, _rope_ops, _rope_read, _rope_bytes)
+def _rope_read_backward(module, grad_input, grad_output) -> Rope:
+    gq, gk = grad_output  # (bsz, seqlen, n_heads, head_dim), (bsz, seqlen, n_kv_heads, head_dim)
+    bsz, seqlen, n_heads, head_dim = (int(d) for d in gq.shape)
+    return Rope(bsz, seqlen, n_heads, int(gk.shape[2]), head_dim)
+
+
+# The backward of a multiply by the (constant) table is a multiply by its conjugate: the same work.
+ROPE = Kind("rope", RotaryEmbedding, True, _rope_ops, _rope_read, _rope_bytes,
+            backward_ops=_rope_ops, read_backward=_rope_read_backward)
 
 
 # ---------------------------------------------------------------- attention core
@@ -305,8 +360,40 @@ def _attention_macs_causal(s: Attn) -> int:
     return 2 * s.bsz * s.n_heads * useful * s.head_dim
 
 
+def attention_fused_backward_ops(s: Attn) -> tuple[Op, ...]:
+    """The backward of scores -> softmax -> A V as the model defines it (what the math kernel runs): two
+    products per forward product, the scale's and the softmax's backward. A fused kernel's backward
+    recomputes the scores first (one more product): executed work, not model work."""
+    q_rows = s.bsz * s.n_heads * s.seqlen
+    k_rows = s.bsz * s.n_heads * s.kvlen
+    scores = q_rows * s.kvlen
+    return (
+        _matmul(k_rows, s.seqlen, s.head_dim),  # dV = A^T dO, per head (kvlen, seqlen) @ (seqlen, head_dim)
+        _matmul(q_rows, s.head_dim, s.kvlen),  # dA = dO V^T, per head (seqlen, head_dim) @ (head_dim, kvlen)
+        Op("softmax_backward", P.elementwise("softmax_backward", scores)),
+        _ew("div", scores),  # the scale's backward; the mask add passes the gradient through
+        _matmul(k_rows, s.seqlen, s.head_dim),  # dK = dS^T Q, per head (kvlen, seqlen) @ (seqlen, head_dim)
+        _matmul(q_rows, s.kvlen, s.head_dim),  # dQ = dS K, per head (seqlen, kvlen) @ (kvlen, head_dim)
+    )
+
+
+def _attention_backward(s: Attn) -> tuple[Op, ...]:
+    ops = attention_fused_backward_ops(s)
+    if s.n_heads != s.n_kv_heads:  # repeat_kv's backward: each kv head's gradient summed over its n_rep heads
+        n_in, n_out = s.bsz * s.kvlen * s.n_heads * s.head_dim, s.bsz * s.kvlen * s.n_kv_heads * s.head_dim
+        ops += (_sum(n_in, n_out), _sum(n_in, n_out))  # keys, values
+    return ops
+
+
+def _attention_read_backward(module, grad_input, grad_output) -> Attn:
+    gq, gk = grad_input[0], grad_input[1]  # (bsz, seqlen, n_heads, head_dim), (bsz, kvlen, n_kv_heads, head_dim)
+    bsz, seqlen, n_heads, head_dim = (int(d) for d in gq.shape)
+    return Attn(bsz, seqlen, int(gk.shape[1]), n_heads, int(gk.shape[2]), head_dim, seqlen > 1)
+
+
 ATTENTION_CORE = Kind("attention_core", AttentionCore, True, _attention_ops, _attention_read, _attention_bytes,
-                      macs_causal=_attention_macs_causal)
+                      macs_causal=_attention_macs_causal, backward_ops=_attention_backward,
+                      read_backward=_attention_read_backward)
 
 
 # ---------------------------------------------------------------- SwiGLU gate, residual adds
@@ -319,8 +406,20 @@ def _output_elems(module, args, kwargs, output) -> Elems:
     return Elems(_rows(output.shape), int(output.shape[-1]))
 
 
+def _gate_backward(s: Elems) -> tuple[Op, ...]:
+    n = s.rows * s.width
+    return (_ew("mul", n), _ew("mul", n),  # d(up) = g * silu(gate); d(silu) = g * up
+            Op("silu_backward", P.elementwise("silu_backward", n)))
+
+
+def _grad_elems(module, grad_input, grad_output) -> Elems:
+    g = grad_output[0]
+    return Elems(_rows(g.shape), int(g.shape[-1]))
+
+
 GATED_SILU = Kind("gated_silu", GatedSiLU, True, _gate_ops, _output_elems,
-                  lambda s, dt: Bytes(act=3 * s.rows * s.width * dt.act))  # gate and up in, product out
+                  lambda s, dt: Bytes(act=3 * s.rows * s.width * dt.act),  # gate and up in, product out
+                  backward_ops=_gate_backward, read_backward=_grad_elems)
 
 
 def _residual_ops(s: Elems) -> tuple[Op, ...]:
@@ -339,7 +438,10 @@ def _no_ops(s: Any) -> tuple[Op, ...]:
 
 EMBEDDING = Kind("embedding", nn.Embedding, True, _no_ops, _output_elems,  # a table lookup: 0 MACs
                  lambda s, dt: Bytes(weight=s.rows * s.width * dt.weight,  # only the gathered rows
-                                     act=s.rows * TOKEN_ID_BYTES + s.rows * s.width * dt.act))
+                                     act=s.rows * TOKEN_ID_BYTES + s.rows * s.width * dt.act),
+                 backward_ops=lambda s: (Op("embedding_backward", P.elementwise("embedding_backward",
+                                                                                s.rows * s.width)),),
+                 read_backward=_grad_elems)
 # Own forward: views, dtype casts and the KV-cache write (data movement, no arithmetic).
 ATTENTION_OWN = Kind("attention_own", Attention, False, _no_ops, None,
                      lambda s, dt: Bytes(kv_write=2 * s.rows * s.kv_dim * dt.kv))
@@ -347,8 +449,31 @@ FEED_FORWARD_OWN = Kind("feed_forward_own", FeedForward, False, _no_ops, None, l
 # Own forward: the embedding cast, RoPE-table slicing and causal-mask construction.
 MODEL_OWN = Kind("model_own", Llama, False, _no_ops, None, lambda s, dt: NO_BYTES)
 
+# ---------------------------------------------------------------- the training loss (not a module: the step's own work)
+def _loss_sum_ops(s: Elems) -> tuple[Op, ...]:
+    return (_sum(s.rows * s.width, 1),)  # logits.sum()
+
+
+def _loss_ce_ops(s: Elems) -> tuple[Op, ...]:
+    # cross-entropy of each row's logits against a target id: log_softmax over the vocabulary, then the
+    # mean of the targets' negative log-probabilities
+    return (Op("log_softmax", P.elementwise("log_softmax", s.rows * s.width)),
+            Op("nll_loss", P.reduction("nll_loss", s.rows, 1)))
+
+
+def _loss_ce_backward(s: Elems) -> tuple[Op, ...]:
+    return (Op("nll_loss_backward", P.elementwise("nll_loss_backward", s.rows)),
+            Op("log_softmax_backward", P.elementwise("log_softmax_backward", s.rows * s.width)))
+
+
+LOSS_SUM = Kind("loss_sum", type(None), True, _loss_sum_ops, None, lambda s, dt: NO_BYTES,
+                backward_ops=_no_ops)  # the sum's backward is an expand: free
+LOSS_CROSS_ENTROPY = Kind("loss_cross_entropy", type(None), True, _loss_ce_ops, None, lambda s, dt: NO_BYTES,
+                          backward_ops=_loss_ce_backward)
+LOSS_KINDS = {"cross-entropy": LOSS_CROSS_ENTROPY, "sum": LOSS_SUM}
+
 KINDS = (LINEAR, RMSNORM, ROPE, ATTENTION_CORE, GATED_SILU, RESIDUAL, EMBEDDING, ATTENTION_OWN, FEED_FORWARD_OWN,
-         MODEL_OWN)
+         MODEL_OWN, LOSS_SUM, LOSS_CROSS_ENTROPY)
 
 
 # ====================================================================== rows
@@ -357,27 +482,49 @@ class Row:
     """One row of the table. ``name`` is the row's name in every report; ``path`` the module's path
     relative to the model (top-level rows) or to a decoder layer (block rows), ``""`` for the model or
     layer itself. ``sizes(config, shape)`` are the sizes the analytic counter uses; ``params(config)``
-    the parameters this module holds (counted once per model, whatever the schedule)."""
+    the parameters this module holds (counted once per model, whatever the schedule).
+
+    ``backward_extra(sizes)``: backward work that belongs to this row because of where the module sits in
+    the graph, not to its kind: autograd adds the gradients of a tensor used twice, and the add runs in the
+    backward of the use whose gradient arrives second (e.g. ``wq``: ``x`` also feeds ``wk`` and ``wv``)."""
 
     name: str
     path: str
     kind: Kind
     sizes: Callable[[LlamaConfig, RunShape], Any]
     params: Callable[[LlamaConfig], int] = lambda c: 0
+    backward_extra: Callable[[Any], tuple[Op, ...]] = _no_ops
+
+    def backward_ops(self, sizes: Any) -> tuple[Op, ...]:
+        """The kind's backward ops on ``sizes`` plus this row's own (``backward_extra``)."""
+        own = self.kind.backward_ops(sizes) if self.kind.backward_ops is not None else ()
+        return tuple(own) + tuple(self.backward_extra(sizes))
 
 
 def _q_width(c: LlamaConfig) -> int:
     return c.q_dim
 
 
+def _input_grad_add(s: Mat) -> tuple[Op, ...]:
+    # The input's gradient from this projection meets the one already there from a sibling.
+    return (_ew("add", s.rows * s.k),)
+
+
+def _residual_grad_add(s: Norm) -> tuple[Op, ...]:
+    # The norm's input also feeds the residual add: the residual stream's gradient is added here.
+    return (_ew("add", s.rows * s.dim),)
+
+
 def _linear_row(name: str, k: Callable[[LlamaConfig], int], n: Callable[[LlamaConfig], int],
-                params: Optional[Callable[[LlamaConfig], int]] = None) -> Row:
+                params: Optional[Callable[[LlamaConfig], int]] = None, *, shares_input: bool = False) -> Row:
     return Row(name, name, LINEAR, lambda c, s: Mat(s.rows, k(c), n(c)),
-               params if params is not None else (lambda c: k(c) * n(c)))
+               params if params is not None else (lambda c: k(c) * n(c)),
+               _input_grad_add if shares_input else _no_ops)
 
 
-def _norm_row(name: str) -> Row:
-    return Row(name, name, RMSNORM, lambda c, s: Norm(s.rows, c.dim), lambda c: c.dim)
+def _norm_row(name: str, *, on_residual: bool = False) -> Row:
+    return Row(name, name, RMSNORM, lambda c, s: Norm(s.rows, c.dim), lambda c: c.dim,
+               _residual_grad_add if on_residual else _no_ops)
 
 
 def _dim(c: LlamaConfig) -> int:
@@ -404,10 +551,12 @@ TOP_ROWS_BEFORE: tuple[Row, ...] = (
         lambda c: c.vocab_size * c.dim),
 )
 # The rows of one decoder-layer run, in execution order.
+# Training: autograd runs the backward of the projections that share an input in reverse order of their
+# forward (wv, wk, wq; w3, w1), so the gradient adds of the shared input run in wk and wq, and in w1.
 BLOCK_ROWS: tuple[Row, ...] = (
-    _norm_row("attention_norm"),
-    _linear_row("attention.wq", _dim, _q_width),
-    _linear_row("attention.wk", _dim, _kv_dim),
+    _norm_row("attention_norm", on_residual=True),
+    _linear_row("attention.wq", _dim, _q_width, shares_input=True),
+    _linear_row("attention.wk", _dim, _kv_dim, shares_input=True),
     _linear_row("attention.wv", _dim, _kv_dim),
     Row("attention.rope", "attention.rope", ROPE,
         lambda c, s: Rope(s.batch, s.n_tokens, c.n_heads, c.n_kv_heads, c.head_dim)),
@@ -415,8 +564,8 @@ BLOCK_ROWS: tuple[Row, ...] = (
         lambda c, s: Attn(s.batch, s.n_tokens, s.kvlen, c.n_heads, c.n_kv_heads, c.head_dim, s.n_tokens > 1)),
     _linear_row("attention.wo", _q_width, _dim),
     Row("attention", "attention", ATTENTION_OWN, lambda c, s: KvWrite(s.rows, c.kv_dim)),
-    _norm_row("ffn_norm"),
-    _linear_row("feed_forward.w1", _dim, _hidden),
+    _norm_row("ffn_norm", on_residual=True),
+    _linear_row("feed_forward.w1", _dim, _hidden, shares_input=True),
     _linear_row("feed_forward.w3", _dim, _hidden),
     Row("feed_forward.act", "feed_forward.act", GATED_SILU, lambda c, s: Elems(s.rows, c.hidden_dim)),
     _linear_row("feed_forward.w2", _hidden, _dim),
@@ -428,6 +577,14 @@ TOP_ROWS_AFTER: tuple[Row, ...] = (
     _norm_row("norm"),
     _linear_row("output", _dim, lambda c: c.vocab_size, _output_params),
 )
+#: A training step's loss: the logits' cross-entropy (or sum), computed after the model.
+LOSS_ROW_NAME = "(loss)"
+
+
+def loss_row(loss: str) -> Row:
+    if loss not in LOSS_KINDS:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSS_KINDS)}")
+    return Row(LOSS_ROW_NAME, "", LOSS_KINDS[loss], lambda c, s: Elems(s.rows, c.vocab_size))
 
 _BLOCK_BY_PATH = {r.path: r for r in BLOCK_ROWS}
 _TOP_BY_PATH = {r.path: r for r in TOP_ROWS_BEFORE + TOP_ROWS_AFTER}
@@ -446,12 +603,15 @@ def timed_block_paths() -> tuple[str, ...]:
     return tuple(r.path for r in BLOCK_ROWS if r.kind.leaf)
 
 
-def row_order(n_positions: int) -> list[RowKey]:
-    """All row keys in execution order for a schedule of ``n_positions`` layer runs."""
+def row_order(n_positions: int, *, loss: bool = False) -> list[RowKey]:
+    """All row keys in execution order for a schedule of ``n_positions`` layer runs (and the loss row
+    of a training step)."""
     keys: list[RowKey] = [(None, r.name) for r in TOP_ROWS_BEFORE]
     for pos in range(n_positions):
         keys.extend((pos, r.name) for r in BLOCK_ROWS)
     keys.extend((None, r.name) for r in TOP_ROWS_AFTER)
+    if loss:
+        keys.append((None, LOSS_ROW_NAME))
     return keys
 
 

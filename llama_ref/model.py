@@ -7,6 +7,7 @@ import numbers
 from typing import Optional, Union
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .attention import ATTENTION_KERNELS, KVCache
@@ -78,6 +79,7 @@ class Llama(nn.Module):
         self._schedule = schedule
         # One cache per schedule *position*: a layer that runs twice must not share keys between runs.
         self.caches: Optional[nn.ModuleList] = None
+        self._checkpoint_layers = False
 
     # ------------------------------------------------------------------ state
     def init_buffers(self) -> None:
@@ -197,6 +199,20 @@ class Llama(nn.Module):
     def attn_kernel(self) -> str:
         """The attention kernel every layer runs: ``"math"`` or ``"sdpa"``."""
         return self.layers[0].attention.core.kernel
+
+    @property
+    def activation_checkpointing(self) -> bool:
+        return self._checkpoint_layers
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Training memory for compute: with ``enabled``, a forward that records gradients keeps only each
+        decoder layer's input and runs the layer's forward again during backward
+        (``torch.utils.checkpoint``, non-reentrant). The whole layer is recomputed: torch's default
+        "early stop" (which ends the recomputation once the saved tensors backward needs exist) is turned
+        off, so the executed work is exactly one more forward of every layer run."""
+        if not isinstance(enabled, bool):
+            raise ValueError(f"enabled must be a bool, got {enabled!r}")
+        self._checkpoint_layers = enabled
 
     def set_attn_kernel(self, kernel: str) -> None:
         """Switch every layer to attention ``kernel`` (``"math"`` or ``"sdpa"``); the logits are the same."""
@@ -365,9 +381,15 @@ class Llama(nn.Module):
             mask = torch.hstack(
                 [torch.zeros((seqlen, start_pos), device=tokens.device, dtype=self.compute_dtype), mask]
             )  # (seqlen, start_pos + seqlen)
+        checkpointed = self._checkpoint_layers and torch.is_grad_enabled() and self.caches is None
         for pos, layer_id in enumerate(self._schedule):
             cache = self.caches[pos] if self.caches is not None else None
-            h = self.layers[layer_id](h, start_pos, freqs_cis, mask, cache)  # (bsz, seqlen, dim)
+            if checkpointed:
+                with torch.utils.checkpoint.set_checkpoint_early_stop(False):
+                    h = torch.utils.checkpoint.checkpoint(self.layers[layer_id], h, start_pos, freqs_cis, mask, None,
+                                                          use_reentrant=False)  # (bsz, seqlen, dim)
+            else:
+                h = self.layers[layer_id](h, start_pos, freqs_cis, mask, cache)  # (bsz, seqlen, dim)
         h = self.norm(h)
         return self.output(h).float()  # (bsz, seqlen, vocab_size)
 

@@ -36,7 +36,7 @@ def test_all_available_counters_agree_on_cpu(cfg, cached):
     assert [r.key for r in report.rows] == row_order(4)  # runs 0, 1, 1, 3
     macs = {t["macs"] for t in report.totals.values()}
     assert len(macs) == 1
-    assert report.compared == {"macs": ALL, "nonmatmul_flops": ALL}  # every counter on everything
+    assert report.compared == {("forward", "macs"): ALL, ("forward", "nonmatmul_flops"): ALL}  # all on everything
     for name, t in report.totals.items():
         assert t["flops"] == 2 * t["macs"]
     assert report.totals["analytic"]["macs"] == report.analytic.macs
@@ -46,9 +46,9 @@ def test_all_available_counters_agree_on_cpu(cfg, cached):
     assert set(report.sources()["fvcore"]["macs"]) == {outside("fvcore")}
     assert set(report.sources()["torch"]["macs"]) == {outside("torch")}
     wq = [r for r in report.rows if r.key == (0, "attention.wq")][0]
-    assert wq.sources["macs"] == [SOURCE_FORMULA, outside("fvcore"), outside("torch"), SOURCE_SHAPES]
+    assert wq.sources[("forward", "macs")] == [SOURCE_FORMULA, outside("fvcore"), outside("torch"), SOURCE_SHAPES]
     norm = [r for r in report.rows if r.key == (0, "attention_norm")][0]
-    assert norm.sources == {"macs": [], "nonmatmul_flops": [SOURCE_FORMULA, SOURCE_SHAPES]}
+    assert norm.sources == {("forward", "macs"): [], ("forward", "nonmatmul_flops"): [SOURCE_FORMULA, SOURCE_SHAPES]}
 
 
 @pytest.mark.parametrize("kernel, schedule, runs", [("math", "mid-expansion-with-repeats", 29), ("sdpa", "0-2,7x2", 5)])
@@ -143,12 +143,13 @@ def test_a_counter_that_lost_its_nonmatmul_flops_disagrees():
 def test_a_counter_is_compared_only_on_what_it_claims():
     res = _results()
     res["fvcore"] = _result("fvcore", {k: Count(v.macs, 0) for k, v in BASE.items()}, outside("fvcore"))
-    res["fvcore"].claims = ("macs",)  # e.g. a counter that cannot see backward work claims forward MACs only
+    res["fvcore"].claims = frozenset({("forward", "macs")})  # a counter can claim less than every quantity
     report = _compare(res)
     assert report.agree
-    assert report.compared == {"macs": ["analytic", "hooks", "fvcore"], "nonmatmul_flops": ["analytic", "hooks"]}
+    assert report.compared == {("forward", "macs"): ["analytic", "hooks", "fvcore"],
+                               ("forward", "nonmatmul_flops"): ["analytic", "hooks"]}
     assert report.totals["fvcore"]["nonmatmul_flops"] is None
-    assert any("fvcore: does not measure nonmatmul_flops" in n for n in report.notes)
+    assert any("fvcore: does not measure nonmatmul_flops (forward)" in n for n in report.notes)
 
 
 def test_nonmatmul_difference_is_a_mismatch():

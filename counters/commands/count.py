@@ -15,6 +15,7 @@ from ..crosscheck import crosscheck
 from ..models import DTYPES, build_model, choose_device, resolve_model
 from ..report import render_csv, render_table, to_json
 from ..result import COUNTER_NAMES
+from ..training import LOSSES, Training
 from .common import EXIT_DISAGREE, EXIT_OK, BadInput, add_model_arguments, check_int, check_output_file
 
 HELP = "count MACs/FLOPs per layer with several counters and check they agree"
@@ -38,6 +39,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="fail (exit 3) on any op or module without a formula")
     p.add_argument("--detail", action="store_true", help="per-module rows instead of one line per layer run")
     p.add_argument("--seed", type=int, default=0, help="seed of random weights and tokens")
+    train = p.add_argument_group("training step (forward + loss + backward)")
+    train.add_argument("--train", action="store_true",
+                       help="count one training step of --batch x --tokens: forward, backward and loss, per row")
+    train.add_argument("--loss", default="cross-entropy", choices=LOSSES, help="the step's loss (with --train)")
+    train.add_argument("--recompute", action="store_true",
+                       help="activation checkpointing per decoder layer (with --train): executed vs model work")
 
 
 def parse_counters(text):
@@ -59,6 +66,13 @@ def run(args: argparse.Namespace) -> int:
     check_int("batch", args.batch, 1)
     check_int("seed", args.seed, 0, (1 << 63) - 1)
     names = parse_counters(args.counters)
+    training = None
+    if args.train:
+        if args.cached:
+            raise BadInput(f"--train counts a training step, which has no KV cache: --cached must be 0, got {args.cached}")
+        training = Training(loss=args.loss, recompute=args.recompute)
+    elif args.recompute or args.loss != "cross-entropy":
+        raise BadInput("--recompute and --loss describe a training step: add --train")
     check_output_file(args.out)
     source = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision)
     config = source.config
@@ -79,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         gen = torch.Generator().manual_seed(args.seed)
         tokens = torch.randint(0, config.vocab_size, (args.batch, args.tokens), generator=gen).to(device)
-    report = crosscheck(model, tokens, n_cached=args.cached, counters=names, strict=args.strict,
+    report = crosscheck(model, tokens, n_cached=args.cached, counters=names, strict=args.strict, training=training,
                         weight_dtype_bytes=model.tok_embeddings.weight.dtype.itemsize,
                         act_dtype_bytes=model.compute_dtype.itemsize)
     report.device = device
@@ -93,9 +107,12 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         text = render_csv(report, detail=True)  # CSV is for machines: always one line per module row
     else:
+        what = ("training step" if training else f"{args.tokens} new + {args.cached} cached tokens")
         title = (f"{config.name}: schedule {format_schedule(schedule)} ({len(schedule)} layer runs), "
-                 f"batch {args.batch}, {args.tokens} new + {args.cached} cached tokens, device {device} "
-                 f"({weights}, {report.dtype}), kernel {args.kernel}")
+                 f"batch {args.batch}, {args.tokens} tokens, {what}, device {device} "
+                 f"({weights}, {report.dtype}), kernel {args.kernel}") if training else (
+                 f"{config.name}: schedule {format_schedule(schedule)} ({len(schedule)} layer runs), "
+                 f"batch {args.batch}, {what}, device {device} ({weights}, {report.dtype}), kernel {args.kernel}")
         text = render_table(report, detail=args.detail, title=title) + "\n"
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
