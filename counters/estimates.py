@@ -1,39 +1,49 @@
-"""Published training-FLOP formulas, each an exact pure function of the model shape and ``seq_len``.
+"""Published training-FLOP formulas, each an exact pure function of the model shape and ``seq_len``,
+and the exact count they are judged against.
 
 Every estimate returns **FLOPs per token of one training step** (forward + backward, one optimizer
 step's worth of work, batch-independent) as an exact ``int`` (or a ``Fraction`` where the source's
 formula is not integral). They are what each source's MFU logging would use for a Llama model, read
 from the source itself (repository, file, function, and the commit read are quoted in each docstring).
+:data:`FORWARD_ESTIMATES` gives each one's forward share (inference).
 
-The reference they are compared with is :func:`exact_model_flops_per_token`: what the project's
-counters measure with the math attention kernel and no activation recompute,
+The reference is :func:`exact_model_flops_per_token`, taken from the work table through
+:mod:`counters.analytic` (the one source of every count; tied embeddings, explicit ``head_dim`` and
+layer schedules are handled there): what the project's counters measure with the math attention
+kernel and no activation recompute,
 
-* forward MACs of one sequence of N tokens
-  ``= n_layers * (dim*q_dim + 2*dim*kv_dim + q_dim*dim + 3*dim*hidden_dim) * N + dim*vocab*N
-  + n_layers * 2 * n_heads * head_dim * N**2`` (dense attention over the N x N scores of every query head),
+* forward MACs of one sequence of N tokens = ``a*N + b*N**2`` (:func:`counters.analytic.macs_polynomial`:
+  ``a`` = the weights that enter a matrix product, ``b`` = dense QK^T and attention x V over the N x N
+  scores of every query head),
 * training MACs = 3 x forward MACs (each product once forward, twice backward: grad wrt input and
   wrt weight / other operand) - exactly what ``FlopCounterMode`` reports for transformers' eager
-  ``LlamaForCausalLM`` forward + backward (notes/backward_ops.md),
-* model FLOPs per token = 2 x training MACs / N.
+  ``LlamaForCausalLM`` forward + backward (tests/test_estimates.py),
+* model FLOPs per token = 2 x training MACs / N = ``6 * (a + b*N)`` (training) or ``2 * (a + b*N)``
+  (inference, forward only). Matrix products only: non-matmul work is not model FLOPs.
 
-Nothing here imports torch: a config is anything with ``dim``, ``n_layers``, ``n_heads``,
-``n_kv_heads``, ``vocab_size`` and ``hidden_dim`` (``llama_ref.LlamaConfig`` or a duck-typed object).
+With activation checkpointing per decoder layer the backward reruns every layer's forward once:
+:func:`exact_executed_flops_per_token` (hardware FLOPs, for HFU).
+
+A config is a ``llama_ref.LlamaConfig``, or anything with ``dim``, ``n_layers``, ``n_heads``,
+``vocab_size`` and ``hidden_dim`` (optionally ``n_kv_heads``, ``head_dim``, ``tie_word_embeddings``),
+which :func:`as_config` turns into one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Callable, Mapping, Union
 
 from llama_ref.config import LlamaConfig
+from llama_ref.schedule import ScheduleSpec
 
+from . import table as T
 from .analytic import analyze
 
 
 __all__ = [
-    "ESTIMATES", "Exact", "ModelShape", "calflops_flops_per_token", "exact_forward_macs",
-    "exact_model_flops_per_token", "exact_train_macs", "flash_attention_benchmark_flops",
+    "ESTIMATES", "Exact", "FORWARD_ESTIMATES", "as_config", "calflops_flops_per_token", "exact_executed_flops_per_token",
+    "exact_forward_macs", "exact_model_flops_per_token", "exact_train_macs", "flash_attention_benchmark_flops",
     "flash_attention_flops_per_token", "levanter_flops_per_token", "megatron_flops_per_token",
     "megatron_padded_vocab_size", "megatron_pre2025_flops_per_token", "mfu", "nanogpt_flops_per_token",
     "palm_flops_per_token", "param_counts", "relative_error", "three_x_forward_flops_per_token",
@@ -55,52 +65,19 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The shape numbers the formulas need, validated. ``n_kv_heads=None`` means MHA; ``head_dim=None``
-    means ``dim // n_heads``."""
-
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    vocab_size: int
-    hidden_dim: int
-    head_dim: int
-    tie_word_embeddings: bool = False
-
-    def __post_init__(self) -> None:
-        for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "hidden_dim", "head_dim"):
-            _positive_int(field, getattr(self, field))
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}")
-
-    @classmethod
-    def of(cls, config: Any) -> "ModelShape":
-        """From a ``LlamaConfig`` (or anything with the same attribute names)."""
-        if isinstance(config, ModelShape):
-            return config
-        missing = [f for f in ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim") if not hasattr(config, f)]
-        if missing:
-            raise ValueError(f"config {config!r} has no attribute(s) {', '.join(missing)}")
-        n_kv = getattr(config, "n_kv_heads", None)
-        head_dim = getattr(config, "head_dim", None)
-        if head_dim is None:
-            _positive_int("n_heads", config.n_heads)
-            if config.dim % config.n_heads:
-                raise ValueError(f"dim={config.dim} is not divisible by n_heads={config.n_heads}")
-            head_dim = config.dim // config.n_heads
-        return cls(config.dim, config.n_layers, config.n_heads, config.n_heads if n_kv is None else n_kv,
-                   config.vocab_size, config.hidden_dim, head_dim, bool(getattr(config, "tie_word_embeddings", False)))
-
-    @property
-    def q_dim(self) -> int:
-        """Width of the q projection and of the attention output: n_heads * head_dim."""
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_dim
+def as_config(config: Any) -> LlamaConfig:
+    """``config`` itself if it is a ``LlamaConfig``; otherwise a ``LlamaConfig`` built (and validated) from
+    its attributes. ``n_kv_heads`` missing or None means MHA; ``head_dim`` missing or None means
+    ``dim // n_heads``."""
+    if isinstance(config, LlamaConfig):
+        return config
+    missing = [f for f in ("dim", "n_layers", "n_heads", "vocab_size", "hidden_dim") if not hasattr(config, f)]
+    if missing:
+        raise ValueError(f"config {config!r} has no attribute(s) {', '.join(missing)}")
+    return LlamaConfig(dim=config.dim, n_layers=config.n_layers, n_heads=config.n_heads, vocab_size=config.vocab_size,
+                       hidden_dim=config.hidden_dim, n_kv_heads=getattr(config, "n_kv_heads", None),
+                       head_dim=getattr(config, "head_dim", None),
+                       tie_word_embeddings=getattr(config, "tie_word_embeddings", False))
 
 
 def _seq_len(seq_len: Any) -> int:
@@ -109,46 +86,74 @@ def _seq_len(seq_len: Any) -> int:
 
 # ---------------------------------------------------------------- parameters
 def param_counts(config: Any) -> dict[str, int]:
-    """Exact parameter counts: ``embedding`` (tok_embeddings), ``output`` (the untied head),
-    ``layers_matmul`` (q, k, v, o, w1, w2, w3 of all layers), ``norms`` (2 per layer + final),
-    ``total``, and the two "N"s the formulas use: ``non_embedding`` (total - embedding: torchtitan)
-    and ``matmul`` (layers_matmul + output: the weights that enter a matrix product)."""
-    s = ModelShape.of(config)
-    layers_matmul = s.n_layers * (s.dim * s.q_dim + 2 * s.dim * s.kv_dim + s.q_dim * s.dim + 3 * s.dim * s.hidden_dim)
-    embedding = head = s.vocab_size * s.dim
-    output = 0 if s.tie_word_embeddings else head  # a tied head is the embedding matrix itself
-    norms = (2 * s.n_layers + 1) * s.dim
+    """Exact parameter counts from the work table's rows: ``embedding`` (tok_embeddings), ``output`` (the
+    untied head; 0 when tied), ``layers_matmul`` (q, k, v, o, w1, w2, w3 of all layers), ``norms``
+    (2 per layer + final), ``total``, and the two "N"s the formulas use: ``non_embedding`` (total -
+    embedding: torchtitan) and ``matmul`` (the weights that enter a matrix product per token: the
+    layers' and the head's, tied or not; the ``a`` of :func:`counters.analytic.macs_polynomial`)."""
+    c = as_config(config)
+    rows = T.TOP_ROWS_BEFORE + T.TOP_ROWS_AFTER
+    embedding = sum(r.params(c) for r in rows if r.kind is T.EMBEDDING)
+    output = sum(r.params(c) for r in rows if r.kind is T.LINEAR)
+    layers_matmul = c.n_layers * sum(r.params(c) for r in T.BLOCK_ROWS if r.kind is T.LINEAR)
+    norms = sum(r.params(c) for r in rows if r.kind is T.RMSNORM) + c.n_layers * sum(
+        r.params(c) for r in T.BLOCK_ROWS if r.kind is T.RMSNORM)
     total = embedding + layers_matmul + norms + output
-    return {
-        "embedding": embedding, "output": output, "layers_matmul": layers_matmul, "norms": norms, "total": total,
-        # the head is a matrix product whether or not its matrix is shared with the embedding
-        "non_embedding": total - embedding, "matmul": layers_matmul + head,
-    }
+    # the head is a matrix product whether or not its matrix is shared with the embedding
+    head = c.dim * c.vocab_size
+    return {"embedding": embedding, "output": output, "layers_matmul": layers_matmul, "norms": norms, "total": total,
+            "non_embedding": total - embedding, "matmul": layers_matmul + head}
 
 
 # ---------------------------------------------------------------- the exact count
-def exact_forward_macs(config: Any, seq_len: int, batch: int = 1) -> int:
-    """MACs of one forward of ``batch`` sequences of ``seq_len`` tokens, empty cache, math kernel:
-    every matmul weight once per token, plus QK^T and attention x V dense over N x N per query head."""
-    s, n = ModelShape.of(config), _seq_len(seq_len)
-    batch = _positive_int("batch", batch)
-    per_token = param_counts(s)["matmul"]
-    attention = s.n_layers * 2 * s.n_heads * s.head_dim * n * n
-    return batch * (per_token * n + attention)
+def exact_forward_macs(config: Any, seq_len: int, batch: int = 1, schedule: ScheduleSpec = None) -> int:
+    """MACs of one forward of ``batch`` sequences of ``seq_len`` tokens, empty cache, math kernel, running
+    the layers of ``schedule`` (default all): the work table's count (:func:`counters.analytic.analyze`)."""
+    c, n = as_config(config), _seq_len(seq_len)
+    return analyze(c, batch=_positive_int("batch", batch), n_tokens=n, schedule=schedule).macs
 
 
-def exact_train_macs(config: Any, seq_len: int, batch: int = 1) -> int:
+def exact_train_macs(config: Any, seq_len: int, batch: int = 1, schedule: ScheduleSpec = None) -> int:
     """Forward + backward MACs, no recompute: 3 x forward (forward, grad wrt input, grad wrt weight)."""
-    return 3 * exact_forward_macs(config, seq_len, batch)
+    return 3 * exact_forward_macs(config, seq_len, batch, schedule)
 
 
-def exact_model_flops_per_token(config: Any, seq_len: int) -> int:
-    """Model FLOPs per trained token: ``2 * exact_train_macs / N`` = ``6 * (matmul params + 2 * n_layers *
-    n_heads * head_dim * N)``, an integer. Matmul FLOPs only (non-matmul work is not model FLOPs)."""
-    n = _seq_len(seq_len)
-    flops, rem = divmod(2 * exact_train_macs(config, n), n)
-    assert rem == 0  # a*N + b*N^2 is divisible by N: not user input, an identity
+def _per_token(macs_per_sequence: int, n: int) -> int:
+    flops, rem = divmod(2 * macs_per_sequence, n)
+    if rem:  # pragma: no cover - every row's MACs have a factor N (a*N + b*N^2): an identity, not user input
+        raise ArithmeticError(f"{macs_per_sequence} MACs of {n} tokens are not a whole number of FLOPs per token")
     return flops
+
+
+def exact_model_flops_per_token(config: Any, seq_len: int, *, train: bool = True, schedule: ScheduleSpec = None) -> int:
+    """Model FLOPs per token of one sequence of ``seq_len`` tokens: ``2 * exact_train_macs / N`` =
+    ``6 * (a + b*N)`` with ``train`` (forward + backward), ``2 * (a + b*N)`` without (forward only).
+    Matmul FLOPs only (non-matmul work is not model FLOPs); an integer."""
+    if not isinstance(train, bool):
+        raise ValueError(f"train must be a bool, got {train!r}")
+    n = _seq_len(seq_len)
+    fwd = exact_forward_macs(config, n, schedule=schedule)
+    return _per_token(3 * fwd if train else fwd, n)
+
+
+def _layer_run_macs(config: Any, n: int, schedule: ScheduleSpec) -> int:
+    """Forward MACs of the decoder-layer runs alone (the table's rows with a schedule position)."""
+    return sum(r.macs for r in analyze(as_config(config), n_tokens=n, schedule=schedule).rows if r.position is not None)
+
+
+def exact_executed_flops_per_token(config: Any, seq_len: int, *, recompute: bool,
+                                   schedule: ScheduleSpec = None) -> int:
+    """Matmul FLOPs a training step really executes per token (hardware FLOPs, for HFU). Without
+    ``recompute`` that is the model count; with it (activation checkpointing per decoder layer, each
+    layer's whole forward recomputed once in the backward: ``set_checkpoint_early_stop(False)``) one more
+    forward of every decoder-layer run - not of the embedding, the final norm or the output head."""
+    if not isinstance(recompute, bool):
+        raise ValueError(f"recompute must be a bool, got {recompute!r}")
+    n = _seq_len(seq_len)
+    macs = exact_train_macs(config, n, schedule=schedule)
+    if recompute:
+        macs += _layer_run_macs(config, n, schedule)
+    return _per_token(macs, n)
 
 
 # ---------------------------------------------------------------- published formulas
@@ -168,9 +173,9 @@ def palm_flops_per_token(config: Any, seq_len: int, n_params: int | None = None)
     (:func:`torchtitan_flops_per_token`). NOTE: the paper's wording was not available to read here;
     the formula is quoted as nanoGPT's ``estimate_mfu`` and torchtitan's comments cite it.
     """
-    s, t = ModelShape.of(config), _seq_len(seq_len)
-    n = param_counts(s)["non_embedding"] if n_params is None else _positive_int("n_params", n_params)
-    return 6 * n + 12 * s.n_layers * s.n_heads * s.head_dim * t
+    c, t = as_config(config), _seq_len(seq_len)
+    n = param_counts(c)["non_embedding"] if n_params is None else _positive_int("n_params", n_params)
+    return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * t
 
 
 def torchtitan_flops_per_token(config: Any, seq_len: int) -> int:
@@ -188,9 +193,9 @@ def torchtitan_flops_per_token(config: Any, seq_len: int) -> int:
     ``get_num_params(model, exclude_embedding=True)`` subtracting ``tok_embeddings``.
     Differs from the exact count by 6 x the norm weights ((2L+1) * dim) only.
     """
-    s, t = ModelShape.of(config), _seq_len(seq_len)
-    head_dims = 2 * s.head_dim
-    return 6 * param_counts(s)["non_embedding"] + 6 * s.n_layers * s.n_heads * head_dims * t
+    c, t = as_config(config), _seq_len(seq_len)
+    head_dims = 2 * (c.dim // c.n_heads)  # torchtitan's head size is dim // n_heads, not an explicit head_dim
+    return 6 * param_counts(c)["non_embedding"] + 6 * c.n_layers * c.n_heads * head_dims * t
 
 
 def nanogpt_flops_per_token(config: Any, seq_len: int) -> int:
@@ -203,8 +208,9 @@ def nanogpt_flops_per_token(config: Any, seq_len: int) -> int:
     embedding (a lookup, no matmul) is counted as if it were a matmul, and norm weights too. Attention
     dense; no recompute; T is the training context (= seq_len here).
     """
-    s, t = ModelShape.of(config), _seq_len(seq_len)
-    return 6 * param_counts(s)["total"] + 12 * s.n_layers * s.n_heads * s.head_dim * t
+    c, t = as_config(config), _seq_len(seq_len)
+    q = c.dim // c.n_heads  # nanoGPT: Q = n_embd // n_head
+    return 6 * param_counts(c)["total"] + 12 * c.n_layers * c.n_heads * q * t
 
 
 def levanter_flops_per_token(config: Any, seq_len: int) -> int:
@@ -219,17 +225,19 @@ def levanter_flops_per_token(config: Any, seq_len: int) -> int:
     **dense** ("assume full attention map like megatron-lm"): levanter does *not* halve for causality.
     Embedding lookup not counted. The extra ``3*T*H`` per layer (softmax/mask work, x3 for training)
     is the only difference from the exact count: ``+ 9 * n_layers * n_heads * seq_len``.
-    (levanter computes head_dim = hidden_dim / num_heads as a float; exact here since dim % n_heads == 0.)
+    (levanter computes head_dim = hidden_dim / num_heads as a float, and ``dense_proj`` assumes
+    n_heads * head_dim = hidden_dim: with an explicit head_dim of another width its figure is off by more.)
     """
-    s, t = ModelShape.of(config), _seq_len(seq_len)
-    d, hd, h = s.dim, s.head_dim, s.n_heads
-    mlp = 2 * 3 * d * s.hidden_dim
-    qkv_proj = 2 * d * (h * hd + 2 * s.n_kv_heads * hd)
+    c, t = as_config(config), _seq_len(seq_len)
+    d, h = c.dim, c.n_heads
+    hd = Fraction(d, h)  # levanter: head_dim = hidden_dim / num_heads (a float there, exact here)
+    mlp = 2 * 3 * d * c.hidden_dim
+    qkv_proj = 2 * d * (h * hd + 2 * c.n_kv_heads * hd)
     dense_proj = 2 * d * d
     seq_flops = 2 * t * t * h * hd + 3 * t * t * h + 2 * t * t * hd * h
     attn = Fraction(seq_flops, t)
-    lm_head = 2 * d * s.vocab_size
-    return _int_or_fraction(3 * (s.n_layers * (mlp + qkv_proj + dense_proj + attn) + lm_head))
+    lm_head = 2 * d * c.vocab_size
+    return _int_or_fraction(3 * (c.n_layers * (mlp + qkv_proj + dense_proj + attn) + lm_head))
 
 
 def megatron_padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128,
@@ -258,16 +266,16 @@ def megatron_flops_per_token(config: Any, seq_len: int, padded_vocab_size: int |
     form before it. No activation-recompute factor in the code (the 2021 paper's 4x is not used);
     embedding lookup and norms not counted; GQA and SwiGLU handled; logits counted.
     """
-    s, t = ModelShape.of(config), _seq_len(seq_len)
-    v = megatron_padded_vocab_size(s.vocab_size) if padded_vocab_size is None else _positive_int(
+    c, t = as_config(config), _seq_len(seq_len)
+    v = megatron_padded_vocab_size(c.vocab_size) if padded_vocab_size is None else _positive_int(
         "padded_vocab_size", padded_vocab_size)
-    q, kv, d = s.q_dim, s.kv_dim, s.dim
+    q, kv, d = c.q_dim, c.kv_dim, c.dim  # kv_channels = head_dim (explicit or dim // n_heads)
     fb, fma = 3, 2
     self_attn = fb * fma * (d * (q + kv + kv) + q * d)
     core = Fraction(fb * fma * q, 2) * 2  # per token per layer, times s
-    mlp = fb * fma * d * (s.hidden_dim * 3)
+    mlp = fb * fma * d * (c.hidden_dim * 3)
     logit = fb * fma * d * v
-    return _int_or_fraction(s.n_layers * (mlp + self_attn) + logit + core * s.n_layers * t)
+    return _int_or_fraction(c.n_layers * (mlp + self_attn) + logit + core * c.n_layers * t)
 
 
 def megatron_pre2025_flops_per_token(config: Any, seq_len: int, padded_vocab_size: int | None = None) -> Exact:
@@ -281,13 +289,13 @@ def megatron_pre2025_flops_per_token(config: Any, seq_len: int, padded_vocab_siz
     12*L*d*q + 12*L*d*kv + 18*L*d*F + 6*d*V + 12*L*q*s: exactly the project's model count (norms and
     the embedding lookup excluded), computed there in floating point.
     """
-    s, t = ModelShape.of(config), _seq_len(seq_len)
-    v = megatron_padded_vocab_size(s.vocab_size) if padded_vocab_size is None else _positive_int(
+    c, t = as_config(config), _seq_len(seq_len)
+    v = megatron_padded_vocab_size(c.vocab_size) if padded_vocab_size is None else _positive_int(
         "padded_vocab_size", padded_vocab_size)
-    d, L = s.dim, s.n_layers
-    q_ratio = Fraction(s.q_dim, d)
-    attention = (1 + Fraction(s.n_kv_heads, s.n_heads) + Fraction(t, d)) * q_ratio
-    mlp = Fraction(s.hidden_dim, d) * Fraction(3, 2)
+    d, L = c.dim, c.n_layers
+    q_ratio = Fraction(c.q_dim, d)
+    attention = (1 + Fraction(c.n_kv_heads, c.n_heads) + Fraction(t, d)) * q_ratio
+    mlp = Fraction(c.hidden_dim, d) * Fraction(3, 2)
     logit = Fraction(v, 2 * L * d)
     return _int_or_fraction(12 * L * d * d * (attention + mlp + logit))
 
@@ -314,16 +322,18 @@ def flash_attention_benchmark_flops(batch: int, seqlen: int, headdim: int, nhead
     return _int_or_fraction(factor * f)
 
 
-def flash_attention_flops_per_token(config: Any, seq_len: int, causal: bool = True) -> Exact:
+def flash_attention_flops_per_token(config: Any, seq_len: int, causal: bool = True, mode: str = "fwd_bwd") -> Exact:
     """A whole-model estimate in the flash-attention benchmarks' convention: the exact matmul-weight
     part (``6 * matmul params``, as every estimate here has it) plus, per layer, the benchmark's
     ``flops(1, seq_len, head_dim, n_heads, causal, mode="fwd_bwd")`` / seq_len, i.e. 3.5 x the causal-
     halved forward attention = ``7 * L * H * hd * T`` instead of the model count's ``12 * L * H * hd * T``.
     The benchmark file itself times attention only; this composition is ours, to put its attention
-    convention (causal halving, recompute counted) on the same per-token scale as the others."""
-    s, t = ModelShape.of(config), _seq_len(seq_len)
-    attention = flash_attention_benchmark_flops(1, t, s.head_dim, s.n_heads, causal, "fwd_bwd")
-    return _int_or_fraction(6 * param_counts(s)["matmul"] + s.n_layers * Fraction(attention) / t)
+    convention (causal halving, recompute counted) on the same per-token scale as the others.
+    ``mode="fwd"`` is the forward alone (``2 * matmul params`` + the benchmark's forward ``f``)."""
+    c, t = as_config(config), _seq_len(seq_len)
+    attention = flash_attention_benchmark_flops(1, t, c.head_dim, c.n_heads, causal, mode)
+    linear = {"fwd": 2, "bwd": 4, "fwd_bwd": 6}[mode]  # a weight's product: once forward, twice backward
+    return _int_or_fraction(linear * param_counts(c)["matmul"] + c.n_layers * Fraction(attention) / t)
 
 
 def three_x_forward_flops_per_token(config: Any, seq_len: int, include_nonmatmul: bool = False) -> int:
@@ -334,11 +344,11 @@ def three_x_forward_flops_per_token(config: Any, seq_len: int, include_nonmatmul
     ``include_nonmatmul`` the forward's non-matmul FLOPs (this project's conventions,
     :mod:`counters.table`: RMSNorm, RoPE, scale/mask/softmax, SwiGLU gate, residual adds) are
     tripled too - the "3 x total forward" that a counter reporting all forward FLOPs gives."""
-    s, t = ModelShape.of(config), _seq_len(seq_len)
-    flops = exact_model_flops_per_token(s, t)
+    c, t = as_config(config), _seq_len(seq_len)
+    flops = exact_model_flops_per_token(c, t)
     if not include_nonmatmul:
         return flops
-    nonmatmul = _forward_nonmatmul_flops(s, t)
+    nonmatmul = analyze(c, n_tokens=t).nonmatmul_flops  # the work table's conventions, one forward
     per_token, rem = divmod(3 * nonmatmul, t)
     if rem:
         return _int_or_fraction(flops + Fraction(3 * nonmatmul, t))  # pragma: no cover - every term has a factor N
@@ -354,14 +364,6 @@ def calflops_flops_per_token(config: Any, seq_len: int) -> int:
     return three_x_forward_flops_per_token(config, seq_len)
 
 
-def _forward_nonmatmul_flops(s: ModelShape, n: int) -> int:
-    """Non-matmul FLOPs of one forward of N tokens (batch 1, empty cache): the work table's conventions."""
-    config = LlamaConfig(dim=s.dim, n_layers=s.n_layers, n_heads=s.n_heads, n_kv_heads=s.n_kv_heads,
-                         vocab_size=s.vocab_size, hidden_dim=s.hidden_dim, head_dim=s.head_dim, max_seq_len=n,
-                         tie_word_embeddings=s.tie_word_embeddings)
-    return analyze(config, n_tokens=n).nonmatmul_flops
-
-
 # ---------------------------------------------------------------- registry and helpers
 #: name -> estimate(config, seq_len): the figures ``llama-ref mfu`` prints beside the exact MFU.
 ESTIMATES: Mapping[str, Callable[[Any, int], Exact]] = {
@@ -374,6 +376,22 @@ ESTIMATES: Mapping[str, Callable[[Any, int], Exact]] = {
     "flash-attn": flash_attention_flops_per_token,
     "3x-forward": three_x_forward_flops_per_token,
     "3x-forward-all": lambda config, seq_len: three_x_forward_flops_per_token(config, seq_len, True),
+}
+
+
+def _forward_share(estimate: Callable[[Any, int], Exact]) -> Callable[[Any, int], Exact]:
+    def forward(config: Any, seq_len: int) -> Exact:
+        return _int_or_fraction(Fraction(estimate(config, seq_len)) / 3)
+    return forward
+
+
+#: name -> the forward share of each estimate (inference: one forward per token). Every formula above
+#: is 3 x a forward count (PaLM's and nanoGPT's 6 = 2 x 3, levanter's and Megatron's explicit factor 3,
+#: "3 x forward"), so its forward share is a third of it; flash-attn's forward is its ``mode="fwd"``.
+FORWARD_ESTIMATES: Mapping[str, Callable[[Any, int], Exact]] = {
+    name: (lambda config, seq_len: flash_attention_flops_per_token(config, seq_len, mode="fwd"))
+    if name == "flash-attn" else _forward_share(fn)
+    for name, fn in ESTIMATES.items()
 }
 
 

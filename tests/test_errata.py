@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import math
+import re
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
 
+from counters import estimates as E
 from counters import primitives as P
 from counters import table as T
 from counters.analytic import analyze, macs_polynomial, param_breakdown, param_count
 from counters.commands.schedules import measure_polynomial
 from counters.hooks import count_hooks
 from counters.published import REF000_MACS, REF001_PARAMS
+from counters.studies.hardware import table_hardware
 from llama_ref import PRESETS, SCHEDULE_NAMES, Llama, resolve_schedule
 
 ERRATA = Path(__file__).resolve().parents[1] / "docs" / "errata.md"
 L7 = PRESETS["llama-2-7b"]
 L70 = PRESETS["llama-2-70b"]
+L3 = PRESETS["llama-3-8b"]
 D, H, V = 4096, 11008, 32000  # Llama-2-7B dim, FFN width, vocabulary
 
 
@@ -193,3 +198,120 @@ def test_errata_quotes_every_corrected_number():
     for n in (6_607_077_376, 262_144, 8_885_637_120, 2_910_344, 68_976_648_192, 9_395_240_960, 125_829_120,
               16_728_000, 16_785_408, 2_098_176, 112_721_920, 5_999_951_872, 2_278_559_744):
         assert f"{n:,}" in text, n
+
+
+# ---------------------------------------------------------------- training FLOPs: the published MFU formulas
+TRAIN_SECTION = "## Training FLOPs"
+DOC_MODELS = ("llama-2-7b", "llama-2-70b", "llama-3-8b")
+DOC_SEQ_LENS = (2048, 4096, 8192)
+DOC_ROWS = ("palm", "torchtitan", "nanogpt", "levanter", "megatron", "megatron-pre2025", "flash-attn", "3x-forward",
+            "3x-forward-all")
+# the MFU example: 3000 tokens/s of Llama-2-7B at N = 2048 on one H100 SXM
+MFU_T, MFU_N = 3000, 2048
+
+
+def _training_section() -> str:
+    text = ERRATA.read_text()
+    assert text.count(TRAIN_SECTION) == 1
+    return text[text.index(TRAIN_SECTION):]
+
+
+def _pct(err: Fraction) -> str:
+    return "exact" if err == 0 else f"{float(err * 100):+.4f}%"
+
+
+def doc_table(model: str) -> list[str]:
+    """The markdown rows the "Training FLOPs" section prints for one model (test and doc share this format)."""
+    cfg = PRESETS[model]
+    exact = {n: E.exact_model_flops_per_token(cfg, n) for n in DOC_SEQ_LENS}
+    lines = ["| estimate | " + " | ".join(f"N = {n:,}" for n in DOC_SEQ_LENS) + " |",
+             "|---|" + "---|" * len(DOC_SEQ_LENS),
+             "| **exact** | " + " | ".join(f"**{exact[n]:,}**" for n in DOC_SEQ_LENS) + " |"]
+    for name in DOC_ROWS:
+        cells = []
+        for n in DOC_SEQ_LENS:
+            value = E.ESTIMATES[name](cfg, n)
+            assert isinstance(value, int), (name, model, n)
+            cells.append(f"{value:,} ({_pct(E.relative_error(value, exact[n]))})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+@pytest.mark.parametrize("model", DOC_MODELS)
+def test_training_flops_tables(model):
+    text = _training_section()
+    for line in doc_table(model):
+        assert line in text, f"docs/errata.md lacks the line:\n{line}"
+
+
+def _mfu6(flops_per_token) -> str:
+    return f"{float(E.mfu(flops_per_token, MFU_T, table_hardware('h100-sxm').peak_flops)):.6f}"
+
+
+def _expected_training_numbers() -> set:
+    """Every number the section prints (comma-grouped integers as ints, decimals as printed), recomputed."""
+    expected: set = set()
+    for model in DOC_MODELS:  # the tables: N, every value and every error
+        for line in doc_table(model):
+            expected.update(int(x.replace(",", "")) for x in re.findall(r"\d{1,3}(?:,\d{3})+", line))
+            expected.update(re.findall(r"[+-]\d+\.\d+%", line))
+    fwd7 = E.exact_forward_macs(L7, 2048)
+    exact7 = E.exact_model_flops_per_token(L7, 2048)
+    a, b = macs_polynomial(L7)
+    # 3 x 14,630,806,093,824 = 43,892,418,281,472 MACs = 6 x (6,607,077,376 + 262,144 x 2048) x 2048 / 2
+    assert (fwd7, 3 * fwd7, exact7) == (14_630_806_093_824, 43_892_418_281_472, 6 * (a + b * 2048))
+    expected |= {fwd7, 3 * fwd7, exact7, a, b}
+    # FlopCounterMode under whole-layer checkpointing (measured in tests/test_estimates.py): + every layer's
+    # forward again; torch's default early stop skips w2's product (32 x 4096 x 11008 x 2048 MACs)
+    executed = E.exact_executed_flops_per_token(L7, 2048, recompute=True)
+    full = executed * 2048 // 2
+    assert (full, full - 32 * 4096 * 11008 * 2048) == (58_254_788_919_296, 55_299_851_419_648)
+    expected |= {full, full - 32 * 4096 * 11008 * 2048}
+    # Llama-3's vocabulary table: 128,256 x 4096; the 7B norm weights: (2 x 32 + 1) x 4096
+    expected |= {128_256, E.param_counts(L3)["embedding"], E.param_counts(L7)["norms"]}
+    assert E.param_counts(L3)["embedding"] == 525_336_576 and E.param_counts(L7)["norms"] == 266_240
+    # tied Llama-3.2-1B at 2048: torchtitan loses the head's products; nanoGPT is nearly right
+    l1 = PRESETS["llama-3.2-1b"]
+    exact1 = E.exact_model_flops_per_token(l1, 2048)
+    expected |= {E.param_counts(l1)["embedding"], E.torchtitan_flops_per_token(l1, 2048), exact1}
+    expected |= {_pct(E.relative_error(E.ESTIMATES[n](l1, 2048), exact1)) for n in ("torchtitan", "nanogpt")}
+    # the H100 figures: 1,979 with sparsity in the datasheet, 989.5 = half of it, 989.4 the whitepaper's
+    assert "1,979" in table_hardware("h100-sxm").source and "989.4" in table_hardware("h100-sxm").source
+    expected |= {1_979, f"{1979 / 2:.1f}", "989.4"}
+    # flash-attn's factors (bwd 2.5 f, fwd_bwd 3.5 f) and calflops' default compute_bp_factor 2.0
+    assert E.flash_attention_benchmark_flops(1, 2, 1, 1, False, "fwd_bwd") == Fraction(7, 2) * 16
+    assert E.flash_attention_benchmark_flops(1, 2, 1, 1, False, "bwd") == Fraction(5, 2) * 16
+    expected |= {"3.5", "2.5", "2.0"}
+    # the MFU example: exact, torchtitan, nanoGPT, Megatron; HFU with recompute, its extra FLOPs per token
+    expected |= {_mfu6(exact7), _mfu6(E.torchtitan_flops_per_token(L7, 2048)),
+                 _mfu6(E.nanogpt_flops_per_token(L7, 2048)), _mfu6(E.megatron_flops_per_token(L7, 2048))}
+    assert executed - exact7 == 2 * 32 * (202_375_168 + 8_192 * 2048) == 14_025_752_576
+    expected |= {executed, executed - exact7, 202_375_168, 8_192, _mfu6(executed)}
+    return expected
+
+
+def test_training_flops_section_prints_only_checked_numbers():
+    text = _training_section()
+    text = re.sub(r"Llama-\d[\w.-]*", "Llama", text)  # model names are not numbers
+    printed = {int(x.replace(",", "")) for x in re.findall(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d])", text)}
+    printed |= set(re.findall(r"(?<![\w.])[+-]?\d+\.\d+%?", text))
+    expected = _expected_training_numbers()
+    assert printed - expected == set(), "numbers printed but not checked"
+    # and every number the checks recompute is printed (no stale expectation)
+    assert expected - printed == set(), "numbers checked but not printed"
+
+
+def test_training_flops_mfu_example():
+    text = _training_section()
+    got = E.mfu(E.exact_model_flops_per_token(L7, MFU_N), MFU_T, 989e12)
+    # 3000 x 6 x (6,607,077,376 + 262,144 x 2048) / 989e12, the bar of `llama-ref mfu`
+    assert got == Fraction(3000 * 6 * (6_607_077_376 + 262_144 * 2048), 989 * 10 ** 12)
+    assert f"**{float(got):.6f}**" in text  # 0.130021
+    assert table_hardware("h100-sxm").peak_flops == 989e12 and "989e12" in text
+    assert "llama-ref mfu llama-2-7b --train --tokens 2048 --tokens-per-second 3000 --hardware h100-sxm" in text
+
+
+if __name__ == "__main__":  # print the training-FLOPs tables
+    for m in DOC_MODELS:
+        print(f"\n#### {m}\n")
+        print("\n".join(doc_table(m)))

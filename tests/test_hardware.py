@@ -12,7 +12,7 @@ from counters.studies.hardware import (HARDWARE_NAMES, Hardware, detect_table_na
 
 
 @pytest.mark.parametrize("name, peak, bw", [
-    ("h100-sxm", 989.4e12, 3.35e12),   # H100 SXM: BF16 1,979 TFLOPS sparse -> 989.4 dense; 3.35 TB/s HBM3
+    ("h100-sxm", 989e12, 3.35e12),     # H100 SXM: BF16 1,979 TFLOPS sparse -> 989 dense (torchtitan's); 3.35 TB/s HBM3
     ("h100-pcie", 756e12, 2.0e12),     # H100 PCIe: BF16 1,513 sparse -> 756 dense; 2 TB/s
     ("a100-80g", 312e12, 2.039e12),    # A100 80GB SXM: BF16 312 dense (624 sparse); 2,039 GB/s
 ])
@@ -26,6 +26,27 @@ def test_table_entries_are_the_dense_datasheet_figures(name, peak, bw):
     assert get_hardware(name) == hw  # GPUs default to bf16
     d = hw.to_dict()
     assert d["ridge_point"] == pytest.approx(peak / bw) and d["name"] == name
+
+
+def test_h100_sxm_peak_is_989e12_as_torchtitan_uses():
+    # the figure MFU reports divide by; the datasheet's 1,979 TFLOPS is with 2:4 sparsity
+    hw = table_hardware("h100-sxm")
+    assert hw.peak_flops == 989 * 10 ** 12 == table_hardware("h100-sxm", "fp16").peak_flops
+    assert "1,979" in hw.source and "sparsity" in hw.source and "torchtitan" in hw.source and "989 " in hw.source
+    assert "989e12" in hwmod.__doc__ and "torchtitan" in hwmod.__doc__
+
+
+def test_table_figures_are_exact_integers():
+    # a Fraction of the peak is the decimal figure itself: 494.7e12 is exactly 494,700,000,000,000
+    # (494.7 * 1e12 would not be), so an MFU against it is an exact ratio of integers
+    for name in HARDWARE_NAMES:
+        if name == "cpu":
+            continue
+        for dtype in ("bf16", "fp16", "tf32", "fp32"):
+            hw = table_hardware(name, dtype)
+            assert hw.peak_flops.is_integer() and hw.mem_bw.is_integer(), (name, dtype)
+    assert table_hardware("h100-sxm", "tf32").peak_flops == 494_700_000_000_000
+    assert table_hardware("a100-80g").mem_bw == 2_039_000_000_000
 
 
 def test_fp16_equals_bf16_and_fp32_is_much_lower():

@@ -21,7 +21,7 @@ from counters.commands.common import BadInput
 from counters.studies.hardware import Hardware, table_hardware
 from llama_ref import LlamaConfig
 
-H100 = table_hardware("h100-sxm")  # 989.4e12 FLOP/s, 3.35e12 B/s, ridge 295.3 FLOP/B
+H100 = table_hardware("h100-sxm")  # 989e12 FLOP/s, 3.35e12 B/s, ridge 295.2 FLOP/B
 # A made-up device for fast CLI runs (no measurement): ridge 10 FLOP/B.
 FAKE_CPU = Hardware(name="cpu", peak_flops=1e11, mem_bw=1e10, dtype="fp32", source="test", measured=True)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -37,11 +37,11 @@ def test_decode_projection_on_h100_by_hand():
     # One token through wq of Llama-2-7B (4096 x 4096, bf16):
     #   FLOPs = 2 * 1 * 4096 * 4096                         = 33,554,432
     #   bytes = weight 4096*4096*2 + x in 4096*2 + q out 4096*2 = 33,554,432 + 16,384 = 33,570,816
-    #   t_compute = 33,554,432 / 989.4e12 = 3.391e-8 s
+    #   t_compute = 33,554,432 / 989e12 = 3.393e-8 s
     #   t_memory  = 33,570,816 / 3.35e12  = 1.0021e-5 s   -> memory bound, ~295x slower than compute
     row = rl.roofline_row(_row("attention.wq", 0), H100)
     assert row.flops == 33_554_432 and row.bytes == 33_570_816
-    assert row.t_compute_s == pytest.approx(33_554_432 / 989.4e12)
+    assert row.t_compute_s == pytest.approx(33_554_432 / 989e12)
     assert row.t_memory_s == pytest.approx(33_570_816 / 3.35e12)
     assert row.predicted_s == pytest.approx(1.00211e-5, rel=1e-5)
     assert row.bound == "memory"
@@ -51,14 +51,14 @@ def test_decode_projection_on_h100_by_hand():
 def test_prefill_projection_on_h100_by_hand():
     # N = 2048 tokens through the same wq: FLOPs = 2 * 2048 * 4096^2 = 68,719,476,736;
     # bytes = 4096^2*2 (weight) + 2 * 2048*4096*2 (in + out) = 33,554,432 + 33,554,432 = 67,108,864;
-    # intensity = 1024 FLOP/B > ridge 989.4/3.35 = 295.3 -> compute bound, t = 68.72e9 / 989.4e12 = 69.46 us.
+    # intensity = 1024 FLOP/B > ridge 989/3.35 = 295.2 -> compute bound, t = 68.72e9 / 989e12 = 69.48 us.
     rep = analyze(LlamaConfig.from_preset("llama-2-7b"), n_tokens=2048)
     row = rl.roofline_row(next(r for r in rep.rows if r.module == "attention.wq"), H100)
     assert row.flops == 68_719_476_736 and row.bytes == 67_108_864
     assert row.intensity == pytest.approx(1024.0)
     assert row.bound == "compute"
-    assert row.predicted_s == pytest.approx(68_719_476_736 / 989.4e12)
-    assert row.predicted_s == pytest.approx(69.455e-6, rel=1e-4)
+    assert row.predicted_s == pytest.approx(68_719_476_736 / 989e12)
+    assert row.predicted_s == pytest.approx(69.484e-6, rel=1e-4)
 
 
 def test_bound_and_attainable():

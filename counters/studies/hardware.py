@@ -6,13 +6,21 @@ first and mark it with an asterisk; the dense figure is half of it.
 =========  ==========================  ==================  ==============================================
 name       dense bf16/fp16 Tensor      memory bandwidth    source
 =========  ==========================  ==================  ==============================================
-h100-sxm   989.4 TFLOP/s (1,979 sp.)   3.35 TB/s HBM3      NVIDIA H100 Tensor Core GPU Datasheet (SXM5)
+h100-sxm   989 TFLOP/s (1,979 sp.)     3.35 TB/s HBM3      NVIDIA H100 Tensor Core GPU Datasheet (SXM5)
 h100-pcie  756 TFLOP/s (1,513 sp.)     2.0 TB/s HBM2e      NVIDIA H100 Tensor Core GPU Datasheet (PCIe)
 a100-80g   312 TFLOP/s (624 sp.)       2.039 TB/s HBM2e    NVIDIA A100 Tensor Core GPU Datasheet (80GB SXM)
 =========  ==========================  ==================  ==============================================
 
+The H100 SXM bf16/fp16 peak is **989e12** FLOP/s: the figure torchtitan's ``get_peak_flops`` and most
+MFU reports divide by, so an MFU computed here compares with theirs digit for digit. The datasheet
+says 1,979 TFLOPS *with sparsity*, i.e. about 989.5 dense; NVIDIA's H100 whitepaper computes 989.4
+from the boost clock. The three differ by 0.05% at most.
+
 The same datasheets give fp32 (CUDA cores, no Tensor Cores): 67 / 51 / 19.5 TFLOP/s, and dense
 TF32 Tensor Core: 494.7 / 378 / 156 TFLOP/s.
+
+Every table figure is a float literal holding an integer exactly (``494.7e12``; the product
+``494.7 * 1e12`` would round), so an exact ratio (``Fraction(peak_flops)``) uses the decimal figure itself.
 
 ``cpu`` is measured on the spot (:func:`measure_device`): the matmul peak is the best of a few
 large square matmuls (``2 n^3`` FLOPs each) and the bandwidth is the best of a few large tensor
@@ -65,22 +73,23 @@ class Hardware:
 # name -> (dense peak FLOP/s per dtype, bandwidth B/s, memory kind, datasheet)
 _TABLE: dict[str, tuple[dict[str, float], float, str, str]] = {
     "h100-sxm": (
-        {"bf16": 989.4 * TFLOP, "fp16": 989.4 * TFLOP, "tf32": 494.7 * TFLOP, "fp32": 67.0 * TFLOP},
-        3.35 * TB,
+        {"bf16": 989e12, "fp16": 989e12, "tf32": 494.7e12, "fp32": 67e12},
+        3.35e12,
         "HBM3",
         "NVIDIA H100 Tensor Core GPU Datasheet, H100 SXM column: BF16 Tensor Core 1,979 TFLOPS with "
-        "sparsity (989.4 dense), GPU memory bandwidth 3.35 TB/s",
+        "sparsity; dense bf16/fp16 taken as 989 TFLOPS, the figure torchtitan and most MFU reports use "
+        "(datasheet ~989.5 dense, whitepaper 989.4); GPU memory bandwidth 3.35 TB/s",
     ),
     "h100-pcie": (
-        {"bf16": 756.0 * TFLOP, "fp16": 756.0 * TFLOP, "tf32": 378.0 * TFLOP, "fp32": 51.0 * TFLOP},
-        2.0 * TB,
+        {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12},
+        2.0e12,
         "HBM2e",
         "NVIDIA H100 Tensor Core GPU Datasheet, H100 PCIe column: BF16 Tensor Core 1,513 TFLOPS with "
         "sparsity (756 dense), GPU memory bandwidth 2 TB/s",
     ),
     "a100-80g": (
-        {"bf16": 312.0 * TFLOP, "fp16": 312.0 * TFLOP, "tf32": 156.0 * TFLOP, "fp32": 19.5 * TFLOP},
-        2.039 * TB,
+        {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12},
+        2.039e12,
         "HBM2e",
         "NVIDIA A100 Tensor Core GPU Datasheet, A100 80GB SXM column: BF16 Tensor Core 312 TFLOPS "
         "(624 with sparsity), GPU memory bandwidth 2,039 GB/s",
