@@ -182,10 +182,11 @@ class Llama(nn.Module):
         if max_seq_len > self.config.max_seq_len:
             raise ValueError(f"cache max_seq_len={max_seq_len} exceeds the model's max_seq_len={self.config.max_seq_len}")
         dtype = self.compute_dtype if dtype is None else dtype
-        c = self.config
+        # Each cache is shaped like the attention it serves (a tensor-parallel rank holds only its kv heads).
+        attentions = [self.layers[layer_id].attention for layer_id in self._schedule]
         self.caches = nn.ModuleList(
-            KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, device=self.device, dtype=dtype)
-            for _ in self._schedule
+            KVCache(max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim, device=self.device, dtype=dtype)
+            for a in attentions
         )
         self.reserve_positions(max_seq_len)  # every position the cache can hold has its rotation ready
 

@@ -1,0 +1,200 @@
+"""Per-rank loading: each rank reads only its part of a checkpoint, one tensor at a time.
+
+* A Meta checkpoint with as many shards as ranks (``consolidated.k.pth`` is rank k's part in exactly
+  this layout): rank k opens only its own shard and copies its tensors as they are (``shard-per-rank``).
+* Anything else (Meta with another shard count, HF safetensors/``.bin``): every rank plans the full
+  tensors like the single-process loader, then copies only its slice of each from the memory-mapped
+  files (``sliced``), touching only the shards that overlap its slice. HF q/k rows are un-permuted per
+  head after slicing (the permutation works within a head, so slicing whole heads commutes with it).
+
+Peak memory per rank: its share of the weights, plus one tensor's mapped pages (see
+``loading.readers.OpenFiles``). Nothing is communicated while loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from ..hf import unpermute_qk
+from ..loading.api import parse_dtype
+from ..loading.detect import META, CheckpointFiles, find_checkpoint_files
+from ..loading.errors import CheckpointError
+from ..loading.hf_files import hf_name_map, plan_hf, read_hf_config
+from ..loading.materialize import fill
+from ..loading.meta_files import missing_shard_hint, plan_meta, read_meta_config
+from ..loading.plan import PlannedTensor, check_plan, stored_dtype
+from ..loading.readers import OpenFiles
+from ..schedule import ScheduleSpec
+from .collectives import GroupLike, TPGroup
+from .layout import TPLayout, tp_split_dim
+from .model import TensorParallelLlama
+
+logger = logging.getLogger(__name__)
+
+SHARD_PER_RANK = "shard-per-rank"
+SLICED = "sliced"
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """What one rank will read. ``plan`` holds full tensors (``sliced``) or this rank's shard's tensors
+    (``shard-per-rank``); ``files`` the checkpoint files this rank may open."""
+
+    mode: str
+    files: CheckpointFiles
+    config: object  # LlamaConfig
+    config_dtype: Optional[torch.dtype]
+    plan: list[PlannedTensor]
+    problems: list[str]
+    source: str
+
+
+def plan_rank(files: CheckpointFiles, opener: OpenFiles, rank: int, world_size: int) -> RankPlan:
+    """Read headers (only rank ``rank``'s shard for a matching Meta checkpoint) and plan the load."""
+    if files.format == META and len(files.shards) == world_size:
+        own = dataclasses.replace(files, shards=(files.shards[rank],))
+        config = read_meta_config(own, opener)
+        plan, problems = plan_meta(own, opener)
+        mode, source, config_dtype = SHARD_PER_RANK, os.path.basename(own.shards[0]), None
+        files = own
+    elif files.format == META:
+        config = read_meta_config(files, opener)
+        plan, problems = plan_meta(files, opener)
+        mode, source, config_dtype = SLICED, ", ".join(os.path.basename(s) for s in files.shards), None
+    else:
+        config, config_dtype = read_hf_config(files)
+        plan, problems = plan_hf(files, opener, config)
+        mode, source = SLICED, os.path.basename(files.index or files.weights)
+    if not plan:
+        raise CheckpointError(f"{files.root}: {source} hold(s) no Llama weight tensors"
+                              + (f" ({problems[0]})" if problems else ""))
+    return RankPlan(mode, files, config, config_dtype, plan, problems, source)
+
+
+def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None,
+                       device: Union[str, torch.device] = "cpu", dtype: Union[None, str, torch.dtype] = None,
+                       attn_kernel: str = "math", schedule: ScheduleSpec = None,
+                       compute_dtype: Union[None, str, torch.dtype] = None, max_seq_len: Optional[int] = None,
+                       requires_grad: bool = False) -> TensorParallelLlama:
+    """Load this rank's part of a checkpoint directory into a :class:`TensorParallelLlama`.
+
+    Arguments as for :func:`llama_ref.loading.load_pretrained`; ``group`` as for ``TensorParallelLlama``.
+    Names and shapes are checked before any weight data is read (a ``CheckpointError`` names the file
+    and tensor); a world size the model cannot be split into raises ``ValueError`` first; a shard that
+    does not fit in this device's free memory is refused before allocation.
+    """
+    group = TPGroup.of(group)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device={device!r} is not a valid torch device ({e})") from None
+    dtype = parse_dtype(dtype, "dtype")
+    compute_dtype = parse_dtype(compute_dtype, "compute_dtype")
+    files = find_checkpoint_files(path)
+    t0 = time.perf_counter()
+    with OpenFiles() as opener:
+        rp = plan_rank(files, opener, group.rank, group.world_size)
+        config = rp.config if max_seq_len is None else rp.config.replace(max_seq_len=max_seq_len)
+        layout = TPLayout(config, group.world_size)
+        target = dtype or rp.config_dtype or stored_dtype(rp.plan)
+        model = TensorParallelLlama(config, group=group, device="meta", dtype=target, attn_kernel=attn_kernel,
+                                    schedule=schedule, compute_dtype=compute_dtype)
+        local = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        problems = list(rp.problems)
+        if rp.mode == SHARD_PER_RANK:
+            expected = local
+        else:
+            expected = {n: layout.full_shape(n, s) for n, s in local.items()}
+            if files.format == META:
+                hint = missing_shard_hint(rp.plan, expected, len(files.shards))
+                if hint:
+                    problems.insert(0, hint)
+        check_plan(rp.plan, expected, source=rp.source, config_file=files.config, extra_problems=problems,
+                   hf_names=None if files.format == META else hf_name_map(expected))
+        if device.type != "meta":
+            check_fits(sum(math.prod(s) for s in local.values()) * target.itemsize, device, group)
+            state = {}
+            for p in rp.plan:
+                out = torch.empty(local[p.name], dtype=target, device=device)
+                if rp.mode == SHARD_PER_RANK:
+                    fill(p, out, opener, config)
+                else:
+                    fill_rank_slice(p, out, opener, layout, group.rank)
+                state[p.name] = out
+            model.load_state_dict(state, strict=True, assign=True)
+            del state
+    model.requires_grad_(requires_grad)
+    model.init_buffers()
+    logger.info("rank %d/%d: loaded %s checkpoint %s (%s, %d tensors, %s) in %.1f s", group.rank, group.world_size,
+                files.format, files.root, rp.mode, len(rp.plan), target, time.perf_counter() - t0)
+    return model.eval()
+
+
+def fill_rank_slice(p: PlannedTensor, out: torch.Tensor, opener: OpenFiles, layout: TPLayout, rank: int) -> None:
+    """Copy rank ``rank``'s slice of the full planned tensor ``p`` into ``out`` (this rank's shape)."""
+    dim = tp_split_dim(p.name)
+    n = layout.world_size
+    if dim is None:
+        # Replicated (norms): any copy will do; take it from a file this rank reads anyway.
+        part = p.parts[rank * len(p.parts) // n]
+        with opener.tensor(part) as src:
+            out.copy_(src)
+            del src
+        return
+    start, length = rank * out.shape[dim], out.shape[dim]  # this rank's range on the full tensor
+    if p.hf_name is not None:  # HF: one file, the full tensor, q/k rows in HF's rotate-half order
+        with opener.tensor(p.parts[0]) as src:
+            piece = src.narrow(dim, start, length)
+            if p.name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                piece = unpermute_qk(piece, length // layout.config.head_dim)  # whole heads of this rank
+            out.copy_(piece)
+            del src, piece
+        return
+    # Meta: one part (the full tensor) or one per shard, concatenated along the split dim.
+    offset = 0
+    for part in p.parts:
+        size = part.shape[dim] if len(p.parts) > 1 else p.shape[dim]
+        lo, hi = max(start, offset), min(start + length, offset + size)
+        if lo < hi:  # only shards overlapping this rank's range are opened
+            with opener.tensor(part) as src:
+                out.narrow(dim, lo - start, hi - lo).copy_(src.narrow(dim, lo - offset, hi - lo))
+                del src
+        offset += size
+
+
+def check_fits(nbytes: int, device: torch.device, group: TPGroup) -> None:
+    """Refuse, before allocating, a shard larger than the free memory of its device. On the CPU the
+    ranks on this host share the memory, so the check is for all of them (``LOCAL_WORLD_SIZE``)."""
+    if device.type == "cpu":
+        available = _mem_available_cpu()
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    elif device.type == "cuda" and torch.cuda.is_available():
+        available = torch.cuda.mem_get_info(device)[0]
+        ranks_here = 1
+    else:
+        return
+    if available is not None and nbytes * ranks_here > available:
+        raise ValueError(
+            f"rank {group.rank}: its share of the weights needs {nbytes / 2**30:.2f} GiB on {device}"
+            + (f" (x {ranks_here} ranks on this host)" if ranks_here > 1 else "")
+            + f" but only {available / 2**30:.2f} GiB are available; nothing was loaded"
+        )
+
+
+def _mem_available_cpu() -> Optional[int]:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return None
+    return None
