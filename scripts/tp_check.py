@@ -20,7 +20,7 @@ ids drawn with ``--seed``.
 
 ``--json OUT`` (rank 0): world_size, backend, device, checkpoint, format, shards, load_mode, dtypes,
 tokens_shape, logits_shape, ranks (per rank: load_seconds, forward_seconds, weight_bytes,
-rss_before_load_bytes, peak_rss_after_load_bytes, peak_rss_bytes, files_read), and reference
+rss_before_load_bytes, peak_rss_after_load_bytes, peak_rss_bytes, files_opened, files_read), and reference
 ({ran, reason, max_abs_diff, max_abs_diff_hf, hf_ran, hf_reason, tol}), passed.
 
 Exit status: 0 when the logits match within ``--tol`` (or no reference could run), 1 when they differ,
@@ -30,6 +30,7 @@ Exit status: 0 when the logits match within ``--tol`` (or no reference could run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import logging
@@ -162,6 +163,29 @@ def hf_twin(model: Llama):
     return hf.requires_grad_(False).eval()
 
 
+@contextlib.contextmanager
+def recording_file_access():
+    """(files opened, files weight data was read from), as base names, while loading inside the block.
+    Opening a file reads its header or pickle only; "read" files are those weights were copied from."""
+    opened: set = set()
+    read: set = set()
+    original_open, original_tensor = OpenFiles._open, OpenFiles.tensor
+
+    def _open(self, path):
+        opened.add(os.path.basename(path))
+        return original_open(self, path)
+
+    def tensor(self, stored):
+        read.add(os.path.basename(stored.file))
+        return original_tensor(self, stored)
+
+    OpenFiles._open, OpenFiles.tensor = _open, tensor
+    try:
+        yield opened, read
+    finally:
+        OpenFiles._open, OpenFiles.tensor = original_open, original_tensor
+
+
 def model_bytes(config, dtype: torch.dtype) -> int:
     n = sum(p.numel() for p in Llama(config, device="meta").parameters())
     return n * dtype.itemsize
@@ -208,10 +232,6 @@ def run_reference(args, checkpoint: str, tokens: torch.Tensor, tp_logits: torch.
     return ref
 
 
-def files_read_by(rank_plan_files) -> list[str]:
-    return sorted(os.path.basename(f) for f in rank_plan_files)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -224,30 +244,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     rank, world = group.rank, group.world_size
     status: dict = {"rank": rank, "error": None}
     model = tokens = logits = None
-    opened: set[str] = set()
     try:
         dtype = parse_dtype(args.dtype, "--dtype")
         compute_dtype = parse_dtype(args.compute_dtype, "--compute-dtype")
         files = find_checkpoint_files(args.checkpoint)
-        # Which files this rank opens (to report that a rank reads only its part).
-        original_open = OpenFiles._open
-
-        def recording_open(self, path):
-            opened.add(path)
-            return original_open(self, path)
-
-        OpenFiles._open = recording_open
         status["rss_before_load_bytes"] = current_rss_bytes()
         t0 = time.perf_counter()
-        try:
+        with recording_file_access() as (opened, read):
             model = load_tp_pretrained(args.checkpoint, group=group, device=device, dtype=dtype,
                                        compute_dtype=compute_dtype, attn_kernel=args.kernel)
-        finally:
-            OpenFiles._open = original_open
+        status["files_opened"], status["files_read"] = sorted(opened), sorted(read)
         status["load_seconds"] = time.perf_counter() - t0
         status["peak_rss_after_load_bytes"] = peak_rss_bytes()
         status["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-        status["files_read"] = files_read_by(opened)
         tokens = read_tokens(args, model.config.vocab_size, model.config.max_seq_len)
         bad = tokens[(tokens < 0) | (tokens >= model.config.vocab_size)]
         if bad.numel():

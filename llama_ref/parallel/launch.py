@@ -16,6 +16,7 @@ import logging
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 import time
 import traceback
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # After one rank fails, how long the others get to report their own error before they are stopped
 # (they may be blocked in a collective waiting for the failed rank, which would otherwise hang).
-_FAILURE_GRACE_S = 3.0
+_FAILURE_GRACE_S = 2.0
 
 
 def in_torchrun() -> bool:
@@ -99,9 +100,13 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
           threads: Optional[int] = None) -> list[Any]:
     """Run ``fn(rank, *args)`` on ``world_size`` fresh local processes forming one world.
 
+    Processes come from a fork server (``multiprocessing``'s "forkserver", with torch preloaded) or are
+    spawned; either way ``fn`` must be importable by name (a module-level function, not a lambda) and
+    a script calling ``spawn`` needs the usual ``if __name__ == "__main__":`` guard.
+
     The default process group (``backend``; a file store in a private temporary directory, so no port
-    is needed) is initialized before ``fn`` runs and destroyed after it returns. ``fn`` and ``args`` must
-    be picklable (a module-level function) and the return values too. Returns the values in rank order.
+    is needed) is initialized before ``fn`` runs and destroyed after it returns. ``args`` and the return
+    values must be picklable. Returns the values in rank order.
 
     If a rank raises, its exception is re-raised here (same type and message, the rank and its
     traceback added as a note) and the other ranks are stopped; a rank that dies without a result
@@ -119,7 +124,7 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world_size)
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     tmp = tempfile.mkdtemp(prefix="llama_ref_spawn_")
     procs = []
     finished = False
@@ -137,6 +142,17 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
         _stop(procs, grace_s=30.0 if finished else 0.0)
         shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+def _context():
+    """A fork server that has imported torch once forks every rank in milliseconds (a spawned process
+    spends seconds importing torch); plain spawn where there is no fork server. Neither inherits this
+    process's threads or CUDA state."""
+    if "forkserver" in mp.get_all_start_methods():
+        ctx = mp.get_context("forkserver")
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "llama_ref.parallel"])
+        return ctx
+    return mp.get_context("spawn")
 
 
 def _result_path(tmp: str, rank: int) -> str:
@@ -167,8 +183,12 @@ def _worker(fn, rank, world_size, backend, store, tmp, threads, timeout_s, args)
     with open(partial, "wb") as f:
         f.write(data)
     os.replace(partial, _result_path(tmp, rank))
-    if initialized and payload[0] == "ok":
+    if initialized and payload[0] == "ok" and dist.is_initialized():  # fn may have destroyed it itself
         dist.destroy_process_group()
+    # The result is handed over: skip the interpreter's teardown (seconds with torch loaded).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _wait(procs: list, tmp: str, timeout_s: float) -> list[Any]:
