@@ -15,7 +15,8 @@ the same weights, runs the same tokens and reports the max |logit difference| ag
 
 Compute is fp32 by default (``--compute-dtype``) so that the comparison is exact up to summation order;
 weights keep the checkpoint's dtype (``--dtype`` to change it). Tokens: ``--tokens-file`` (a
-``torch.save``d integer tensor of shape (bsz, seqlen) or (seqlen,)), else ``--batch`` x ``--seqlen``
+``torch.save``d integer tensor of shape (bsz, seqlen) or (seqlen,), a list of ids, or a dict holding one
+under ``tokens`` or ``input_ids``), else ``--batch`` x ``--seqlen``
 ids drawn with ``--seed``.
 
 ``--json OUT`` (rank 0): world_size, backend, device, checkpoint, format, shards, load_mode, dtypes,
@@ -51,7 +52,7 @@ from llama_ref import Llama  # noqa: E402
 from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict  # noqa: E402
 from llama_ref.loading import find_checkpoint_files, parse_dtype  # noqa: E402
 from llama_ref.loading.readers import OpenFiles  # noqa: E402
-from llama_ref.parallel import TensorParallelLlama, default_backend, init_torchrun, load_tp_pretrained  # noqa: E402
+from llama_ref.parallel import available_bytes, default_backend, init_torchrun, load_tp_pretrained  # noqa: E402
 
 logger = logging.getLogger("tp_check")
 
@@ -92,19 +93,6 @@ def current_rss_bytes() -> int:
         return 0
 
 
-def available_bytes(device: torch.device) -> Optional[int]:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def pick_device(spec: str) -> torch.device:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if spec == "auto":
@@ -128,8 +116,17 @@ def read_tokens(args: argparse.Namespace, vocab_size: int, max_seq_len: int) -> 
             tokens = torch.load(args.tokens_file, map_location="cpu", weights_only=True)
         except Exception as e:
             raise UsageError(f"--tokens-file {args.tokens_file}: cannot read it with torch.load ({e})") from None
+        if isinstance(tokens, dict):  # e.g. a tokenizer's output
+            key = next((k for k in ("tokens", "input_ids") if k in tokens), None)
+            if key is None:
+                raise UsageError(f"--tokens-file {args.tokens_file}: a dict needs a 'tokens' or 'input_ids' entry, "
+                                 f"got keys {sorted(map(str, tokens))}")
+            tokens = tokens[key]
         if isinstance(tokens, (list, tuple)):
-            tokens = torch.tensor(tokens)
+            try:
+                tokens = torch.tensor(tokens)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"--tokens-file {args.tokens_file}: not a list of token ids ({e})") from None
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             raise UsageError(f"--tokens-file {args.tokens_file}: expected an integer tensor, got "
                              f"{getattr(tokens, 'dtype', type(tokens).__name__)}")

@@ -25,8 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import _tp_workers as W
 from _ckpt_helpers import REPO, edit_torch_file, synth
-from llama_ref import Llama, LlamaConfig, generate
-from llama_ref.loading import CheckpointError
+from llama_ref import Llama, LlamaConfig
+from llama_ref.loading import CheckpointError, find_checkpoint_files
 from llama_ref.loading.readers import OpenFiles
 from llama_ref.parallel import (
     SHARD_PER_RANK,
@@ -39,8 +39,7 @@ from llama_ref.parallel import (
     plan_rank,
     spawn,
 )
-from llama_ref.parallel import load as tp_load
-from llama_ref.loading import find_checkpoint_files
+from llama_ref.parallel import memory as tp_memory
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -53,6 +52,7 @@ CHECKPOINTS = {
     "meta-4-shards": (W.MHA, "meta", 4, torch.float32),  # more shards than ranks: rank k merges two
     "hf-single": (W.TINY, "hf", 1, torch.float32),  # q/k un-permuted per head after slicing
     "hf-3-shards": (W.TINY, "hf", 3, torch.bfloat16),
+    "hf-bin-2-shards": (W.TINY, "hf-bin", 2, torch.float32),
 }
 
 
@@ -423,10 +423,23 @@ def test_load_rejects_a_bad_world_size_before_reading_weights(ckpt_dirs):
 
 
 def test_load_refuses_a_shard_that_does_not_fit(ckpt_dirs, monkeypatch):
-    monkeypatch.setattr(tp_load, "_mem_available_cpu", lambda: 1000)
+    monkeypatch.setattr(tp_memory, "available_bytes", lambda device: 1000)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    with pytest.raises(ValueError, match=r"rank 1: its share of the weights needs .* GiB .*x 2 ranks.*nothing was loaded"):
+    with pytest.raises(ValueError, match=r"rank 1: its share of the weights needs .* GiB .*x 2 ranks.*nothing was"):
         _load_rank(ckpt_dirs["meta-2-shards"], 1)
+
+
+def test_building_refuses_a_shard_that_does_not_fit():
+    # 70B in fp32 split 2 ways: about 69e9 / 2 * 4 bytes = 128 GiB per rank; this machine has less.
+    with pytest.raises(ValueError, match=r"rank 0: its share of the weights needs 12\d\.\d\d GiB on cpu"):
+        TensorParallelLlama(LlamaConfig.from_preset("llama-2-70b"), group=TPGroup("unused", 0, 2), device="cpu")
+
+
+def test_a_missing_cuda_device_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        TensorParallelLlama(W.TINY, group=TPGroup("unused", 0, 2), device="cuda")
 
 
 def test_load_on_meta_checks_files_without_reading_weights(ckpt_dirs):

@@ -22,14 +22,15 @@ from .collectives import (
 from .launch import default_backend, fake_world, in_torchrun, init_torchrun, spawn
 from .layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from .layout import TPLayout, check_world_size, tp_split_dim
-from .load import SHARD_PER_RANK, SLICED, check_fits, load_tp_pretrained, plan_rank
+from .load import SHARD_PER_RANK, SLICED, load_tp_pretrained, plan_rank
+from .memory import available_bytes, check_device, check_fits
 from .model import ParallelAttention, ParallelFeedForward, ParallelTransformerBlock, TensorParallelLlama
 
 __all__ = [
     "ColumnParallelLinear", "CopyToTensorParallel", "GatherFromTensorParallel", "ParallelAttention",
     "ParallelEmbedding", "ParallelFeedForward", "ParallelTransformerBlock", "ReduceFromTensorParallel",
     "RowParallelLinear", "SHARD_PER_RANK", "SLICED", "TPGroup", "TPLayout", "TensorParallelLlama",
-    "all_gather_last_dim", "all_reduce_sum", "check_fits", "check_world_size", "copy_to_tensor_parallel",
+    "all_gather_last_dim", "all_reduce_sum", "available_bytes", "check_device", "check_fits", "check_world_size", "copy_to_tensor_parallel",
     "default_backend", "fake_world", "gather_from_tensor_parallel", "in_torchrun", "init_torchrun",
     "load_tp_pretrained", "plan_rank", "reduce_from_tensor_parallel", "spawn", "tp_split_dim",
 ]

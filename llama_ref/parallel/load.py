@@ -23,6 +23,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..config import LlamaConfig
 from ..hf import unpermute_qk
 from ..loading.api import parse_dtype
 from ..loading.detect import META, CheckpointFiles, find_checkpoint_files
@@ -35,6 +36,7 @@ from ..loading.readers import OpenFiles
 from ..schedule import ScheduleSpec
 from .collectives import GroupLike, TPGroup
 from .layout import TPLayout, tp_split_dim
+from .memory import check_fits
 from .model import TensorParallelLlama
 
 logger = logging.getLogger(__name__)
@@ -54,7 +56,7 @@ class RankPlan:
 
     mode: str
     files: CheckpointFiles
-    config: object  # LlamaConfig
+    config: LlamaConfig
     config_dtype: Optional[torch.dtype]
     plan: list[PlannedTensor]
     problems: list[str]
@@ -172,33 +174,3 @@ def fill_rank_slice(p: PlannedTensor, out: torch.Tensor, opener: OpenFiles, layo
                 out.narrow(dim, lo - start, hi - lo).copy_(src.narrow(dim, lo - offset, hi - lo))
                 del src
         offset += size
-
-
-def check_fits(nbytes: int, device: torch.device, group: TPGroup) -> None:
-    """Refuse, before allocating, a shard larger than the free memory of its device. On the CPU the
-    ranks on this host share the memory, so the check is for all of them (``LOCAL_WORLD_SIZE``)."""
-    if device.type == "cpu":
-        available = _mem_available_cpu()
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    elif device.type == "cuda" and torch.cuda.is_available():
-        available = torch.cuda.mem_get_info(device)[0]
-        ranks_here = 1
-    else:
-        return
-    if available is not None and nbytes * ranks_here > available:
-        raise ValueError(
-            f"rank {group.rank}: its share of the weights needs {nbytes / 2**30:.2f} GiB on {device}"
-            + (f" (x {ranks_here} ranks on this host)" if ranks_here > 1 else "")
-            + f" but only {available / 2**30:.2f} GiB are available; nothing was loaded"
-        )
-
-
-def _mem_available_cpu() -> Optional[int]:
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        return None
-    return None

@@ -9,6 +9,7 @@ single-process (Meta) names, so rank k's state dict has exactly the keys of Meta
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -24,6 +25,7 @@ from ..schedule import ScheduleSpec
 from .collectives import GroupLike, TPGroup
 from .layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from .layout import TPLayout
+from .memory import check_device, check_fits
 
 
 class ParallelAttention(Attention):
@@ -90,17 +92,21 @@ class TensorParallelLlama(Llama):
         if not isinstance(config, LlamaConfig):
             raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
         group = TPGroup.of(group)
-        TPLayout(config, group.world_size)  # every divisibility problem, before anything is built
+        layout = TPLayout(config, group.world_size)  # every divisibility problem, before anything is built
         try:
             device = None if device is None else torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device={device!r} is not a valid torch device ({e})") from None
+        check_device(device)
         # Llama.__init__ sets up everything that is not a weight (schedule, cache slots, the RoPE table,
         # argument checks). Its full-size modules are built on the meta device (no memory) and replaced
         # below by this rank's shards, in the same places, so names and order are the single-process ones.
         super().__init__(config, schedule=schedule, device="meta", dtype=dtype, attn_kernel=attn_kernel,
                          compute_dtype=compute_dtype)
         self.group = group
+        weight_dtype = dtype or torch.get_default_dtype()
+        local_numel = sum(math.prod(layout.local_shape(n, p.shape)) for n, p in self.named_parameters())
+        check_fits(local_numel * weight_dtype.itemsize, device or torch.device("cpu"), group)
         self.tok_embeddings = ParallelEmbedding(config.vocab_size, config.dim, group, device=device, dtype=dtype)
         self.layers = nn.ModuleList(
             ParallelTransformerBlock(i, config, group, attn_kernel, device=device, dtype=dtype)
