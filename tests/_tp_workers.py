@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import torch
-import torch.distributed as dist
 
 from llama_ref import Llama, LlamaConfig, generate
 from llama_ref.loading.readers import OpenFiles
@@ -140,8 +140,9 @@ def run_tp_check(rank: int, argv: list) -> tuple:
 
 
 def fail_on_rank_1(rank: int) -> str:
-    """Rank 1 raises; rank 0 blocks in a collective waiting for it (and must be stopped, not hang)."""
+    """Rank 1 raises; rank 0 is stuck (as if waiting in a collective that never completes) and must be
+    stopped by the parent rather than waited for."""
     if rank == 1:
         raise ValueError("deliberate failure on rank 1")
-    dist.barrier()
+    time.sleep(3600)
     return "unreachable"

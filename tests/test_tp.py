@@ -201,11 +201,11 @@ def test_meta_shard_per_rank_reads_only_its_own_file(battery):
 
 
 def test_spawn_reraises_a_rank_error_and_stops_the_others():
-    # Rank 0 waits in a barrier for rank 1, which raised: without stopping it, this would hang.
+    # Rank 1 raised while rank 0 is stuck: spawn must stop rank 0 (not wait for it) and re-raise rank 1's error.
     t0 = time.perf_counter()
     with pytest.raises(ValueError, match="deliberate failure on rank 1") as info:
         spawn(W.fail_on_rank_1, 2, threads=1, timeout_s=120)
-    assert time.perf_counter() - t0 < 60
+    assert time.perf_counter() - t0 < 30
     assert any("rank 1 of 2" in note for note in info.value.__notes__)
 
 

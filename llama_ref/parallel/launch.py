@@ -170,15 +170,16 @@ def _worker(fn, rank, world_size, backend, store, tmp, threads, timeout_s, args)
         dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
         initialized = True
-        payload = ("ok", fn(rank, *args), None)
+        payload = ("ok", fn(rank, *args), None, time.time())
     except BaseException as e:  # reported to the parent, which re-raises it
-        payload = ("error", e, traceback.format_exc())
+        # When it failed (same host clock for every rank): the earliest failure is the likeliest cause.
+        payload = ("error", e, traceback.format_exc(), time.time())
     try:
         data = pickle.dumps(payload)
     except Exception as e:  # an unpicklable return value or exception
         kind = "return value" if payload[0] == "ok" else "exception"
         data = pickle.dumps(("error", RuntimeError(f"rank {rank}: cannot send its {kind} to the parent ({e})"),
-                             payload[2]))
+                             payload[2], payload[3]))
     partial = _result_path(tmp, rank) + ".partial"
     with open(partial, "wb") as f:
         f.write(data)
@@ -193,8 +194,7 @@ def _worker(fn, rank, world_size, backend, store, tmp, threads, timeout_s, args)
 
 def _wait(procs: list, tmp: str, timeout_s: float) -> list[Any]:
     n = len(procs)
-    results: dict[int, tuple] = {}
-    arrival: list[int] = []
+    results: dict[int, tuple] = {}  # rank -> (status, value or exception, traceback, time)
     deadline = time.monotonic() + timeout_s
     failed_at: Optional[float] = None
     while len(results) < n:
@@ -202,7 +202,6 @@ def _wait(procs: list, tmp: str, timeout_s: float) -> list[Any]:
             if rank not in results and os.path.exists(_result_path(tmp, rank)):
                 with open(_result_path(tmp, rank), "rb") as f:
                     results[rank] = pickle.load(f)
-                arrival.append(rank)
         # A rank that exited without writing a result crashed (killed, out of memory, os._exit).
         dead = [r for r, p in enumerate(procs)
                 if r not in results and not p.is_alive() and not os.path.exists(_result_path(tmp, r))]
@@ -215,9 +214,10 @@ def _wait(procs: list, tmp: str, timeout_s: float) -> list[Any]:
             pending = [r for r in range(n) if r not in results]
             raise TimeoutError(f"rank(s) {pending} of {n} did not finish within {timeout_s:g} s and were stopped")
         time.sleep(0.02)
-    errors = [r for r in arrival if results[r][0] == "error"]
+    # The first rank to fail is the likeliest cause: others may fail because it left a collective.
+    errors = sorted((r for r in results if results[r][0] == "error"), key=lambda r: (results[r][3], r))
     if errors:
-        first = errors[0]  # the first to report is the likeliest cause (others may fail waiting for it)
+        first = errors[0]
         exc, tb = results[first][1], results[first][2]
         note = f"raised on rank {first} of {n} (llama_ref.parallel.spawn); its traceback:\n{tb}"
         others = [f"rank {r}: {type(results[r][1]).__name__}: {results[r][1]}" for r in errors[1:]]
