@@ -93,9 +93,10 @@ def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None
     """Load this rank's part of a checkpoint directory into a :class:`TensorParallelLlama`.
 
     Arguments as for :func:`llama_ref.loading.load_pretrained`; ``group`` as for ``TensorParallelLlama``.
-    Names and shapes are checked before any weight data is read (a ``CheckpointError`` names the file
-    and tensor); a world size the model cannot be split into raises ``ValueError`` first; a shard that
-    does not fit in this device's free memory is refused before allocation.
+    Before any weight data is read: a world size the model cannot be split into raises ``ValueError``
+    (naming the sizes), every name and shape is checked (a ``CheckpointError`` names the file and
+    tensor), and a shard that does not fit in this device's free memory is refused. ``device="meta"``
+    checks the files and returns a shape-only model.
     """
     group = TPGroup.of(group)
     try:
