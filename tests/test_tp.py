@@ -8,7 +8,6 @@ fake process group, what counters see) runs in this process.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -53,7 +52,17 @@ CHECKPOINTS = {
     "hf-single": (W.TINY, "hf", 1, torch.float32),  # q/k un-permuted per head after slicing
     "hf-3-shards": (W.TINY, "hf", 3, torch.bfloat16),
     "hf-bin-2-shards": (W.TINY, "hf-bin", 2, torch.float32),
+    # Llama-3's VocabParallelEmbedding: tok_embeddings split by vocabulary rows, gathered from both shards.
+    "meta-2-shards-vocab-split": (W.TINY, "meta", 2, torch.float32),
 }
+
+
+def _split_embedding_by_vocabulary(path: Path) -> None:
+    shards = [torch.load(path / f"consolidated.0{k}.pth", weights_only=True) for k in range(2)]
+    full = torch.cat([s["tok_embeddings.weight"] for s in shards], dim=1)  # (vocab, dim)
+    for k, shard in enumerate(shards):
+        shard["tok_embeddings.weight"] = full.chunk(2, dim=0)[k].clone()
+        torch.save(shard, path / f"consolidated.0{k}.pth")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +71,8 @@ def ckpt_dirs(tmp_path_factory) -> dict[str, Path]:
     out = {}
     for name, (config, fmt, shards, dtype) in CHECKPOINTS.items():
         synth().write_checkpoint(config, root / name, fmt, shards, dtype=dtype)
+        if name.endswith("vocab-split"):
+            _split_embedding_by_vocabulary(root / name)
         out[name] = root / name
     return out
 
@@ -195,6 +206,10 @@ def test_meta_shard_per_rank_reads_only_its_own_file(battery):
         own = [f"consolidated.0{rank}.pth"]
         assert battery[rank]["loads"]["meta-2-shards"]["opened"] == own  # not even the other shard's header
         assert battery[rank]["loads"]["meta-2-shards"]["read"] == own
+    # Vocabulary-split embedding: its columns come from both shards, every other weight from the own one.
+    for rank in (0, 1):
+        assert battery[rank]["loads"]["meta-2-shards-vocab-split"]["read"] == ["consolidated.00.pth",
+                                                                            "consolidated.01.pth"]
     # 4 shards, 2 ranks: every header is read to plan, weights only from the two shards of this rank's half.
     assert battery[0]["loads"]["meta-4-shards"]["read"] == ["consolidated.00.pth", "consolidated.01.pth"]
     assert battery[1]["loads"]["meta-4-shards"]["read"] == ["consolidated.02.pth", "consolidated.03.pth"]
@@ -279,14 +294,8 @@ def test_each_indivisible_size_is_named(changes, fragment):
 
 
 def test_tied_embeddings_are_refused():
-    # Stand-in for LlamaConfig.tie_word_embeddings (being added in another branch); TPLayout reads the flag.
-    @dataclasses.dataclass(frozen=True)
-    class TiedConfig(LlamaConfig):
-        tie_word_embeddings: bool = True
-
-    tied = TiedConfig(**{f.name: getattr(W.TINY, f.name) for f in dataclasses.fields(LlamaConfig)})
-    with pytest.raises(ValueError, match="tied embeddings"):
-        TPLayout(tied, 2)
+    with pytest.raises(ValueError, match="tied embeddings .* cannot be tensor-parallel"):
+        TPLayout(W.TINY.replace(tie_word_embeddings=True), 2)
 
 
 def test_layout_sizes_and_shards():
@@ -399,7 +408,8 @@ def test_each_rank_loads_exactly_its_slice(ckpt_dirs, name):
 
 def test_load_modes(ckpt_dirs):
     with OpenFiles() as opener:
-        for name, mode in (("meta-2-shards", SHARD_PER_RANK), ("meta-1-shard", SLICED), ("hf-single", SLICED)):
+        for name, mode in (("meta-2-shards", SHARD_PER_RANK), ("meta-1-shard", SLICED), ("hf-single", SLICED),
+                           ("meta-2-shards-vocab-split", SLICED)):
             plan = plan_rank(find_checkpoint_files(ckpt_dirs[name]), opener, 1, 2)
             assert plan.mode == mode, name
         plan = plan_rank(find_checkpoint_files(ckpt_dirs["meta-2-shards"]), opener, 1, 2)

@@ -2,6 +2,7 @@
 
 * A Meta checkpoint with as many shards as ranks (``consolidated.k.pth`` is rank k's part in exactly
   this layout): rank k opens only its own shard and copies its tensors as they are (``shard-per-rank``).
+  (Llama-3 checkpoints split the embedding by vocabulary instead: those are ``sliced``, below.)
 * Anything else (Meta with another shard count, HF safetensors/``.bin``): every rank plans the full
   tensors like the single-process loader, then copies only its slice of each from the memory-mapped
   files (``sliced``), touching only the shards that overlap its slice. HF q/k rows are un-permuted per
@@ -24,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from ..config import LlamaConfig
+from ..config_files import read_json
 from ..hf import unpermute_qk
 from ..loading.api import parse_dtype
 from ..loading.detect import META, CheckpointFiles, find_checkpoint_files
@@ -65,7 +67,7 @@ class RankPlan:
 
 def plan_rank(files: CheckpointFiles, opener: OpenFiles, rank: int, world_size: int) -> RankPlan:
     """Read headers (only rank ``rank``'s shard for a matching Meta checkpoint) and plan the load."""
-    if files.format == META and len(files.shards) == world_size:
+    if files.format == META and len(files.shards) == world_size and not _vocab_split_embedding(files, opener, rank):
         own = dataclasses.replace(files, shards=(files.shards[rank],))
         config = read_meta_config(own, opener)
         plan, problems = plan_meta(own, opener)
@@ -83,6 +85,17 @@ def plan_rank(files: CheckpointFiles, opener: OpenFiles, rank: int, world_size: 
         raise CheckpointError(f"{files.root}: {source} hold(s) no Llama weight tensors"
                               + (f" ({problems[0]})" if problems else ""))
     return RankPlan(mode, files, config, config_dtype, plan, problems, source)
+
+
+def _vocab_split_embedding(files: CheckpointFiles, opener: OpenFiles, rank: int) -> bool:
+    """Llama-3's VocabParallelEmbedding split ``tok_embeddings`` by vocabulary rows (a shard holds the
+    full width), not by width as this layout does: then the embedding must be gathered from every
+    shard, and the checkpoint is loaded ``sliced`` (every other tensor still from this rank's shard)."""
+    if len(files.shards) == 1:
+        return False
+    emb = opener.describe(files.shards[rank]).get("tok_embeddings.weight")
+    dim = read_json(files.config, "params.json")[0].get("dim")
+    return emb is not None and len(emb.shape) == 2 and emb.shape[1] == dim
 
 
 def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None,
@@ -148,10 +161,9 @@ def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None
 def fill_rank_slice(p: PlannedTensor, out: torch.Tensor, opener: OpenFiles, layout: TPLayout, rank: int) -> None:
     """Copy rank ``rank``'s slice of the full planned tensor ``p`` into ``out`` (this rank's shape)."""
     dim = tp_split_dim(p.name)
-    n = layout.world_size
     if dim is None:
         # Replicated (norms): any copy will do; take it from a file this rank reads anyway.
-        part = p.parts[rank * len(p.parts) // n]
+        part = p.parts[rank * len(p.parts) // layout.world_size]
         with opener.tensor(part) as src:
             out.copy_(src)
             del src
@@ -165,13 +177,26 @@ def fill_rank_slice(p: PlannedTensor, out: torch.Tensor, opener: OpenFiles, layo
             out.copy_(piece)
             del src, piece
         return
-    # Meta: one part (the full tensor) or one per shard, concatenated along the split dim.
+    # Meta: one part (the full tensor) or one per shard, stacked along the checkpoint's split dim, which
+    # is this layout's split dim except for Llama-3's vocabulary-split embedding. Copy the block where
+    # each part's region of the full tensor meets this rank's; parts that do not meet it are not opened.
+    want_lo = [0] * out.dim()
+    want_hi = list(p.shape)
+    want_lo[dim], want_hi[dim] = start, start + length
     offset = 0
     for part in p.parts:
-        size = part.shape[dim] if len(p.parts) > 1 else p.shape[dim]
-        lo, hi = max(start, offset), min(start + length, offset + size)
-        if lo < hi:  # only shards overlapping this rank's range are opened
-            with opener.tensor(part) as src:
-                out.narrow(dim, lo - start, hi - lo).copy_(src.narrow(dim, lo - offset, hi - lo))
-                del src
-        offset += size
+        part_lo, part_hi = [0] * out.dim(), list(p.shape)
+        if len(p.parts) > 1:
+            part_lo[p.split_dim], part_hi[p.split_dim] = offset, offset + part.shape[p.split_dim]
+            offset += part.shape[p.split_dim]
+        lo = [max(a, b) for a, b in zip(want_lo, part_lo)]
+        hi = [min(a, b) for a, b in zip(want_hi, part_hi)]
+        if any(a >= b for a, b in zip(lo, hi)):
+            continue
+        with opener.tensor(part) as src:
+            src_block, out_block = src, out
+            for d, (a, b) in enumerate(zip(lo, hi)):
+                src_block = src_block.narrow(d, a - part_lo[d], b - a)
+                out_block = out_block.narrow(d, a - want_lo[d], b - a)
+            out_block.copy_(src_block)
+            del src, src_block

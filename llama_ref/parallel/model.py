@@ -121,10 +121,6 @@ class TensorParallelLlama(Llama):
     def layout(self) -> TPLayout:
         return TPLayout(self.config, self.group.world_size)
 
-    @property
-    def attn_kernel(self) -> str:
-        return self.layers[0].attention.core.kernel
-
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_single(cls, model: Llama, *, group: GroupLike = None, device: DeviceLike = None) -> "TensorParallelLlama":
@@ -134,7 +130,7 @@ class TensorParallelLlama(Llama):
         group = TPGroup.of(group)
         device = model.device if device is None else torch.device(device)
         tp = cls(model.config, group=group, schedule=model.schedule, device="meta",
-                 dtype=model.tok_embeddings.weight.dtype, attn_kernel=model.layers[0].attention.core.kernel,
+                 dtype=model.tok_embeddings.weight.dtype, attn_kernel=model.attn_kernel,
                  compute_dtype=model._compute_dtype)
         state = tp.layout.shard_state_dict(model.state_dict(), group.rank)
         tp.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=True, assign=True)
