@@ -21,7 +21,8 @@ ids drawn with ``--seed``.
 
 ``--json OUT`` (rank 0): world_size, backend, device, checkpoint, format, shards, load_mode, dtypes,
 tokens_shape, logits_shape, ranks (per rank: load_seconds, forward_seconds, weight_bytes,
-rss_before_load_bytes, peak_rss_after_load_bytes, peak_rss_bytes, files_opened, files_read), and reference
+rss_before_load_bytes, peak_rss_after_load_bytes, peak_rss_bytes, files_opened, files_read; on CUDA
+peak_cuda_bytes_after_load), and reference
 ({ran, reason, max_abs_diff, max_abs_diff_hf, hf_ran, hf_reason, tol}), passed.
 
 Exit status: 0 when the logits match within ``--tol`` (or no reference could run), 1 when they differ,
@@ -160,6 +161,16 @@ def hf_twin(model: Llama):
     return hf.requires_grad_(False).eval()
 
 
+def load_mode(files, statuses: list) -> str:
+    """"shard-per-rank" when every rank opened exactly its own Meta shard (what was observed, not assumed:
+    a Llama-3 checkpoint's vocabulary-split embedding makes every rank read every shard), else "sliced"."""
+    own = [os.path.basename(files.shards[s["rank"]]) if len(files.shards) == len(statuses) else None
+           for s in statuses]
+    if files.format == "meta" and all(s["files_opened"] == [o] for s, o in zip(statuses, own)):
+        return "shard-per-rank"
+    return "sliced"
+
+
 @contextlib.contextmanager
 def recording_file_access():
     """(files opened, files weight data was read from), as base names, while loading inside the block.
@@ -253,6 +264,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         status["files_opened"], status["files_read"] = sorted(opened), sorted(read)
         status["load_seconds"] = time.perf_counter() - t0
         status["peak_rss_after_load_bytes"] = peak_rss_bytes()
+        if device.type == "cuda":
+            status["peak_cuda_bytes_after_load"] = torch.cuda.max_memory_allocated(device)
         status["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         tokens = read_tokens(args, model.config.vocab_size, model.config.max_seq_len)
         bad = tokens[(tokens < 0) | (tokens >= model.config.vocab_size)]
@@ -308,7 +321,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "world_size": world, "backend": dist.get_backend(), "device": str(device),
             "checkpoint": os.path.abspath(args.checkpoint), "format": files.format,
             "shards": len(files.shards) if files.shards else None,
-            "load_mode": "shard-per-rank" if files.format == "meta" and len(files.shards) == world else "sliced",
+            "load_mode": load_mode(files, statuses),
             "weight_dtype": str(weight_dtype).removeprefix("torch."),
             "compute_dtype": str(compute_dtype).removeprefix("torch."), "kernel": args.kernel,
             "tokens_shape": list(tokens.shape), "logits_shape": list(logits.shape),
