@@ -50,7 +50,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch.distributed as dist  # noqa: E402
 
 from llama_ref import Llama  # noqa: E402
-from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict  # noqa: E402
+from llama_ref.hf import to_hf_model  # noqa: E402
 from llama_ref.loading import find_checkpoint_files, parse_dtype  # noqa: E402
 from llama_ref.loading.readers import OpenFiles  # noqa: E402
 from llama_ref.parallel import available_bytes, default_backend, init_torchrun, load_tp_pretrained  # noqa: E402
@@ -143,24 +143,6 @@ def read_tokens(args: argparse.Namespace, vocab_size: int, max_seq_len: int) -> 
     return torch.randint(0, vocab_size, (args.batch, seqlen), generator=gen)
 
 
-def hf_twin(model: Llama):
-    """``transformers.LlamaForCausalLM`` (eager attention, fp32) holding ``model``'s weights."""
-    import transformers
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    cfg = transformers.LlamaConfig(**hf_config_dict(model.config), attn_implementation="eager")
-    state = {}
-    for name, tensor in model.state_dict().items():
-        hf_name, hf_tensor = convert_meta_tensor_to_hf(name, tensor.detach().float(), model.config)
-        state[hf_name] = hf_tensor.contiguous()
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(cfg)
-    hf.load_state_dict(state, strict=True, assign=True)
-    # Buffers made on "meta" (RoPE inverse frequencies) have no data: rebuild them for real.
-    hf.model.rotary_emb = LlamaRotaryEmbedding(config=cfg).to(model.device)
-    return hf.requires_grad_(False).eval()
-
-
 def load_mode(files, statuses: list) -> str:
     """"shard-per-rank" when every rank opened exactly its own Meta shard (what was observed, not assumed:
     a Llama-3 checkpoint's vocabulary-split embedding makes every rank read every shard), else "sliced"."""
@@ -232,7 +214,9 @@ def run_reference(args, checkpoint: str, tokens: torch.Tensor, tp_logits: torch.
         ref["hf_reason"] = (f"an fp32 transformers copy needs {hf_need / 2**30:.2f} GiB on {device} but "
                             f"{avail / 2**30:.2f} GiB are available")
         return ref
-    hf = hf_twin(single)
+    # transformers on the CPU computes in the weights' dtype: give it fp32 weights (the exact upcast of
+    # ours, which already compute in fp32), sharing storage with ours except the permuted q/k.
+    hf = to_hf_model(single.float(), attn_implementation="eager")
     del single
     with torch.inference_mode():
         hf_logits = hf(tokens.to(device)).logits.float().cpu()
