@@ -17,7 +17,7 @@ from .devices import resolve_device
 from .errors import NonFiniteError
 from .finite import all_finite, describe_nonfinite
 from .layers import Linear, RMSNorm
-from .memory import check_memory, kv_cache_bytes, parameter_count, weight_bytes
+from .memory import check_memory, parameter_count, weight_bytes
 from .rope import ROPE_EAGER_POSITIONS, precompute_freqs_cis
 from .schedule import ScheduleSpec, format_schedule, resolve_schedule
 
@@ -238,24 +238,26 @@ class Llama(nn.Module):
         if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
             raise ValueError(f"cache dtype must be a floating-point torch.dtype, got {dtype!r}")
         dtype = self.compute_dtype if dtype is None else dtype
-        c = self.config
-        elements = max_batch_size * max_seq_len * c.n_kv_heads * c.head_dim
+        # Each cache is shaped like the attention it serves (a tensor-parallel rank holds only its kv heads).
+        attentions = [self.layers[layer_id].attention for layer_id in self._schedule]
+        widths = [a.n_kv_heads * a.head_dim for a in attentions]
+        elements = max_batch_size * max_seq_len * max(widths)
         if elements >= 2**63:  # torch's own limit on a tensor's element count (it matters on meta)
             raise ValueError(f"setup_cache({max_batch_size}, {max_seq_len}): a cache of {elements:,} elements "
                              "exceeds torch's limit of 2**63 - 1")
-        n_runs = len(self._schedule)
         old = self.caches
         freeable = 0
         if old is not None:
             freeable = sum(b.numel() * b.element_size() for b in old.buffers() if b.device == self.device)
-        check_memory(kv_cache_bytes(c, max_batch_size, max_seq_len, n_runs, dtype), self.device,
+        need = sum(2 * max_batch_size * max_seq_len * w * dtype.itemsize for w in widths)  # keys + values per run
+        check_memory(need, self.device,
                      f"setup_cache(max_batch_size={max_batch_size}, max_seq_len={max_seq_len}): keys and values "
-                     f"for {n_runs} layer run(s) in {dtype}", freeable_bytes=freeable)
+                     f"for {len(attentions)} layer run(s) in {dtype}", freeable_bytes=freeable)
         self.caches = None  # free the old cache before allocating the new one
         del old
         self.caches = nn.ModuleList(
-            KVCache(max_batch_size, max_seq_len, c.n_kv_heads, c.head_dim, device=self.device, dtype=dtype)
-            for _ in self._schedule
+            KVCache(max_batch_size, max_seq_len, a.n_kv_heads, a.head_dim, device=self.device, dtype=dtype)
+            for a in attentions
         )
         self.reserve_positions(max_seq_len)  # every position the cache can hold has its rotation ready
 
@@ -350,16 +352,17 @@ class Llama(nn.Module):
     def _check_caches(self, start_pos: int, bsz: int, seqlen: int) -> None:
         """Every schedule run has a cache of the right shape on the model's device that can take this
         write (bounds, and no unwritten positions before ``start_pos``), checked before any layer runs."""
-        c = self.config
         if len(self.caches) != len(self._schedule):
             raise ValueError(f"the model holds {len(self.caches)} KV cache(s) for a schedule of {len(self._schedule)} "
                              "layer runs; call setup_cache() again")
-        for pos, cache in enumerate(self.caches):
+        for pos, (cache, layer_id) in enumerate(zip(self.caches, self._schedule)):
             if not isinstance(cache, KVCache):
                 raise ValueError(f"caches[{pos}] is a {type(cache).__name__}, not a KVCache; call setup_cache()")
-            if tuple(cache.cache_k.shape[2:]) != (c.n_kv_heads, c.head_dim):
+            attention = self.layers[layer_id].attention  # a tensor-parallel rank's holds only its kv heads
+            want = (attention.n_kv_heads, attention.head_dim)
+            if tuple(cache.cache_k.shape[2:]) != want:
                 raise ValueError(f"caches[{pos}] holds {tuple(cache.cache_k.shape[2:])} (n_kv_heads, head_dim) "
-                                 f"per position, the model needs {(c.n_kv_heads, c.head_dim)}; call setup_cache()")
+                                 f"per position, the model needs {want}; call setup_cache()")
             if not _same_device(cache.cache_k.device, self.device):
                 raise ValueError(f"caches[{pos}] is on {cache.cache_k.device} but the model is on {self.device}; "
                                  "call setup_cache()")
