@@ -17,7 +17,8 @@ from counters.analytic import analyze, macs_polynomial, param_count
 from counters.cli import EXIT_BAD_INPUT, EXIT_DISAGREE, EXIT_OK, main
 from counters.commands import params as params_command
 from counters.studies import plots
-from llama_ref import PRESETS, Llama
+from llama_ref import PRESETS, Llama, LlamaConfig
+from llama_ref.hf import hf_config_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -139,9 +140,6 @@ def test_every_preset_is_in_exactly_one_family():
 
 
 def test_family_of_matches_by_shape_then_by_name():
-    from llama_ref.hf import hf_config_dict
-    from llama_ref import LlamaConfig
-
     assert plots.family_of(PRESETS["code-llama-34b"])[0].key == "code-llama"
     # a config.json of the preset (named after its directory) is found by its shape
     hf = LlamaConfig.from_hf(hf_config_dict(PRESETS["llama-3.2-3b"])).replace(name="my-checkpoint")
@@ -221,8 +219,6 @@ def test_roofline_writes_the_family_plot(tmp_path):
 
 
 def test_roofline_without_a_family_says_so(tmp_path, capsys):
-    from llama_ref.hf import hf_config_dict
-
     (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(PRESETS["tiny"].replace(n_layers=3))))
     out = tmp_path / "o"
     assert main(["roofline", str(tmp_path), "--tokens", "4", "--out", str(out)]) == EXIT_OK
@@ -240,6 +236,7 @@ def _phases(name):
             (["--tokens", "1", "--cached", str(config.max_seq_len - 1)], 1, config.max_seq_len - 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_count_every_preset_prefill_and_full_context_decode_on_meta(capsys, name):
     config = PRESETS[name]
@@ -279,11 +276,12 @@ def test_a_context_beyond_the_preset_is_refused(capsys):
 
 # ---------------------------------------------------------------- the issue bar: 405B, one decode step at 128k
 MAX_RSS_BYTES = 2 << 30
-# Measured here: about 5-6 s of wall time (imports included) and 0.32 GB of peak RSS on a 2-core machine;
+# Measured here: about 7 s of wall time (4 s of it importing torch) and 320 MiB of peak RSS on a shared 2-core box;
 # the bound leaves room for a loaded, shared CI box.
 MAX_SECONDS = 90.0
 
 
+@pytest.mark.slow
 def test_405b_decode_at_128k_on_meta_fits_in_seconds_and_under_2_gib(tmp_path):
     out = tmp_path / "count.json"
     cmd = [sys.executable, "-m", "counters.cli", "count", "llama-3.1-405b", "--tokens", "1", "--cached", "131071",

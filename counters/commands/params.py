@@ -108,7 +108,10 @@ def format_preset_table(rows: list[dict]) -> str:
 
     cells = [[cell(r, key) for _, key, _ in cols] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(cols)]
-    fmt = lambda values: "  ".join(f"{v:{a}{w}}" for v, w, (_, _, a) in zip(values, widths, cols)).rstrip()
+
+    def fmt(values: list[str]) -> str:
+        return "  ".join(f"{v:{align}{w}}" for v, w, (_, _, align) in zip(values, widths, cols)).rstrip()
+
     lines = [fmt([h for h, _, _ in cols]), fmt(["-" * w for w in widths])] + [fmt(c) for c in cells]
     tied = [r for r in rows if r["tie_word_embeddings"]]
     if tied:
