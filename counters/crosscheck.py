@@ -261,10 +261,12 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
             results["analytic"] = training_report.as_counter_result()
 
     saved_caches = model.caches
+    runs_model = any(n != "analytic" for n in names)
     # The RoPE table grows on demand; grow it now, so that no counted forward builds it.
-    model.reserve_positions(n_cached + n_tokens)
+    if runs_model:
+        model.reserve_positions(n_cached + n_tokens)
     try:
-        if n_cached > 0:
+        if n_cached > 0 and runs_model:
             _prefill(model, batch, n_cached, n_tokens, tokens.device)
         elif training is not None:
             model.caches = None

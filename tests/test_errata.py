@@ -211,9 +211,12 @@ MFU_T, MFU_N = 3000, 2048
 
 
 def _training_section() -> str:
+    """The section's text, up to the next section of the same level."""
     text = ERRATA.read_text()
     assert text.count(TRAIN_SECTION) == 1
-    return text[text.index(TRAIN_SECTION):]
+    section = text[text.index(TRAIN_SECTION):]
+    end = section.find("\n## ", len(TRAIN_SECTION))
+    return section if end < 0 else section[:end]
 
 
 def _pct(err: Fraction) -> str:
@@ -315,3 +318,256 @@ if __name__ == "__main__":  # print the training-FLOPs tables
     for m in DOC_MODELS:
         print(f"\n#### {m}\n")
         print("\n".join(doc_table(m)))
+
+
+# ====================================================================== "Llama 3.x figures" (docs/errata.md)
+# Every number of that section, recomputed from the formulas and found in the section's text.
+from llama_ref import LlamaConfig, meta_ffn_hidden_dim  # noqa: E402
+from counters.analytic import kv_cache_bytes  # noqa: E402
+
+
+def _section(title: str) -> str:
+    """The text of one ``## title`` section of docs/errata.md (up to the next ``## `` heading)."""
+    text = ERRATA.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:] if end < 0 else text[start:end]
+
+
+L3X = _section("Llama 3.x figures")
+P8, P70, P405 = (PRESETS[n] for n in ("llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b"))
+P1B, P3B = PRESETS["llama-3.2-1b"], PRESETS["llama-3.2-3b"]
+V3 = 128_256  # Llama 3 vocabulary
+
+
+def _quoted(*numbers: int) -> None:
+    for n in numbers:
+        assert f"{n:,}" in L3X, n
+
+
+def _vocab_params(config: LlamaConfig) -> int:
+    """Embedding plus output head; a tied head is the embedding, one matrix."""
+    parts = param_breakdown(config)
+    return parts["tok_embeddings"] + parts.get("output", 0)
+
+
+def test_l3x_parameter_totals_and_vocabulary_share():
+    expected = {"llama-3-8b": (8_030_261_248, 1_050_673_152), "llama-3.1-8b": (8_030_261_248, 1_050_673_152),
+                "llama-3.1-70b": (70_553_706_496, 2_101_346_304), "llama-3.3-70b": (70_553_706_496, 2_101_346_304),
+                "llama-3.1-405b": (405_853_388_800, 4_202_692_608), "llama-3.2-1b": (1_235_814_400, 262_668_288),
+                "llama-3.2-3b": (3_212_749_824, 394_002_432)}
+    for name, (total, vocab) in expected.items():
+        config = PRESETS[name]
+        assert param_count(config) == total == Llama(config, device="meta").num_params(), name
+        tied = 1 if config.tie_word_embeddings else 2
+        assert _vocab_params(config) == vocab == tied * V3 * config.dim, name
+        assert f"{100 * vocab / total:.2f}%" in L3X, name
+        _quoted(total, vocab)
+    assert param_breakdown(P8)["output"] == V3 * 4096 == 525_336_576
+    _quoted(525_336_576)
+
+
+def test_l3x_8b_against_llama2_7b():
+    diff = param_count(P8) - param_count(L7)
+    vocab = 2 * (V3 - 32_000) * 4096  # embedding and head rows added
+    ffn = 32 * 3 * 4096 * (14_336 - 11_008)
+    gqa = 32 * 2 * 4096 * (4096 - 1024)  # k and v shrink from 32 to 8 heads of 128
+    assert (diff, vocab, ffn, gqa) == (1_291_845_632, 788_529_152, 1_308_622_848, 805_306_368)
+    assert diff == vocab + ffn - gqa
+    assert param_count(P8.replace(vocab_size=32_000)) == 7_241_732_096
+    _quoted(diff, vocab, ffn, gqa, 7_241_732_096, 96_256)
+
+
+def test_l3x_70b_differs_from_llama2_70b_by_the_vocabulary_alone():
+    per_layer = param_breakdown(P70.replace(n_layers=1))
+    per_layer = sum(v for k, v in per_layer.items() if k.startswith("layers."))
+    assert per_layer == 855_654_400 and sum(v for k, v in param_breakdown(L70).items() if k.startswith("layers.")) \
+        == 80 * per_layer
+    diff = param_count(P70) - param_count(L70)
+    assert diff == 2 * (V3 - 32_000) * 8192 == 1_577_058_304
+    assert param_count(L70) < 70_000_000_000 < param_count(P70)
+    _quoted(855_654_400, diff)
+
+
+def test_l3x_405b_total():
+    layers = sum(v for k, v in param_breakdown(P405).items() if k.startswith("layers."))
+    assert layers == 126 * 3_187_703_808
+    assert layers + 4_202_692_608 + 16_384 == param_count(P405) == 405_853_388_800
+    _quoted(3_187_703_808, 16_384)
+
+
+@pytest.mark.parametrize("config, total, twice", [(P1B, 1_235_814_400, 1_498_482_688), (P3B, 3_212_749_824, 3_606_752_256)])
+def test_l3x_tied_head_counted_twice(config, total, twice):
+    model = Llama(config, device="meta")
+    assert model.output.weight is model.tok_embeddings.weight
+    assert model.num_params() == sum(p.numel() for p in model.parameters()) == total
+    # a state dict lists the shared tensor under both names: summing it counts the head twice
+    state = model.state_dict(keep_vars=True)
+    assert state["output.weight"] is state["tok_embeddings.weight"]
+    assert sum(t.numel() for t in state.values()) == twice == total + V3 * config.dim
+    assert param_count(config.replace(tie_word_embeddings=False)) == twice
+    _quoted(total, twice)
+    if config is P1B:
+        assert f"{100 * (twice - total) / total:.1f}%" in L3X
+
+
+def test_l3x_model_card_figures_are_truncated():
+    # "1.23B": 1,235,814,400 truncated to two decimals; rounded it would be 1.24
+    assert math.floor(param_count(P1B) / 1e7) / 100 == 1.23 and round(param_count(P1B) / 1e9, 2) == 1.24
+    assert math.floor(param_count(P3B) / 1e7) / 100 == round(param_count(P3B) / 1e9, 2) == 3.21
+    assert "1.23B" in L3X and "1.24 B" in L3X
+
+
+def test_l3x_a_misquoted_3b_shape():
+    quoted = LlamaConfig(dim=2048, n_layers=26, n_heads=24, n_kv_heads=6, head_dim=128, hidden_dim=8192,
+                         vocab_size=V3, tie_word_embeddings=True)
+    assert param_count(quoted) == 1_980_344_320
+    assert (P3B.dim, P3B.n_layers, P3B.n_heads, P3B.n_kv_heads) == (3072, 28, 24, 8)
+    _quoted(1_980_344_320)
+
+
+def test_l3x_code_llama_vocabulary():
+    cl7, cl13, cl34 = (PRESETS[f"code-llama-{s}"] for s in ("7b", "13b", "34b"))
+    assert (cl7.vocab_size, cl13.vocab_size, cl34.vocab_size) == (32_016, 32_016, 32_000)
+    assert param_count(cl7) == 6_738_546_688 and param_count(L7) == 6_738_415_616
+    assert param_count(cl7) - param_count(L7) == 16 * 4096 * 2 == 131_072
+    assert param_count(cl13) - param_count(PRESETS["llama-2-13b"]) == 16 * 5120 * 2 == 163_840
+    assert param_count(cl13) == 13_016_028_160 and param_count(cl34) == 33_743_970_304 and cl34.n_kv_heads == 8
+    _quoted(6_738_546_688, 6_738_415_616, 131_072, 13_016_028_160, 163_840, 33_743_970_304)
+
+
+def test_l3x_per_token_macs():
+    expected = {P8: (7_504_658_432, 262_144), P70: (69_501_714_432, 1_310_720), P405: (403_747_897_344, 4_128_768)}
+    for config, (a, b) in expected.items():
+        assert macs_polynomial(config) == (a, b)
+        # b: QK^T and attention x V for every query head of every layer
+        assert b == config.n_layers * 2 * config.n_heads * config.head_dim
+        # a: the parameters minus the embedding and the norm weights (the untied head does its MACs)
+        norms = param_breakdown(config)["layers.*.attention_norm"] * 2 + config.dim
+        assert a == param_count(config) - param_breakdown(config)["tok_embeddings"] - norms
+        _quoted(a, b)
+    assert macs_polynomial(L70)[1] == 1_310_720
+    # the crossover N = a / b where attention costs as much as everything else
+    assert 7_504_658_432 == 262_144 * 28_628
+    assert f"about {round(69_501_714_432 / 1_310_720):,}" in L3X and f"about {round(403_747_897_344 / 4_128_768):,}" in L3X
+    _quoted(28_628, 266_240)
+    # tied 3.2-1B: the head reuses the embedding, so only the norms are missing from a
+    a1, _ = macs_polynomial(P1B)
+    assert a1 == param_count(P1B) - (16 * 2 * 2048 + 2048) == 1_235_746_816
+    _quoted(a1)
+
+
+def test_l3x_405b_decode_at_full_context():
+    a, b = macs_polynomial(P405)
+    step = analyze(P405, n_tokens=1, n_cached=131_071)
+    assert step.macs == a + b * 131_072 == 944_913_776_640
+    attention = sum(r.macs for r in step.rows if r.module == "attention.core")
+    assert attention == b * 131_072 == 541_165_879_296 and round(100 * attention / step.macs) == 57
+    _quoted(944_913_776_640, 541_165_879_296)
+
+
+def test_l3x_kv_cache_at_128k():
+    expected = {P8: (131_072, 17_179_869_184, 16), P70: (327_680, 42_949_672_960, 40),
+                P405: (516_096, 67_645_734_912, 63)}
+    for config, (per_token, total, gib) in expected.items():
+        assert kv_cache_bytes(config, batch=1, n_positions=1, kv_dtype_bytes=2) == per_token \
+            == 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2
+        assert kv_cache_bytes(config, batch=1, n_positions=131_072, kv_dtype_bytes=2) == total == gib * 2**30
+        # the same analyze reports for a step at the full context
+        assert analyze(config, n_tokens=1, n_cached=131_071, act_dtype_bytes=2).kv_cache_bytes == total
+        # GQA ignored: k and v as wide as dim
+        mha = kv_cache_bytes(config.replace(n_kv_heads=config.n_heads), batch=1, n_positions=131_072, kv_dtype_bytes=2)
+        assert mha == total * config.n_rep
+        assert f"({gib} GiB)" in L3X and f"({mha // 2**30:,} GiB)" in L3X
+        _quoted(per_token, total, mha)
+    assert kv_cache_bytes(P8, batch=1, n_positions=131_072, kv_dtype_bytes=2) > 2 * param_count(P8) == 16_060_522_496
+
+
+def test_l3x_two_times_params_rule():
+    table = {  # preset: (2 x params, {N: (dense, causal)})
+        P8: (16_060_522_496, {8192: (19_304_284_160, 17_157_062_656), 131_072: (83_728_793_600, 49_369_317_376)}),
+        P70: (141_107_412_992, {8192: (160_478_265_344, 149_742_157_824),
+                                131_072: (482_600_812_544, 310_803_431_424)}),
+        P405: (811_706_777_600, {8192: (875_141_529_600, 841_322_790_912),
+                                 131_072: (1_889_827_553_280, 1_348_665_802_752)}),
+    }
+    for config, (rule, by_n) in table.items():
+        a, b = macs_polynomial(config)
+        assert rule == 2 * param_count(config)
+        _quoted(rule)
+        for n, (dense, causal) in by_n.items():
+            report = analyze(config, n_tokens=n)
+            # matrix-product FLOPs per token: 2 x MACs / N, exact (the totals divide by N)
+            assert 2 * report.macs == dense * n and dense == 2 * (a + b * n)
+            assert 2 * report.macs_causal == causal * n and causal == 2 * a + b * (n + 1)
+            assert f"{dense:,} (x{dense / rule:.3f})" in L3X and f"{causal:,} (x{causal / rule:.3f})" in L3X
+        # short contexts: the embedding does no arithmetic, so the rule over-counts until N = (P - a) / b
+        crossover = (param_count(config) - a) / b
+        assert f"{crossover:,.1f}" in L3X and 2 * (a + b * math.floor(crossover)) < rule < 2 * (a + b * math.ceil(crossover))
+        assert f"{math.ceil(crossover):,}" in L3X
+    assert round(83_728_793_600 / 16_060_522_496, 1) == 5.2 and round(49_369_317_376 / 16_060_522_496, 1) == 3.1
+
+
+# ---------------------------------------------------------------- reference 003 (family overview table)
+# As printed: LLaMA (1) and LLaMA-2 columns (LLaMA-3's shapes are "?").
+REF003 = {
+    "llama": {"dim": (4096, 5120, 6656, 8192), "heads": (32, 40, 52, 64), "layers": (32, 40, 60, 64),
+              "sizes": ("6.7B", "13.0B", "32.5B", "65.2B"), "context": 2048, "global_batch": 1024},
+    "llama-2": {"dim": (4096, 5120, 8192, 8192), "heads": (32, 40, 64, 64), "layers": (32, 40, 48, 64),
+                "attention": ("MQA", "MQA", "GQA", "GQA"), "context": 4096, "global_batch": 1024},
+    "llama-3": {"context": 8192},
+}
+
+
+def _llama1(dim: int, n_layers: int, n_heads: int) -> LlamaConfig:
+    # LLaMA (1): Llama-2's code and tokenizer, FFN from Meta's rule with multiple_of=256, 2048 context
+    return LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, vocab_size=32_000,
+                       hidden_dim=meta_ffn_hidden_dim(dim, 256), max_seq_len=2048)
+
+
+def test_ref003_llama1_sizes_and_the_65b_layer_count():
+    ref = REF003["llama"]
+    true_layers = (32, 40, 60, 80)
+    counts = [param_count(_llama1(d, L, h)) for d, L, h in zip(ref["dim"], true_layers, ref["heads"])]
+    assert counts == [6_738_415_616, 13_015_864_320, 32_528_943_616, 65_285_660_672]
+    assert counts[:2] == [param_count(L7), param_count(PRESETS["llama-2-13b"])]  # same shapes as Llama 2
+    # the published sizes are the exact counts truncated to one decimal (65.29 -> "65.2B")
+    assert [f"{math.floor(c / 1e8) / 10:.1f}B" for c in counts] == list(ref["sizes"])
+    # the table's 64 layers for 65B contradict its own 65.2B
+    assert ref["layers"][3] == 64 and param_count(_llama1(8192, 64, 64)) == 52_333_387_776
+    _quoted(*counts, 52_333_387_776)
+
+
+def test_ref003_llama2_70b_layers_and_attention():
+    ref = REF003["llama-2"]
+    assert ref["layers"][3] == 64 and L70.n_layers == 80
+    assert param_count(L70.replace(n_layers=64)) == 55_286_177_792
+    # 7B and 13B: one kv head per query head (MHA); MQA would have 1 kv head
+    for i, name in enumerate(("llama-2-7b", "llama-2-13b")):
+        config = PRESETS[name]
+        assert ref["attention"][i] == "MQA" and config.n_kv_heads == config.n_heads == ref["heads"][i]
+    mqa = [param_count(PRESETS[n].replace(n_kv_heads=1)) for n in ("llama-2-7b", "llama-2-13b")]
+    assert mqa == [5_698_228_224, 10_971_141_120]
+    # the right cells: dims, heads, 34B's 48 layers with GQA (Code Llama 34B is built on it)
+    cl34 = PRESETS["code-llama-34b"]
+    assert (cl34.dim, cl34.n_heads, cl34.n_layers, cl34.n_kv_heads < cl34.n_heads) == (8192, 64, 48, True)
+    assert [PRESETS[n].dim for n in ("llama-2-7b", "llama-2-13b", "llama-2-70b")] == [4096, 5120, 8192]
+    assert REF003["llama-2"]["context"] == L7.max_seq_len and REF003["llama-3"]["context"] == PRESETS["llama-3-8b"].max_seq_len
+    _quoted(68_976_648_192, 55_286_177_792, *mqa)
+
+
+def test_ref003_llama3_unknowns_filled_in():
+    l3_8b = PRESETS["llama-3-8b"]
+    l3_70b = P70.replace(rope_scaling=None, max_seq_len=8192, name="llama-3-70b")  # 3.1 70B before long context
+    assert (l3_8b.dim, l3_8b.n_heads, l3_8b.n_layers, l3_8b.n_kv_heads) == (4096, 32, 32, 8)
+    assert (l3_70b.dim, l3_70b.n_heads, l3_70b.n_layers, l3_70b.n_kv_heads) == (8192, 64, 80, 8)
+    assert (param_count(l3_8b), param_count(l3_70b)) == (8_030_261_248, 70_553_706_496)
+    assert "**4,096 / 32 / 32** (8B) and **8,192 / 64 / 80** (70B)" in L3X
+
+
+def test_ref003_global_batch():
+    # both papers: batches of 4M tokens; in sequences that is 2048 for LLaMA's 2048 context, 1024 for Llama 2's 4096
+    four_m = 4 * 2**20
+    assert four_m // REF003["llama"]["context"] == 2048 != REF003["llama"]["global_batch"]
+    assert four_m // REF003["llama-2"]["context"] == 1024 == REF003["llama-2"]["global_batch"]
+    assert round(4_000_000 / 2048, -2) == 2000

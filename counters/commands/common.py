@@ -29,10 +29,13 @@ MODEL_HELP = ("preset name, HF checkpoint dir or config.json, Meta dir or params
               "model id org/name (only its config.json is fetched)")
 
 
-def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
-    """MODEL and the options that say how to read it, the same for every command."""
+def add_model_arguments(p: argparse.ArgumentParser, *, optional: bool = False,
+                        default: Optional[str] = "llama-2-7b") -> None:
+    """MODEL and the options that say how to read it, the same for every command. ``optional``: MODEL may
+    be left out, meaning ``default`` (``None``: the command decides what no MODEL means)."""
     if optional:
-        p.add_argument("model", metavar="MODEL", nargs="?", default="llama-2-7b", help=MODEL_HELP + " (default llama-2-7b)")
+        p.add_argument("model", metavar="MODEL", nargs="?", default=default,
+                       help=MODEL_HELP + (f" (default {default})" if default else ""))
     else:
         p.add_argument("model", metavar="MODEL", help=MODEL_HELP)
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for a Meta params.json saying -1")

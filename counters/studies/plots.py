@@ -1,4 +1,5 @@
-"""Figures of the studies: every row on a roofline, and MACs per decoded token against context length.
+"""Figures of the studies: every row on a roofline, and MACs per decoded token against context length
+(for the schedules of one model, and for every preset of a model family).
 
 matplotlib is imported when a figure is drawn, with the Agg backend chosen there: importing this
 module changes no global state.
@@ -8,13 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
-from llama_ref.config import LlamaConfig
+from llama_ref.config import PRESETS, LlamaConfig
 from llama_ref.schedule import PRESET_N_LAYERS, SCHEDULE_NAMES, resolve_schedule
 
-from ..analytic import analyze
+from ..analytic import analyze, macs_polynomial
 from .hardware import Hardware
 from .roofline import RooflineRow, _si, attainable_flops
 
@@ -137,4 +139,109 @@ def plot_macs_vs_context(config: LlamaConfig, path: Union[str, os.PathLike], *, 
                  "(schedules with the same number of layer runs coincide)", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
+    return save_figure(fig, path, dpi=120), curves
+
+
+# ---------------------------------------------------------------- the family view
+@dataclass(frozen=True)
+class Family:
+    """Presets released together under one name: ``key`` (for files and JSON), ``title``, preset names."""
+
+    key: str
+    title: str
+    presets: tuple[str, ...]
+
+
+#: Every preset in exactly one family (tests/test_family_counts.py checks it, so a new preset needs a family).
+FAMILIES: dict[str, Family] = {f.key: f for f in (
+    Family("llama-2", "Llama 2", ("llama-2-7b", "llama-2-13b", "llama-2-70b")),
+    Family("llama-3", "Llama 3 / 3.1 / 3.2 / 3.3", ("llama-3-8b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b",
+                                                    "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b")),
+    Family("code-llama", "Code Llama", ("code-llama-7b", "code-llama-13b", "code-llama-34b")),
+    Family("tinyllama", "TinyLlama", ("tinyllama-1.1b",)),
+    Family("test", "test preset", ("tiny",)),
+)}
+
+
+def family_of(config: LlamaConfig) -> Optional[tuple[Family, str]]:
+    """``(family, preset)`` of the preset ``config`` describes, else ``None``.
+
+    The shape decides first (``LlamaConfig`` equality ignores the name, so an HF directory or Hub id holding
+    a preset's config.json finds it; Llama 3.1-70B and 3.3-70B share a shape, and the first listed wins),
+    then the exact preset name (a preset whose file differs in a detail such as ``norm_eps``)."""
+    match = next((n for n, c in PRESETS.items() if c == config), None)
+    if match is None and config.name in PRESETS:
+        match = config.name
+    if match is None:
+        return None
+    family = next((f for f in FAMILIES.values() if match in f.presets), None)
+    return None if family is None else (family, match)
+
+
+class ContextCurve(NamedTuple):
+    """MACs to decode one token at each context length ``L`` (``n_cached = L - 1``), and the exact line
+    ``macs = a + b * L`` they lie on (``a``, ``b`` the coefficients of :func:`counters.analytic.macs_polynomial`:
+    decoding at context L costs what one token of an L-token forward costs on average)."""
+
+    contexts: list[int]
+    macs: list[int]
+    a: int
+    b: int
+
+
+def log_contexts(max_len: int, per_octave: int = 3) -> list[int]:
+    """Context lengths from 1 to ``max_len`` (both included), ``per_octave`` points per doubling."""
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise ValueError(f"max_len must be a positive int, got {max_len!r}")
+    if isinstance(per_octave, bool) or not isinstance(per_octave, int) or per_octave < 1:
+        raise ValueError(f"per_octave must be a positive int, got {per_octave!r}")
+    steps = math.floor(math.log2(max_len) * per_octave)
+    return sorted({1, max_len} | {min(max_len, round(2 ** (i / per_octave))) for i in range(steps + 1)})
+
+
+def family_curves(family: Union[Family, str], *, per_octave: int = 3) -> dict[str, ContextCurve]:
+    """For every preset of ``family``: MACs to decode one token against context length, up to the
+    preset's own ``max_seq_len``, each point counted by :func:`counters.analytic.analyze`."""
+    fam = FAMILIES[family] if isinstance(family, str) and family in FAMILIES else family
+    if not isinstance(fam, Family):
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    out = {}
+    for name in fam.presets:
+        config = PRESETS[name]
+        contexts = log_contexts(config.max_seq_len, per_octave)
+        macs = [analyze(config, n_tokens=1, n_cached=L - 1).macs for L in contexts]
+        out[name] = ContextCurve(contexts, macs, *macs_polynomial(config))
+    return out
+
+
+def plot_family_macs_vs_context(family: Union[Family, str], path: Union[str, os.PathLike], *,
+                                highlight: Optional[str] = None,
+                                per_octave: int = 3) -> tuple[Path, dict[str, ContextCurve]]:
+    """One figure: MACs to decode one token vs context length for every preset of ``family``, each up to
+    its own max context, log-log (contexts span 1 to 128k positions and models 1B to 405B). ``highlight``:
+    a preset drawn thicker (the model the command was run on). Returns the path and the curves."""
+    fam = FAMILIES[family] if isinstance(family, str) and family in FAMILIES else family
+    curves = family_curves(fam, per_octave=per_octave)
+    if highlight is not None and highlight not in curves:
+        raise ValueError(f"highlight {highlight!r} is not a preset of {fam.title} ({', '.join(curves)})")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    styles = ["-", "--", "-.", ":"]
+    drawn: dict[tuple, str] = {}
+    for i, (name, c) in enumerate(curves.items()):
+        label = f"{name}: {c.a / 1e9:.3g} G + {c.b:,}·L MACs, L up to {c.contexts[-1]:,}"
+        same = drawn.setdefault((tuple(c.contexts), tuple(c.macs)), name)
+        if same != name:  # e.g. Llama 3.1-70B and 3.3-70B: one shape, one curve
+            label += f" (same curve as {same})"
+        ax.plot(c.contexts, c.macs, ls=styles[i % len(styles)], lw=3.0 if name == highlight else 1.5,
+                label=label + ("  <- this model" if name == highlight else ""))
+        ax.plot([c.contexts[-1]], [c.macs[-1]], marker="o", ms=4, color=ax.lines[-1].get_color())  # max context
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context length L (positions the new token attends to), up to each model's max context")
+    ax.set_ylabel("MACs per decoded token")
+    ax.set_title(f"{fam.title}: MACs to decode one token vs context length\n"
+                 "(flat: weights dominate; rising: attention over the context, b·L)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=7, loc="best")
     return save_figure(fig, path, dpi=120), curves

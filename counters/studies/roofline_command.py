@@ -25,7 +25,8 @@ from ..models import resolve_model
 from ..table import BLOCK_ROWS, TOP_ROWS_AFTER, TOP_ROWS_BEFORE, RowKey
 from .factory import measure
 from .hardware import DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, get_hardware
-from .plots import default_contexts, default_schedules, plot_macs_vs_context, plot_roofline
+from .plots import (default_contexts, default_schedules, family_of, plot_family_macs_vs_context, plot_macs_vs_context,
+                    plot_roofline)
 from .roofline import format_table, roofline_table, summarize
 
 HELP = "per-layer FLOPs, bytes, intensity, bound and predicted time on a device (the roofline)"
@@ -122,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput(f"--timings {args.timings}: no such file")
     check_output_dir(args.out)
     config = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision).config
+    family = family_of(config)  # of the whole model, before --layers cuts it
     if args.layers is not None:
         check_int("layers", args.layers, 1, config.n_layers)
         config = config.replace(n_layers=args.layers, name=f"{config.name}[:{args.layers} layers]")
@@ -165,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     plots = {}
-    curves = contexts = None
+    curves = contexts = family_doc = None
     if not args.no_plot:
         detail = []
         if args.level == "layer":  # the modules of the first layer run, for orientation
@@ -176,6 +178,15 @@ def run(args: argparse.Namespace) -> int:
         path, curves = plot_macs_vs_context(config, out / "macs_vs_context.png", schedules=schedules,
                                             contexts=contexts)
         plots["macs_vs_context"] = str(path)
+        if family is not None:
+            fam, preset = family
+            path, fam_curves = plot_family_macs_vs_context(fam, out / "macs_vs_context_family.png", highlight=preset)
+            plots["macs_vs_context_family"] = str(path)
+            family_doc = {"family": fam.key, "title": fam.title, "model_preset": preset,
+                          "presets": {n: {"contexts": c.contexts, "macs": c.macs, "a_macs": c.a, "b_macs": c.b}
+                                      for n, c in fam_curves.items()}}
+        else:
+            print(f"no preset family has the shape of {config.name}: no macs_vs_context_family.png")
     doc = {
         "model": {**config.to_dict(), "name": config.name},
         "schedule": report.schedule_str,
@@ -186,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
         "total": summary,
         "measurement": measurement,
         "macs_per_token_vs_context": None if curves is None else {"contexts": contexts, "schedules": curves},
+        # MACs to decode one token vs context for every preset of MODEL's family (each to its own max context)
+        "macs_per_token_vs_context_family": family_doc,
         "plots": plots,
     }
     json_path = out / "roofline.json"
