@@ -28,6 +28,7 @@ import torch
 
 from .analytic import AnalyticReport, TrainingReport, analyze, analyze_training, param_count
 from .fvcore_counter import count_fvcore
+from .generation import Generation, analyze_generation, count_generation, generation_macs
 from .hooks import count_hooks
 from .primitives import ZERO
 from .result import (
@@ -138,6 +139,7 @@ class CrosscheckReport:
     phases: tuple[str, ...] = (FORWARD,)
     training: Optional[Training] = None
     training_report: Optional[TrainingReport] = None
+    generation: Optional[Generation] = None
     device: str = ""
     dtype: str = ""
     kernel: str = ""
@@ -282,6 +284,41 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
                      analytic=analytic_report, order=names, loss=training is not None)
     report.training = training
     report.training_report = training_report
+    return report
+
+
+def crosscheck_generation(model, *, batch: int, generation: Generation, counters: Optional[Sequence[str]] = None,
+                          strict: bool = False, seed: int = 0) -> CrosscheckReport:
+    """Count a whole inference task - the prefill of ``generation.prompt`` tokens and the decode steps of
+    ``generation.new_tokens`` - by running the real generation loop under the hooks and torch counters, beside
+    the closed form (``analytic``), per phase and row; then check every counter's phase totals against
+    :func:`counters.generation.generation_macs`. fvcore traces one forward and cannot follow the loop."""
+    if not isinstance(generation, Generation):
+        raise ValueError(f"generation must be a counters.generation.Generation, got {type(generation).__name__}")
+    names = list(("analytic", "hooks", "torch") if counters is None else counters)
+    if "fvcore" in names:
+        raise ValueError("fvcore traces one forward and cannot follow a generation loop: count it with "
+                         "analytic, hooks and torch")
+    bad = [n for n in names if n not in COUNTER_NAMES]
+    if bad or not names or len(set(names)) != len(names):
+        raise ValueError(f"bad counter list {names}: choose each at most once from analytic, hooks, torch")
+    config = model.config
+    results: dict[str, CounterResult] = {}
+    if "analytic" in names:
+        results["analytic"] = analyze_generation(config, batch=batch, generation=generation, schedule=model.schedule)
+    results.update(count_generation(model, batch=batch, generation=generation,
+                                    counters=[n for n in names if n != "analytic"], strict=strict, seed=seed))
+    report = compare(results, schedule=model.schedule, config=config, batch=batch, n_tokens=generation.prompt,
+                     n_cached=0, order=names)
+    report.generation = generation
+    closed = generation_macs(config, generation, batch=batch, schedule=model.schedule)
+    for phase, macs in closed.items():
+        for n in names:
+            got = results[n].phase_total(phase).macs
+            if got != macs:
+                report.mismatches.append(Mismatch((None, "TOTAL"), "macs", "closed form", macs, n, got, phase))
+    report.notes.append(f"closed form: prefill {closed['prefill']:,} + decode {closed['decode']:,} MACs "
+                        "(counters.generation.generation_macs), checked against every counter")
     return report
 
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from . import table as T
-from .result import BACKWARD, FORWARD, RECOMPUTE, SOURCE_SHAPES, CounterResult
+from .result import BACKWARD, DECODE, FORWARD, PREFILL, RECOMPUTE, SOURCE_SHAPES, CounterResult
 from .training import Training, backward_context, loss_of, trainable
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,14 @@ class HookCounter(AbstractContextManager):
     """Context manager: hooks installed on ``__enter__``, removed on ``__exit__``; counts of every
     forward run inside accumulate in :attr:`result`."""
 
-    def __init__(self, model: nn.Module, *, strict: bool = False, backward: bool = False) -> None:
+    def __init__(self, model: nn.Module, *, strict: bool = False, backward: bool = False,
+                 by_start_pos: bool = False) -> None:
         self.model = model
         self.strict = strict
         self.backward = backward
+        # a generation task: each forward is phase "prefill" (start_pos 0) or "decode"
+        self.by_start_pos = by_start_pos
+        self._phase = FORWARD
         self.result = CounterResult(name="hooks")
         self._handles: list[Any] = []
         self._position: Optional[int] = None
@@ -77,7 +81,7 @@ class HookCounter(AbstractContextManager):
             self._handles.append(layer.register_forward_pre_hook(self._make_block_pre_hook(i)))
             for row in T.BLOCK_ROWS:
                 self._install(model, f"{prefix}.{row.path}" if row.path else prefix, row, covered)
-        self._handles.append(model.register_forward_pre_hook(self._on_forward_start))
+        self._handles.append(model.register_forward_pre_hook(self._on_forward_start, with_kwargs=True))
         self._handles.append(model.register_forward_hook(self._on_forward_end))
         # Anything else that runs is work no row describes.
         leaves = tuple(p + "." for p, leaf in covered.items() if leaf)
@@ -108,10 +112,13 @@ class HookCounter(AbstractContextManager):
         self._position = None
 
     # ------------------------------------------------------------ hooks
-    def _on_forward_start(self, module: nn.Module, args: tuple) -> None:
+    def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._position = None
         self._next_position = 0
         self._layers_run = []
+        if self.by_start_pos:
+            start_pos = args[1] if len(args) > 1 else kwargs.get("start_pos", 0)
+            self._phase = PREFILL if start_pos == 0 else DECODE
 
     def _on_forward_end(self, module: nn.Module, args: tuple, output: Any) -> None:
         expected = getattr(module, "schedule", None)
@@ -142,7 +149,7 @@ class HookCounter(AbstractContextManager):
             key = (self._position if block_row else None, row.name)
             recomputing = backward_context()
             self.result.add(key, kind.count(kind.read(module, args, kwargs, output)), SOURCE_SHAPES,
-                            RECOMPUTE if recomputing else FORWARD)
+                            RECOMPUTE if recomputing else self._phase)
             if has_backward_hook and not recomputing:
                 self._calls.setdefault(id(module), []).append((key[0], self._n_calls))
                 for p in module.parameters():

@@ -15,7 +15,7 @@ from typing import Any, Optional
 from llama_ref.schedule import format_schedule
 
 from .crosscheck import CrosscheckReport, CrosscheckRow
-from .result import BACKWARD, FORWARD, KERNEL_RECOMPUTE, QUANTITIES, RECOMPUTE
+from .result import BACKWARD, DECODE, FORWARD, KERNEL_RECOMPUTE, PREFILL, QUANTITIES, RECOMPUTE
 
 JSON_SCHEMA = "llama-ref.count/2"
 
@@ -43,6 +43,12 @@ def counted_line(report: CrosscheckReport) -> str:
     """One line saying what was counted and how."""
     kvlen = report.n_cached + report.n_tokens
     where = f" on device {report.device}" if report.device else ""
+    if report.generation is not None:
+        g = report.generation
+        return (f"Counted: a generation task, run through the real generation loop: prefill of batch {report.batch} "
+                f"x {g.prompt} prompt tokens, then {g.new_tokens - 1} decode step(s) of 1 token (the last attending "
+                f"to {g.length - 1} positions) for {g.new_tokens} new tokens, {len(report.schedule)} layer runs "
+                f"each; by {', '.join(report.counters)}{where}.")
     if report.training is not None:
         t = report.training
         return (f"Counted: one training step (forward + {t.loss} loss + backward, every parameter trained"
@@ -71,6 +77,9 @@ def _sources_cell(row: CrosscheckRow) -> str:
 def _columns(report: CrosscheckReport) -> list[tuple[str, str, Optional[str]]]:
     """(header, quantity, phase) of the number columns: one forward has MACs, FLOPs and non-matmul FLOPs;
     a training step each quantity per model phase."""
+    if report.generation is not None:
+        return [("prefill MACs", "macs", PREFILL), ("decode MACs", "macs", DECODE),
+                ("prefill non-matmul", "nonmatmul_flops", PREFILL), ("decode non-matmul", "nonmatmul_flops", DECODE)]
     if report.training is None:
         return [("MACs", "macs", None), ("FLOPs (2xMACs)", "flops", None),
                 ("non-matmul FLOPs", "nonmatmul_flops", None)]
@@ -91,7 +100,7 @@ def render_table(report: CrosscheckReport, *, detail: bool = False, title: Optio
     ref = report.reference
     rows = report.rows if detail else report.layer_runs()
     columns = _columns(report)
-    width = 22 if report.training is None else 20
+    width = 22 if len(columns) == 3 else 20
     lines: list[str] = []
     if title:
         lines.append(title)
@@ -209,7 +218,7 @@ def to_json(report: CrosscheckReport, *, extra: Optional[dict] = None) -> dict:
         "schema": JSON_SCHEMA,
         "model": getattr(cfg, "name", None),
         "config": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
-        "task": "train" if report.training is not None else "forward",
+        "task": "train" if report.training is not None else "generate" if report.generation is not None else "forward",
         "schedule": format_schedule(report.schedule),
         "schedule_layers": list(report.schedule),
         "layer_runs_count": len(report.schedule),
@@ -241,6 +250,8 @@ def to_json(report: CrosscheckReport, *, extra: Optional[dict] = None) -> dict:
     }
     if report.training is not None:
         doc["training"] = {"loss": report.training.loss, "recompute": report.training.recompute}
+    if report.generation is not None:
+        doc["generation"] = {"prompt": report.generation.prompt, "new_tokens": report.generation.new_tokens}
     a = report.analytic
     if a is not None:
         t = a.total

@@ -70,7 +70,17 @@ from .ops import (
     torch_sdpa_macs,
 )
 from .primitives import ZERO, Count
-from .result import BACKWARD, FORWARD, KERNEL_RECOMPUTE, RECOMPUTE, SOURCE_SHAPES, CounterResult, outside
+from .result import (
+    BACKWARD,
+    DECODE,
+    FORWARD,
+    KERNEL_RECOMPUTE,
+    PREFILL,
+    RECOMPUTE,
+    SOURCE_SHAPES,
+    CounterResult,
+    outside,
+)
 from .table import LOSS_ROW_NAME, Attn, RowKey, attention_fused_backward_ops, row_for_module, row_order, sum_ops
 from .training import Training, backward_context, loss_of, trainable
 
@@ -125,8 +135,12 @@ class _Tally:
         self.result = CounterResult("torch")
         self.unknown: Counter[str] = Counter()
         self.stack: list[tuple[str, Optional[int]]] = []
-        self.layer_ids: list[int] = []
+        self.layer_ids: list[int] = []  # the layers the current forward ran, in order
+        self.forwards: list[list[int]] = []  # every forward's layer runs
         self.layer_positions: dict[int, list[int]] = {}
+        self.forward_phase = FORWARD  # generation: prefill / decode, set per forward
+        self.by_start_pos = False
+        self.outside_model: Counter[str] = Counter()  # a generation loop's own ops (sampling), not counted
         self.sdpa: Optional[_SdpaRegion] = None
         self.sdpa_regions: list[_SdpaRegion] = []
         self.in_loss = False
@@ -154,7 +168,7 @@ class _Tally:
     def where(self, name: str) -> tuple[str, RowKey, Optional[_SdpaRegion]]:
         """(phase, row, the SDPA call whose backward this is) of the op being dispatched now."""
         if not backward_context():
-            return FORWARD, self.row(), None
+            return self.forward_phase, self.row(), None
         if self.stack:  # a checkpointed layer's forward, recomputed inside the backward
             return RECOMPUTE, self.row(), None
         node = torch._C._current_autograd_node()
@@ -188,8 +202,18 @@ class _Tally:
         self.unknown[name] += 1
         self.unknown_reasons.setdefault(name, set()).add(reason)
 
+    def start_forward(self, start_pos: int) -> None:
+        self.layer_ids = []
+        self.forwards.append(self.layer_ids)
+        if self.by_start_pos:
+            self.forward_phase = PREFILL if start_pos == 0 else DECODE
+
     def on_op(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> None:
         name = canonical_op_name(func)
+        if self.by_start_pos and not self.stack:  # the generation loop's own work between forwards
+            if not REGISTRY.is_free(name):
+                self.outside_model[name] += 1
+            return
         packet = func.overloadpacket
         outside_macs = None
         recompute_macs = 0
@@ -381,6 +405,12 @@ def _install_module_stack(model: nn.Module, tally: _Tally) -> list:
     handles: list = []
     layers = getattr(model, "layers", None)
     layer_index = {id(layer): i for i, layer in enumerate(layers)} if layers is not None else {}
+
+    def start(mod, args, kwargs):
+        if not backward_context():
+            tally.start_forward(args[1] if len(args) > 1 else kwargs.get("start_pos", 0))
+
+    handles.append(model.register_forward_pre_hook(start, with_kwargs=True))
     for fqn, module in model.named_modules():
         def pre(mod, args, fqn=fqn):
             if id(mod) in layer_index:
@@ -409,6 +439,52 @@ def _install_module_stack(model: nn.Module, tally: _Tally) -> list:
     return handles
 
 
+class TorchCounter:
+    """The torch counter as a context manager: the modes and hooks are on inside the ``with`` block, over
+    any code (one forward, a training step, a whole generation loop); :meth:`finish` gives the result.
+
+    ``by_start_pos``: a generation task: each forward is phase ``prefill`` (``start_pos == 0``) or
+    ``decode``, and the ops the loop runs between forwards (sampling) are listed, not counted."""
+
+    def __init__(self, model: nn.Module, *, strict: bool = False, training: bool = False,
+                 by_start_pos: bool = False) -> None:
+        self.model = model
+        self.strict = strict
+        self.flop_mode = FlopCounterMode(display=False)
+        self.tally = _Tally(self.flop_mode.flop_registry)
+        self.tally.training = training
+        self.tally.by_start_pos = by_start_pos
+        self._hooks: list = []
+        self._modes: list = []
+
+    def __enter__(self) -> "TorchCounter":
+        self._hooks = _install_module_stack(self.model, self.tally)
+        self._modes = [_SdpaWatcher(self.tally), _Recorder(self.tally), self.flop_mode]
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+        for h in self._hooks:
+            h.remove()
+
+    def finish(self, *, loss: bool = False) -> CounterResult:
+        tally = self.tally
+        schedule = tuple(getattr(self.model, "schedule", ()))
+        for run in tally.forwards:
+            if tuple(run) != schedule:
+                raise RuntimeError(f"a forward ran layers {run}, but the model's schedule is {list(schedule)}")
+        result = tally.result
+        for phase in result.phases or (FORWARD,):
+            result.ensure_rows(row_order(len(schedule), loss=loss), phase)
+        _notes(result, tally, self.flop_mode)
+        result.unknown_ops = dict(sorted(tally.unknown.items()))
+        raise_or_warn_unknown("torch", result.unknown_ops, self.strict, logger, tally.unknown_reasons)
+        return result
+
+
 def count_torch(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, strict: bool = False,
                 training: Optional[Training] = None) -> CounterResult:
     """Count one forward ``model(tokens, start_pos)`` (or with ``training``, one training step: forward, loss,
@@ -423,36 +499,24 @@ def count_torch(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, s
     """
     if training is not None and start_pos:
         raise ValueError(f"a training step starts at position 0, got start_pos={start_pos}")
-    flop_mode = FlopCounterMode(display=False)
-    tally = _Tally(flop_mode.flop_registry)
-    tally.training = training is not None
-    hooks = _install_module_stack(model, tally)
-    try:
-        with (trainable(model, training) if training is not None else torch.no_grad()), \
-                _SdpaWatcher(tally), _Recorder(tally), flop_mode:
-            logits = model(tokens, start_pos)
-            if training is not None:
-                tally.in_loss = True
-                loss = loss_of(logits, tokens, training.loss)
-                tally.label(loss, logits, _LOSS)
-                tally.in_loss = False
-                loss.backward()
-                tally.finish_backward()
-    finally:
-        for h in hooks:
-            h.remove()
-
-    schedule = tuple(getattr(model, "schedule", tally.layer_ids))
-    if tuple(tally.layer_ids) != schedule:
-        raise RuntimeError(f"forward ran layers {tally.layer_ids}, but the model's schedule is {list(schedule)}")
-
-    result = tally.result
-    result.ensure_rows(row_order(len(tally.layer_ids), loss=training is not None))
+    counter = TorchCounter(model, strict=strict, training=training is not None)
+    tally = counter.tally
+    with (trainable(model, training) if training is not None else torch.no_grad()), counter:
+        logits = model(tokens, start_pos)
+        if training is not None:
+            tally.in_loss = True
+            loss = loss_of(logits, tokens, training.loss)
+            tally.label(loss, logits, _LOSS)
+            tally.in_loss = False
+            loss.backward()
+            tally.finish_backward()
     if training is not None:
-        result.ensure_rows(row_order(len(tally.layer_ids), loss=True), BACKWARD)
-        if training.recompute:
-            result.ensure_rows(row_order(len(tally.layer_ids), loss=True), RECOMPUTE)
+        for phase in (BACKWARD,) + ((RECOMPUTE,) if training.recompute else ()):
+            tally.result.ensure_rows(row_order(len(model.schedule), loss=True), phase)
+    return counter.finish(loss=training is not None)
 
+
+def _notes(result: CounterResult, tally: _Tally, flop_mode: FlopCounterMode) -> None:
     raw_flops = flop_mode.get_total_flops()
     if raw_flops != tally.torch_seen_flops:  # pragma: no cover - would mean the modes saw different ops
         raise RuntimeError(f"FlopCounterMode total {raw_flops} != {tally.torch_seen_flops} summed over the ops seen")
@@ -502,6 +566,6 @@ def count_torch(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, s
     if costly_unlabelled:
         result.notes.append("backward ops run by no labelled autograd node, counted in (root): "
                             + ", ".join(f"{k} x{v}" for k, v in sorted(costly_unlabelled.items())))
-    result.unknown_ops = dict(sorted(tally.unknown.items()))
-    raise_or_warn_unknown("torch", result.unknown_ops, strict, logger, tally.unknown_reasons)
-    return result
+    if tally.outside_model:
+        result.notes.append("the generation loop's own ops between forwards (choosing tokens), not model work, "
+                            "not counted: " + ", ".join(f"{k} x{v}" for k, v in sorted(tally.outside_model.items())))

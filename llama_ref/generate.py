@@ -135,45 +135,15 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
     if max_new_tokens == 0:
         return [[] for _ in prompts]
 
-    device = model.device
-    # Refuses (with the estimate) before anything is allocated when the batch's cache cannot fit;
-    # outside the try: a refused setup leaves the model as it was.
-    model.setup_cache(bsz, total_len)
-    try:
-        pad = 0
-        tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-        is_prompt = torch.zeros_like(tokens, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            is_prompt[i, : len(p)] = True
-        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
-        # Last position each row needs: rows with short prompts are done before total_len, and only
-        # their first max_new_tokens are returned, so with an eos they need not hold up the batch.
-        last_pos = torch.tensor([len(p) + max_new_tokens - 1 for p in prompts], device=device)  # (bsz,)
-        prev_pos = 0
-        for cur_pos in range(min_len, total_len):
-            logits = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos)[:, -1]  # (bsz, vocab)
-            _check_finite_logits(logits, cur_pos, min_len)
-            if temperature > 0:
-                # Shift by the max before dividing: logits / tiny temperature would overflow to inf and
-                # softmax(inf - inf) is NaN; shifted values are <= 0 and a tiny temperature gives one-hot.
-                shifted = logits - logits.amax(dim=-1, keepdim=True)  # (bsz, vocab)
-                probs = torch.softmax(shifted / temperature, dim=-1)
-                next_token = sample_top_p(probs, top_p, generator)
-            else:
-                next_token = torch.argmax(logits, dim=-1)
-            # Rows still inside their prompt keep the prompt token.
-            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
-            if eos_id is not None:
-                finished |= ((~is_prompt[:, cur_pos]) & (next_token == eos_id)) | (last_pos <= cur_pos)
-                if bool(finished.all()):
-                    break
-            prev_pos = cur_pos
-    finally:
-        model.clear_cache()
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if temperature > 0:
+            # Shift by the max before dividing: logits / tiny temperature would overflow to inf and
+            # softmax(inf - inf) is NaN; shifted values are <= 0 and a tiny temperature gives one-hot.
+            shifted = logits - logits.amax(dim=-1, keepdim=True)  # (bsz, vocab)
+            return sample_top_p(torch.softmax(shifted / temperature, dim=-1), top_p, generator)
+        return torch.argmax(logits, dim=-1)
 
+    tokens = decode_loop(model, prompts, max_new_tokens, pick, eos_id=eos_id)
     out = []
     for i, p in enumerate(prompts):
         new = tokens[i, len(p) : len(p) + max_new_tokens].tolist()
@@ -195,3 +165,51 @@ def _check_finite_logits(logits: torch.Tensor, cur_pos: int, min_len: int) -> No
         f"in batch row(s) {shown}: the model's weights or activations hold NaN/inf, so no token can be sampled; "
         "check the weights with model.check_finite()"
     )
+
+
+def decode_loop(model, prompts: list[list[int]], max_new_tokens: int, pick, *,
+                eos_id: Optional[int] = None) -> torch.Tensor:
+    """The loop :func:`generate` runs, for prompts it has checked: one prefill of the shortest prompt's
+    length, then one forward per position, ``pick(logits) -> (bsz,)`` choosing each new token (rows still
+    inside their prompt keep the prompt's). Returns the ``(bsz, longest prompt + max_new_tokens)`` tokens.
+
+    On the meta device (shapes only) ``pick`` can only return a placeholder and ``eos_id`` must be None:
+    the loop then runs the very forwards a real generation would (what the counters count)."""
+    device = model.device
+    bsz = len(prompts)
+    min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
+    total_len = max_len + max_new_tokens
+    if device.type == "meta" and eos_id is not None:
+        raise ValueError("eos_id needs token values, which a meta-device model does not have")
+    # Refuses (with the estimate) before anything is allocated when the batch's cache cannot fit;
+    # outside the try: a refused setup leaves the model as it was.
+    model.setup_cache(bsz, total_len)
+    try:
+        pad = 0
+        tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        is_prompt = torch.zeros_like(tokens, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            is_prompt[i, : len(p)] = True
+        finished = torch.zeros(bsz, dtype=torch.bool, device=device)
+        # Last position each row needs: rows with short prompts are done before total_len, and only
+        # their first max_new_tokens are returned, so with an eos they need not hold up the batch.
+        last_pos = torch.tensor([len(p) + max_new_tokens - 1 for p in prompts], device=device)  # (bsz,)
+        prev_pos = 0
+        for cur_pos in range(min_len, total_len):
+            logits = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos)[:, -1]  # (bsz, vocab)
+            if device.type != "meta":
+                _check_finite_logits(logits, cur_pos, min_len)
+            next_token = pick(logits)  # (bsz,)
+            # Rows still inside their prompt keep the prompt token.
+            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if eos_id is not None:
+                finished |= ((~is_prompt[:, cur_pos]) & (next_token == eos_id)) | (last_pos <= cur_pos)
+                if bool(finished.all()):
+                    break
+            prev_pos = cur_pos
+    finally:
+        model.clear_cache()
+    return tokens

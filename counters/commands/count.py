@@ -11,7 +11,8 @@ import torch
 
 from llama_ref.schedule import format_schedule, resolve_schedule
 
-from ..crosscheck import crosscheck
+from ..crosscheck import crosscheck, crosscheck_generation
+from ..generation import Generation
 from ..models import DTYPES, build_model, choose_device, resolve_model
 from ..report import render_csv, render_table, to_json
 from ..result import COUNTER_NAMES
@@ -45,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--loss", default="cross-entropy", choices=LOSSES, help="the step's loss (with --train)")
     train.add_argument("--recompute", action="store_true",
                        help="activation checkpointing per decoder layer (with --train): executed vs model work")
+    task = p.add_argument_group("a whole inference task (the real generation loop)")
+    task.add_argument("--prompt", type=int, default=None, metavar="P",
+                      help="prompt tokens per sequence; with --generate: prefill of P tokens + decode steps")
+    task.add_argument("--generate", type=int, default=None, metavar="G", help="new tokens to generate (with --prompt)")
 
 
 def parse_counters(text):
@@ -66,6 +71,22 @@ def run(args: argparse.Namespace) -> int:
     check_int("batch", args.batch, 1)
     check_int("seed", args.seed, 0, (1 << 63) - 1)
     names = parse_counters(args.counters)
+    generation = None
+    if (args.prompt is None) != (args.generate is None):
+        raise BadInput("--prompt P and --generate G go together (a prefill of P tokens, then G new tokens)")
+    if args.prompt is not None:
+        check_int("prompt", args.prompt, 1)
+        check_int("generate", args.generate, 1)
+        if args.train or args.cached:
+            raise BadInput("--prompt/--generate count a whole generation (its own prefill and cache): "
+                           "drop --train and --cached")
+        if args.tokens != DEFAULT_TOKENS:
+            raise BadInput("--tokens does not apply to --prompt/--generate (the prompt is --prompt P tokens)")
+        if args.counters is None:
+            names = ["analytic", "hooks", "torch"]
+        elif "fvcore" in names:
+            raise BadInput("--counters fvcore: fvcore traces one forward and cannot follow a generation loop")
+        generation = Generation(args.prompt, args.generate)
     training = None
     if args.train:
         if args.cached:
@@ -77,10 +98,11 @@ def run(args: argparse.Namespace) -> int:
     source = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision)
     config = source.config
     schedule = resolve_schedule(args.schedule, config.n_layers)
-    end = args.cached + args.tokens
+    end = generation.length if generation else args.cached + args.tokens
     if end > config.max_seq_len:
-        raise BadInput(f"--cached {args.cached} + --tokens {args.tokens} = {end} exceeds the model's "
-                       f"max_seq_len {config.max_seq_len}")
+        what = (f"--prompt {args.prompt} + --generate {args.generate}" if generation
+                else f"--cached {args.cached} + --tokens {args.tokens}")
+        raise BadInput(f"{what} = {end} exceeds the model's max_seq_len {config.max_seq_len}")
     dtype = DTYPES[args.dtype] if args.dtype else None
     dtype_bytes = dtype.itemsize if dtype else (4 if not source.has_weights else 2)
     device, reason = choose_device(args.device, source, dtype_bytes)
@@ -93,9 +115,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         gen = torch.Generator().manual_seed(args.seed)
         tokens = torch.randint(0, config.vocab_size, (args.batch, args.tokens), generator=gen).to(device)
-    report = crosscheck(model, tokens, n_cached=args.cached, counters=names, strict=args.strict, training=training,
-                        weight_dtype_bytes=model.tok_embeddings.weight.dtype.itemsize,
-                        act_dtype_bytes=model.compute_dtype.itemsize)
+    if generation:
+        report = crosscheck_generation(model, batch=args.batch, generation=generation, counters=names,
+                                       strict=args.strict, seed=args.seed)
+    else:
+        report = crosscheck(model, tokens, n_cached=args.cached, counters=names, strict=args.strict,
+                            training=training, weight_dtype_bytes=model.tok_embeddings.weight.dtype.itemsize,
+                            act_dtype_bytes=model.compute_dtype.itemsize)
     report.device = device
     report.dtype = str(model.tok_embeddings.weight.dtype).replace("torch.", "")
     report.kernel = args.kernel
@@ -107,11 +133,11 @@ def run(args: argparse.Namespace) -> int:
     elif args.format == "csv":
         text = render_csv(report, detail=True)  # CSV is for machines: always one line per module row
     else:
-        what = ("training step" if training else f"{args.tokens} new + {args.cached} cached tokens")
+        what = ("training step" if training else f"prompt {args.prompt}, {args.generate} new tokens" if generation
+                else f"{args.tokens} new + {args.cached} cached tokens")
+        if training:
+            what = f"{args.tokens} tokens, {what}"
         title = (f"{config.name}: schedule {format_schedule(schedule)} ({len(schedule)} layer runs), "
-                 f"batch {args.batch}, {args.tokens} tokens, {what}, device {device} "
-                 f"({weights}, {report.dtype}), kernel {args.kernel}") if training else (
-                 f"{config.name}: schedule {format_schedule(schedule)} ({len(schedule)} layer runs), "
                  f"batch {args.batch}, {what}, device {device} ({weights}, {report.dtype}), kernel {args.kernel}")
         text = render_table(report, detail=args.detail, title=title) + "\n"
     if args.out:
