@@ -10,7 +10,7 @@ generated token is never fed back, so it costs nothing."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from llama_ref.schedule import ScheduleSpec, resolve_schedule
 
 from .analytic import analyze, macs_polynomial
 from .hooks import HookCounter
-from .primitives import ZERO, Count
+from .primitives import Count
 from .result import DECODE, PREFILL, SOURCE_FORMULA, CounterResult
 from .table import row_order
 from .torch_counter import TorchCounter

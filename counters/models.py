@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 
 from llama_ref.config import PRESETS, LlamaConfig
+from llama_ref.dtypes import DTYPES as ALL_DTYPES
+from llama_ref.dtypes import names as dtype_names
 from llama_ref.hub import is_hub_id
 from llama_ref.loading import find_checkpoint_files
 from llama_ref.memory import available_memory_bytes
@@ -26,9 +28,8 @@ from .studies.factory import random_model
 # Random weights serve only to run real kernels (counts depend on shapes, never on values), so a
 # random-init model is built on the CPU only when it is small; anything larger is counted on meta.
 RANDOM_INIT_MAX_BYTES = 1 << 30
-#: The one table of dtype names a command accepts.
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+#: The dtype names a command accepts for weights (from the one table, llama_ref.dtypes).
+DTYPES = {name: ALL_DTYPES[name] for name in dtype_names((torch.float32, torch.bfloat16, torch.float16))}
 
 
 @dataclass

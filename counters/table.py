@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
-import torch
 from torch import nn
 
 from llama_ref.attention import Attention, AttentionCore

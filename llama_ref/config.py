@@ -10,7 +10,7 @@ from typing import Any, Mapping, Optional
 
 from .config_files import PathOrDict, hf_config_fields, meta_config_fields, meta_ffn_hidden_dim, read_json, with_source
 from .hub import hub_config_path, is_hub_id
-from .rope_scaling import RopeScaling, is_number, positive_finite
+from .rope_scaling import RopeScaling, positive_finite
 
 __all__ = ["LlamaConfig", "PRESETS", "RopeScaling", "meta_ffn_hidden_dim"]
 

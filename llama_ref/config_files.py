@@ -29,6 +29,7 @@ import os
 import stat
 from typing import Any, Mapping, Optional, Union
 
+from .dtypes import HF_CONFIG_NAMES
 from .rope_scaling import UNSUPPORTED_ROPE_TYPES, RopeScaling, positive_finite
 
 PathOrDict = Union[str, os.PathLike, Mapping[str, Any]]
@@ -295,7 +296,6 @@ def _scaling_from_dict(d: Mapping, key: str, rope_type: str, source: str, cfg: M
                      "(supported: default, linear, llama3)")
 
 
-_HF_DTYPES = ("float32", "float16", "bfloat16", "float64", "float", "half")
 
 
 def read_hf_dtype(cfg: Mapping[str, Any], source: str) -> Optional[str]:
@@ -309,7 +309,7 @@ def read_hf_dtype(cfg: Mapping[str, Any], source: str) -> Optional[str]:
         if not isinstance(value, str):
             raise ValueError(f"{source}: {key} must be a string like 'bfloat16', got {value!r}")
         name = value.removeprefix("torch.")
-        if name != "auto" and name not in _HF_DTYPES:
+        if name != "auto" and name not in HF_CONFIG_NAMES:
             raise ValueError(f"{source}: unknown {key} {value!r} (expected float32, float16 or bfloat16)")
         values[key] = name
     if len(set(values.values())) > 1:

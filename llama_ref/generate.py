@@ -114,8 +114,7 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
         if temperature > 0 and generator.device.type != model.device.type:
             raise ValueError(f"generator is on {generator.device} but the model samples on {model.device}; "
                              f"use torch.Generator(device={str(model.device)!r})")
-    bsz = len(prompts)
-    min_len, max_len = min(map(len, prompts)), max(map(len, prompts))
+    max_len = max(map(len, prompts))
     total_len = max_len + max_new_tokens
     if total_len > max_seq_len:
         raise ValueError(

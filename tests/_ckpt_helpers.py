@@ -1,10 +1,8 @@
-"""Helpers for the checkpoint tests: the synthetic-checkpoint script as a module, reference models,
+"""Helpers for the checkpoint tests: the synthetic-checkpoint writer, reference models,
 directory snapshots, and surgery on tiny checkpoint files to make them bad in one precise way."""
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
 import os
 import shutil
@@ -14,6 +12,7 @@ from typing import Callable
 import torch
 
 from llama_ref import Llama, LlamaConfig
+from llama_ref.loading import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "make_synthetic_checkpoint.py"
@@ -28,13 +27,9 @@ LAYOUTS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
 def synth():
-    """``scripts/make_synthetic_checkpoint.py`` imported as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The synthetic-checkpoint writer (:mod:`llama_ref.loading.synthetic`, which ``SCRIPT`` runs)."""
+    return synthetic
 
 
 def tiny_config() -> LlamaConfig:

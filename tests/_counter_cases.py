@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 from counters import table as T
-from counters.primitives import ZERO
 from llama_ref import PRESETS, Llama
 
 TINY = PRESETS["tiny"]  # GQA: 4 query heads, 2 kv heads

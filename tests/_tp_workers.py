@@ -124,18 +124,14 @@ def battery(rank: int, checkpoints: dict) -> dict:
 def run_tp_check(rank: int, argv: list) -> tuple:
     """``scripts/tp_check.py``'s ``main(argv)`` on this rank (the world is already up, as under torchrun):
     (exit status, stdout, stderr)."""
-    import importlib.util
     import io
     from contextlib import redirect_stderr, redirect_stdout
 
-    from _ckpt_helpers import REPO
+    from llama_ref.checks.tp_check import main
 
-    spec = importlib.util.spec_from_file_location("tp_check", REPO / "scripts" / "tp_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = module.main([str(a) for a in argv])
+        code = main([str(a) for a in argv])
     return code, out.getvalue(), err.getvalue()
 
 

@@ -127,17 +127,10 @@ def test_device_choice(capsys):
 
 # ---------------------------------------------------------------- checkpoints and config files
 def _write_checkpoint(tmp_path, fmt):
-    import importlib.util
-    from pathlib import Path
+    from llama_ref.loading.synthetic import write_checkpoint
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic_checkpoint.py"
-    if not script.exists():
-        pytest.skip("scripts/make_synthetic_checkpoint.py not present")
-    spec = importlib.util.spec_from_file_location("make_synthetic_checkpoint", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     out = tmp_path / fmt
-    mod.write_checkpoint("tiny", out, format=fmt, shards=1)
+    write_checkpoint("tiny", out, format=fmt, shards=1)
     return out
 
 

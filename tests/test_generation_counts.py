@@ -9,7 +9,7 @@ import torch
 
 from counters.cli import EXIT_BAD_INPUT, EXIT_OK, main
 from counters.crosscheck import crosscheck_generation
-from counters.generation import Generation, analyze_generation, generation_forwards, generation_macs
+from counters.generation import Generation, generation_forwards, generation_macs
 from counters.result import DECODE, PREFILL
 from llama_ref import Llama, LlamaConfig, PRESETS
 

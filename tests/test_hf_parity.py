@@ -14,7 +14,6 @@ so the 24-token tests and 40-token generations run past it; ``linear`` scaling w
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -213,11 +212,9 @@ def test_parity_check_detects_wrong_conversion(hf_model, mutation):
 
 # ---------------------------------------------------------------- scripts/compare_hf.py
 def _load_compare_script():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "compare_hf.py")
-    spec = importlib.util.spec_from_file_location("compare_hf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from llama_ref.checks import compare_hf
+
+    return compare_hf
 
 
 def test_compare_hf_script_on_tiny(tmp_path, capsys):

@@ -95,3 +95,31 @@ def test_no_importlib_tricks(pkg):
     for path in sorted((ROOT / pkg).rglob("*.py")):
         text = path.read_text()
         assert "importlib" not in text and "spec_from_file_location" not in text, path
+
+
+SCRIPTS = sorted((ROOT / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_are_only_scripts(script):
+    """A script runs a ``main`` from the packages: no code of its own that a test or another script would
+    have to import by path, and no ``sys.path`` edits."""
+    text = script.read_text()
+    assert "sys.path" not in text and "importlib" not in text
+    tree = ast.parse(text, filename=str(script))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    ours = {m for m in imported if m.split(".")[0] in PACKAGES}
+    assert imported - ours <= {"sys"}, f"{script.name} imports {sorted(imported - ours - {'sys'})}"
+    assert len(ours) == 1 and [m for m in ours][0] in GRAPH, f"{script.name} imports {sorted(ours)}"
+    functions = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    assert not functions, f"{script.name} defines {functions}: that code belongs in a package"
+
+
+def test_there_are_scripts():
+    assert {p.name for p in SCRIPTS} >= {"bench.py", "compare_hf.py", "make_synthetic_checkpoint.py",
+                                           "tp_check.py", "validate_gpu.py"}

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from counters import table as T
 from counters.analytic import analyze, analyze_training
 from counters.cli import EXIT_BAD_INPUT, EXIT_DISAGREE, EXIT_OK, main
 from counters.crosscheck import crosscheck

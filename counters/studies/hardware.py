@@ -31,20 +31,23 @@ achievable figures, not theoretical ones, so a roofline against them is tight.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 import torch
 
+from llama_ref.dtypes import short_name
+
 from .timing import sync
 
 TFLOP = 1e12
 TB = 1e12
 
-DTYPE_NAMES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "tf32": torch.float32}
-DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "tf32": 4}
+# The compute modes peaks are quoted for: the dtypes (llama_ref.dtypes) plus tf32, an fp32 storage mode
+# whose matmuls run on tensor cores.
+DTYPE_NAMES = {**{short_name(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}, "tf32": torch.float32}
+DTYPE_BYTES = {name: dtype.itemsize for name, dtype in DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from llama_ref.config import LlamaConfig
+from llama_ref.dtypes import short_name
 from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict
 from llama_ref.model import Llama
 
@@ -51,7 +52,7 @@ from .plots import plot_roofline, save_figure
 from .roofline import roofline_table, summarize
 from .timing import Timing, make_timer, time_forward
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {short_name(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}
 COUNTER_NAMES = tuple(COUNTER_FUNCTIONS)
 # Logits vs transformers, per compute dtype. Both sides round differently (our RoPE is a complex
 # multiply in fp32, HF's rotate-half runs in the model dtype; softmax/sdpa kernels differ), so bf16

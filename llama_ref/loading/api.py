@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Union
 import torch
 
 from ..devices import resolve_device
+from ..dtypes import parse_dtype
 from ..memory import check_memory, parameter_count, weight_bytes
 from ..model import Llama
 from ..schedule import ScheduleSpec
@@ -24,14 +25,6 @@ from .plan import check_plan, stored_dtype
 from .readers import OpenFiles
 
 logger = logging.getLogger(__name__)
-
-_DTYPE_NAMES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,
-}
-
 
 def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
                     dtype: Union[None, str, torch.dtype] = None, attn_kernel: str = "math",
@@ -118,19 +111,6 @@ def _read_plan(files: CheckpointFiles, opener: OpenFiles):
         raise CheckpointError(f"{files.root}: {source} hold(s) no Llama weight tensors"
                               + (f" ({problems[0]})" if problems else ""))
     return config, config_dtype, plan, problems, source
-
-
-def parse_dtype(value: Union[None, str, torch.dtype], what: str) -> Optional[torch.dtype]:
-    """A floating torch dtype from a dtype or a name like ``"bf16"``; ``None`` passes through."""
-    if value is None or isinstance(value, torch.dtype):
-        dtype = value
-    elif isinstance(value, str) and value.lower().removeprefix("torch.") in _DTYPE_NAMES:
-        dtype = _DTYPE_NAMES[value.lower().removeprefix("torch.")]
-    else:
-        raise ValueError(f"{what}={value!r} is not a dtype; use torch.float32/bfloat16/float16 or 'fp32'/'bf16'/'fp16'")
-    if dtype is not None and not dtype.is_floating_point:
-        raise ValueError(f"{what}={dtype} is not a floating-point dtype")
-    return dtype
 
 
 _LAYER_NAME = re.compile(r"^layers\.([0-9]+)\.")

@@ -3,7 +3,6 @@ listed in ``*.index.json``. Names and the q/k row permutation come from :mod:`ll
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -13,6 +12,7 @@ import torch
 
 from ..config import LlamaConfig
 from ..config_files import read_hf_dtype, read_json
+from ..dtypes import DTYPES
 from ..hf import HF_IGNORED_SUFFIXES, hf_to_meta_key, meta_to_hf_key
 from .detect import CheckpointFiles
 from .errors import CheckpointError, fmt_shape
@@ -22,8 +22,6 @@ from .readers import OpenFiles, StoredTensor
 
 logger = logging.getLogger(__name__)
 
-_CONFIG_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                  "float64": torch.float64, "float": torch.float32, "half": torch.float16}
 
 
 def read_hf_config(files: CheckpointFiles) -> tuple[LlamaConfig, Optional[torch.dtype]]:
@@ -35,7 +33,7 @@ def read_hf_config(files: CheckpointFiles) -> tuple[LlamaConfig, Optional[torch.
         name = read_hf_dtype(raw, source)  # transformers < 5 writes "torch_dtype", 5.x writes "dtype"
     except ValueError as e:
         raise CheckpointError(str(e)) from None
-    return config, None if name is None else _CONFIG_DTYPES[name]
+    return config, None if name is None else DTYPES[name]
 
 
 def read_weight_map(index_path: str) -> dict[str, str]:

@@ -18,15 +18,15 @@ from typing import Any, Iterator
 
 import torch
 
+from ..dtypes import SAFETENSORS_CODES, WEIGHT_DTYPES
 from .errors import CheckpointError, fmt_shape
 from .files import DuplicateKeyError, check_file, no_duplicate_keys, open_binary
 
 logger = logging.getLogger(__name__)
 
-# Floating dtypes a Llama weight may be stored in. Integer or packed/quantised codes are refused:
-# they would need dequantisation this reference implementation does not do.
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-WEIGHT_DTYPES = tuple(SAFETENSORS_DTYPES.values())
+# Floating dtypes a Llama weight may be stored in (llama_ref.dtypes). Integer or packed/quantised codes
+# are refused: they would need dequantisation this reference implementation does not do.
+SAFETENSORS_DTYPES = SAFETENSORS_CODES
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors library's own limit
 _ZIP_MAGIC = b"PK\x03\x04"
 
