@@ -44,8 +44,8 @@ def test_exits_cleanly_without_cuda():
 
 def test_end_to_end_on_cpu(vg, tmp_path, capsys):
     rc = vg.main(["--device", "cpu", "--model", "tiny", "--dtype", "fp32", "--prefill-tokens", "12",
-                  "--decode-cached", "12", "--warmup", "0", "--repeats", "1", "--hardware", "h100-sxm",
-                  "--no-measure-peaks", "--out", str(tmp_path)])
+                  "--decode-cached", "12", "--train-tokens", "10", "--warmup", "0", "--repeats", "1",
+                  "--hardware", "h100-sxm", "--no-measure-peaks", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert "PASSED" in out
@@ -71,7 +71,25 @@ def test_end_to_end_on_cpu(vg, tmp_path, capsys):
         m = doc["hf_comparison"][phase]
         assert m["ok"] and m["max_rel"] < 1e-4 and m["argmax_agree"] == 1.0
     assert doc["hf_comparison"]["prefill"]["positions"] == 12 and doc["hf_comparison"]["decode"]["positions"] == 1
-    # 4. plots.
+    # 4. a training step: counts exact per phase, forward/backward timed per layer run, MFU from the step.
+    tr = doc["training"]
+    assert tr["n_tokens"] == 10 and tr["attn_kernel"] == "sdpa" and not tr["recompute"]
+    analytic = tr["counters"]["analytic"]
+    assert analytic["macs"] == 3 * analytic["forward_macs"]  # no recompute: backward = 2 x forward
+    for name in ("hooks", "torch"):
+        assert tr["counters"][name]["agree"] and tr["counters"][name]["macs"] == analytic["macs"]
+    assert tr["counters"]["fvcore"]["agree"] and tr["counters"]["fvcore"]["forward_macs"] == analytic["forward_macs"]
+    assert [(r["position"], r["module"]) for r in tr["layers"]] == [(0, "block"), (1, "block"), (2, "block"),
+                                                                    (3, "block"), (None, "output")]
+    assert all(r["forward_s"] > 0 and r["backward_s"] > 0 for r in tr["layers"])
+    from counters.estimates import exact_model_flops_per_token
+
+    ov = tr["overall"]
+    assert ov["model_flops_per_token"] == exact_model_flops_per_token(LlamaConfig.from_preset("tiny"), 10)
+    assert doc["peaks"][0]["peak_flops"] == 67e12  # the fp32 entry: the run computes in fp32
+    assert ov["mfu"]["h100-sxm"] == pytest.approx(ov["tokens_per_s"] * ov["model_flops_per_token"] / 67e12)
+    assert "hfu" not in ov
+    # 5. plots.
     for key in ("roofline_prefill", "roofline_decode", "layers"):
         assert Path(doc["plots"][key]).read_bytes()[:8] == PNG_MAGIC
 
@@ -122,6 +140,12 @@ def test_bad_arguments_exit_2(vg, capsys):
     assert vg.main(["--device", "cpu", "--model", "tiny", "--prefill-tokens", "4096"]) == 2
     err = capsys.readouterr().err
     assert "abacus" in err and "max_seq_len" in err
+    assert vg.main(["--device", "cpu", "--model", "tiny", "--prefill-tokens", "8", "--decode-cached", "8",
+                    "--train-tokens", "4096"]) == 2
+    assert "--train-tokens 4096 exceeds max_seq_len" in capsys.readouterr().err
+    for flag in ("--train-tokens", "--batch", "--repeats", "--prefill-tokens"):
+        assert vg.main(["--device", "cpu", "--model", "tiny", flag, "0"]) == 2
+        assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_hf_twin_has_our_weights_in_hf_layout(vg, make_model):
@@ -184,6 +208,89 @@ def test_timer_abstraction_and_layer_report(vg, make_model):
     assert rep["overall"]["forward_s"] == timing.total_s
 
 
+class Ticks:
+    """A timer whose every mark is 1 ms after the last: times count marks, deterministically."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def mark(self):
+        self.t += 0.001
+        return self.t
+
+    def synchronize(self):
+        pass
+
+    @staticmethod
+    def seconds(a, b):
+        return b - a
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_training_step_timing_and_report(vg, make_model, recompute):
+    from counters.analytic import analyze_training
+    from counters.studies.hardware import table_hardware
+    from counters.studies.validate_training import TrainStep, step_report, time_step
+
+    cfg = LlamaConfig.from_preset("tiny")
+    model = make_model(cfg)
+    model.set_schedule("0,1,1,3")  # a repeated layer: its two runs are timed apart
+    model.requires_grad_(False)  # as loaded weights are: the check makes them trainable for the step only
+    step = TrainStep(6, recompute=recompute)
+    tokens = vg.make_tokens(cfg, 2, 6, seed=0, device="cpu")
+    timing = time_step(model, step, tokens, kernel="math", warmup=1, repeats=2, timer=Ticks())
+    assert not any(p.requires_grad for p in model.parameters()) and model.activation_checkpointing is False
+    assert all(p.grad is None for p in model.parameters())
+    # Forward marks: start, (block start, end) x 4, output start, end, then the loss; each span is marks apart.
+    assert set(timing.forward) == {(0, "block"), (1, "block"), (2, "block"), (3, "block"), (None, "output")}
+    assert all(v == pytest.approx(0.001) for v in timing.forward.values())
+    assert set(timing.backward) == set(timing.forward)
+    assert all(v == pytest.approx(0.001) for v in timing.backward.values())
+    rep = step_report(model, step, timing, batch=2, peaks=[table_hardware("h100-sxm")])
+    train = analyze_training(cfg, batch=2, n_tokens=6, schedule="0,1,1,3", training=step.training)
+    by_pos = {r["position"]: r for r in rep["layers"]}
+    block1 = [r for r in train.rows if r.position == 1]
+    assert by_pos[1]["layer"] == 1 and by_pos[2]["layer"] == 1
+    assert by_pos[1]["forward_flops"] == sum(r.forward.total_flops for r in block1)
+    assert by_pos[1]["backward_flops"] == sum(r.backward.total_flops + r.recompute.total_flops for r in block1)
+    # With checkpointing the layer's backward also runs its forward again (executed work, timed there too).
+    assert sum(r.recompute.macs for r in block1) == (sum(r.forward.macs for r in block1) if recompute else 0)
+    ov = rep["overall"]
+    assert ov["tokens"] == 12 and ov["step_s"] == pytest.approx(timing.totals["step"])
+    assert ("hfu" in ov) == recompute
+    if recompute:
+        assert ov["hfu"]["h100-sxm"] > ov["mfu"]["h100-sxm"]
+
+
+def test_training_counter_check_catches_a_wrong_backward(vg, make_model, monkeypatch):
+    """A counter that misses backward work fails the training check (it is compared per phase)."""
+    from counters.studies.validate_training import TrainStep, check_training_counters
+
+    cfg = LlamaConfig.from_preset("tiny")
+    model = make_model(cfg)
+    tokens = vg.make_tokens(cfg, 1, 5, seed=0, device="cpu")
+    good = check_training_counters(model, TrainStep(5), tokens, names=["hooks", "torch"])
+    assert good["hooks"]["agree"] and good["torch"]["agree"], good
+    # Sabotage: the model's SiLU backward does extra work only torch's dispatch sees.
+    real = torch.nn.functional.silu
+
+    class Silu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return real(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            wasted = x @ x.transpose(-1, -2)  # (bsz, seqlen, seqlen): a matmul no backward needs
+            return torch.ops.aten.silu_backward(g, x) + 0 * wasted.sum()
+
+    monkeypatch.setattr(torch.nn.functional, "silu", Silu.apply)
+    bad = check_training_counters(model, TrainStep(5), tokens, names=["torch"])
+    assert not bad["torch"]["agree"] and bad["torch"]["problems"]
+
+
 def test_device_peaks(vg):
     peaks = vg.device_peaks("cpu", "fp32", "a100-80g", measure=True, measure_kwargs={"n": 64, "repeats": 1,
                                                                                      "nbytes": 2**20})
@@ -222,7 +329,7 @@ def test_tiny_bf16_on_cuda(vg, tmp_path):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_event_timer(vg):
-    from counters.roofline import CudaEventTimer, make_timer
+    from counters.studies.timing import CudaEventTimer, make_timer
 
     t = make_timer("cuda")
     assert isinstance(t, CudaEventTimer)

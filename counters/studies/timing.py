@@ -10,6 +10,7 @@ from typing import Any, Callable, Union
 import torch
 
 from ..table import TOP_ROWS_AFTER, TOP_ROWS_BEFORE, RowKey, timed_block_paths
+from ..training import backward_context
 
 # Top-level modules timed on their own (the embedding, the final norm, the output head).
 TOP_MODULES = tuple(r.path for r in TOP_ROWS_BEFORE + TOP_ROWS_AFTER if r.kind.leaf)
@@ -172,3 +173,126 @@ def time_forward(model: torch.nn.Module, tokens: torch.Tensor, start_pos: int = 
             for k, v in lt.forward(tokens, start_pos).items():
                 samples.setdefault(k, []).append(v)
     return Timing({k: statistics.median(v) for k, v in samples.items()}, samples, warmup, repeats)
+
+
+# ---------------------------------------------------------------------------- training steps
+@dataclass
+class StepTiming:
+    """Per-part times of the median repeat of a timed training step (seconds): the repeat whose whole step
+    took the median time, so the parts add up. ``forward``/``backward`` map a row key
+    (``(position, "block")`` for a decoder-layer run, ``(None, "output")`` for the head) to its time;
+    ``totals`` holds ``forward`` (the model's forward and the loss), ``backward`` and ``step``;
+    ``step_samples`` every repeat's step time."""
+
+    forward: dict[RowKey, float]
+    backward: dict[RowKey, float]
+    totals: dict[str, float]
+    step_samples: list[float] = field(repr=False)
+    warmup: int
+    repeats: int
+
+
+class StepTimer:
+    """Times one training step per decoder-layer run, forward and backward, and the output head.
+
+    A layer run's forward is timed by forward pre/post hooks; its backward by a full backward pre-hook
+    (its output's gradient is ready) and a full backward hook (its input's gradient is done), which is
+    where autograd runs that layer's backward - with activation checkpointing, the layer's recomputed
+    forward included (that is the executed work). Decoder layers form one chain, so autograd runs their
+    backwards in the reverse order of their forwards: the k-th block backward is layer run n-1-k.
+    """
+
+    def __init__(self, model: torch.nn.Module, timer) -> None:
+        self.model = model
+        self.timer = timer
+        self._handles: list = []
+        self._marks: list[tuple[str, RowKey, str, Any]] = []  # (pass, key, start|end, mark)
+        self._fwd_pos = -1
+        self._bwd_count = 0
+        self._n_runs = len(model.schedule)
+
+    def _mark(self, pass_: str, key_fn: Callable[[], RowKey], phase: str):
+        def hook(*_args, **_kwargs):
+            self._marks.append((pass_, key_fn(), phase, self.timer.mark()))
+        return hook
+
+    def __enter__(self) -> "StepTimer":
+        m = self.model
+
+        def block_pre(*_a):
+            if not backward_context():  # a recomputed forward belongs to the backward
+                self._fwd_pos += 1
+                self._marks.append(("forward", (self._fwd_pos, "block"), "start", self.timer.mark()))
+
+        def block_post(*_a):
+            if not backward_context():
+                self._marks.append(("forward", (self._fwd_pos, "block"), "end", self.timer.mark()))
+
+        def bwd_key() -> RowKey:
+            return (self._n_runs - 1 - self._bwd_count, "block")
+
+        def bwd_end(*_a):
+            self._marks.append(("backward", bwd_key(), "end", self.timer.mark()))
+            self._bwd_count += 1
+
+        for layer_id in sorted(set(m.schedule)):
+            block = m.layers[layer_id]
+            self._handles += [block.register_forward_pre_hook(block_pre), block.register_forward_hook(block_post),
+                              block.register_full_backward_pre_hook(self._mark("backward", bwd_key, "start")),
+                              block.register_full_backward_hook(bwd_end)]
+        head = (None, "output")
+        self._handles += [m.output.register_forward_pre_hook(self._mark("forward", lambda: head, "start")),
+                          m.output.register_forward_hook(self._mark("forward", lambda: head, "end")),
+                          m.output.register_full_backward_pre_hook(self._mark("backward", lambda: head, "start")),
+                          m.output.register_full_backward_hook(self._mark("backward", lambda: head, "end"))]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def step(self, tokens: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor]):
+        """One forward, ``loss_fn(logits)`` and backward; returns ``(forward, backward, totals)`` seconds."""
+        self._marks.clear()
+        self._fwd_pos, self._bwd_count = -1, 0
+        self.model.zero_grad(set_to_none=True)
+        t0 = self.timer.mark()
+        loss = loss_fn(self.model(tokens))
+        t1 = self.timer.mark()
+        loss.backward()
+        t2 = self.timer.mark()
+        self.timer.synchronize()
+        if self._fwd_pos + 1 != self._n_runs or self._bwd_count != self._n_runs:
+            raise RuntimeError(f"timed {self._fwd_pos + 1} forward and {self._bwd_count} backward layer runs of "
+                               f"{self._n_runs}: a layer ran outside the chain the timer assumes")
+        parts: dict[str, dict[RowKey, float]] = {"forward": {}, "backward": {}}
+        starts: dict[tuple[str, RowKey], Any] = {}
+        for pass_, key, phase, mark in self._marks:
+            if phase == "start":
+                starts[(pass_, key)] = mark
+            else:
+                seconds = self.timer.seconds(starts.pop((pass_, key)), mark)
+                parts[pass_][key] = parts[pass_].get(key, 0.0) + seconds
+        totals = {"forward": self.timer.seconds(t0, t1), "backward": self.timer.seconds(t1, t2),
+                  "step": self.timer.seconds(t0, t2)}
+        return parts["forward"], parts["backward"], totals
+
+
+def time_training_step(model: torch.nn.Module, tokens: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                       *, timer=None, warmup: int = 1, repeats: int = 3) -> StepTiming:
+    """Per-part times of the median repeat of ``loss_fn(model(tokens)).backward()`` (parameters must
+    require grad; their gradients are dropped before every step)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    timer = timer or make_timer(tokens.device)
+    runs = []
+    with StepTimer(model, timer) as st:
+        for i in range(warmup + repeats):
+            run = st.step(tokens, loss_fn)
+            if i >= warmup:
+                runs.append(run)
+    model.zero_grad(set_to_none=True)
+    steps = [totals["step"] for _, _, totals in runs]
+    forward, backward, totals = runs[steps.index(statistics.median_low(steps))]
+    return StepTiming(forward, backward, totals, steps, warmup, repeats)

@@ -10,7 +10,9 @@ prefill (N=2048 new tokens) and a cached decode step (C=2048 cached, N=1):
    over measured time) are reported per layer and overall against the device's peaks (datasheet
    table entry, and a matmul/copy measurement on the device itself);
 3. logits are compared with ``transformers.LlamaForCausalLM`` (sdpa attention) built from the same
-   weights on the same GPU (HF layout via ``llama_ref.hf.convert_meta_tensor_to_hf``).
+   weights on the same GPU (HF layout via ``llama_ref.hf.convert_meta_tensor_to_hf``);
+4. a training step (N=2048, forward + loss + backward): counts exact per row and phase, forward and
+   backward timed per layer run, and the measured MFU (:mod:`.validate_training`).
 
 Writes ``validate_gpu.json`` and PNGs (roofline with measured points; per-layer throughput) to
 ``--out``. Exit status: 0 all checks passed, 1 a check failed, 2 cannot run (e.g. no CUDA device).
@@ -51,6 +53,7 @@ from .hardware import Hardware, detect_table_name, device_name, measure_device, 
 from .plots import plot_roofline, save_figure
 from .roofline import roofline_table, summarize
 from .timing import Timing, make_timer, time_forward
+from .validate_training import TrainStep, check_training_counters, step_report, time_step
 
 DTYPES = {short_name(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}
 COUNTER_NAMES = tuple(COUNTER_FUNCTIONS)
@@ -320,6 +323,7 @@ def run_validation(config: LlamaConfig, *, device, dtype_name: str = "bf16", che
                    kernels: Sequence[str] = ("math", "sdpa"), warmup: int = 3, repeats: int = 10,
                    hardware: Optional[str] = "auto", compare_hf: bool = True, out_dir="out/validate_gpu",
                    seed: int = 0, timer=None, measure_peaks: bool = True, peak_kwargs: Optional[dict] = None,
+                   train: Optional[TrainStep] = None, train_kernel: str = "sdpa",
                    log: Callable[[str], None] = print) -> dict:
     """Every step on ``device``; returns the JSON-able result (``result["ok"]`` says whether all passed)."""
     device = torch.device(device)
@@ -404,7 +408,15 @@ def run_validation(config: LlamaConfig, *, device, dtype_name: str = "bf16", che
             torch.cuda.empty_cache()
         result["steps"]["hf_s"] = time.perf_counter() - t0
 
-    # 4. plots + JSON
+    # 4. a training step
+    if train is not None:
+        t0 = time.perf_counter()
+        result["training"] = train_validation(model, train, batch=batch, names=counters, kernel=train_kernel,
+                                              warmup=warmup, repeats=repeats, timer=timer, peaks=peaks, seed=seed,
+                                              failures=failures, log=log)
+        result["steps"]["training_s"] = time.perf_counter() - t0
+
+    # 5. plots + JSON
     plots = {}
     for rep in phase_reports:
         if rep["attn_kernel"] != kernels[0]:
@@ -427,6 +439,31 @@ def run_validation(config: LlamaConfig, *, device, dtype_name: str = "bf16", che
     return result
 
 
+def train_validation(model, train: TrainStep, *, batch: int, names: Sequence[str], kernel: str, warmup: int,
+                     repeats: int, timer, peaks: Sequence[Hardware], seed: int, failures: list,
+                     log: Callable[[str], None]) -> dict:
+    """Step 4: the training step's counts (math kernel), then its timing with ``kernel`` and the measured MFU."""
+    tokens = make_tokens(model.config, batch, train.n_tokens, seed=seed + 11, device=model.device)
+    what = f"training step (N={train.n_tokens}, {train.loss}{', recompute' if train.recompute else ''})"
+    counts = check_training_counters(model, train, tokens, names=names)
+    for name in names:
+        r = counts[name]
+        macs = r.get("macs") if r.get("macs") is not None else r.get("forward_macs")  # fvcore: the forward only
+        log(f"[{what}] counter {name}: " + (f"exact agreement ({macs} MACs; claims {', '.join(r['claims'])})"
+                                            if r["agree"] else f"DISAGREE ({'; '.join(r['problems'][:3])})"))
+        if not r["agree"]:
+            failures.append(f"{what}: counter {name} disagrees with analytic: {'; '.join(r['problems'][:3])}")
+    timing = time_step(model, train, tokens, kernel=kernel, warmup=warmup, repeats=repeats, timer=timer)
+    rep = step_report(model, train, timing, batch=batch, peaks=peaks)
+    ov = rep["overall"]
+    log(f"[{what}/{kernel}] step {ov['step_s'] * 1e3:.3f} ms (forward {ov['forward_s'] * 1e3:.3f}, backward "
+        f"{ov['backward_s'] * 1e3:.3f}): {ov['tokens_per_s']:.4g} tokens/s, "
+        + ", ".join(f"MFU {100 * v:.3g}% of {k}" for k, v in ov["mfu"].items())
+        + ("".join(f", HFU {100 * v:.3g}% of {k}" for k, v in ov["hfu"].items()) if "hfu" in ov else ""))
+    return {"n_tokens": train.n_tokens, "loss": train.loss, "recompute": train.recompute, "attn_kernel": kernel,
+            "counters": counts, **rep}
+
+
 def _json_default(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -447,6 +484,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--prefill-tokens", type=int, default=2048, help="N of the prefill phase (default 2048)")
     p.add_argument("--decode-cached", type=int, default=2048, help="C of the decode phase, N=1 (default 2048)")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--train-tokens", type=int, default=None,
+                   help="N of the training-step check (forward + loss + backward; default 2048, or the model's "
+                        "max_seq_len if shorter)")
+    p.add_argument("--train-kernel", choices=("math", "sdpa"), default="sdpa",
+                   help="attention kernel of the timed training step (default sdpa; counted with math)")
+    p.add_argument("--recompute", action="store_true", help="training step with activation checkpointing (adds HFU)")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step check")
     p.add_argument("--counters", default="hooks,fvcore,torch", help="comma-separated subset of hooks,fvcore,torch")
     p.add_argument("--kernels", default="math,sdpa", help="attention kernels to time (default math,sdpa)")
     p.add_argument("--warmup", type=int, default=3)
@@ -478,18 +522,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        for name in ("prefill_tokens", "decode_cached", "train_tokens", "batch", "warmup", "repeats"):
+            low = 0 if name in ("decode_cached", "warmup") else 1
+            value = getattr(args, name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
         config = resolve_model(args.model).config if not args.checkpoint else _checkpoint_config(args.checkpoint)
         need = args.decode_cached + 1
         if max(args.prefill_tokens, need) > config.max_seq_len:
             raise ValueError(f"N={args.prefill_tokens} / C+1={need} exceed max_seq_len={config.max_seq_len} "
                              f"of {config.name}")
+        if args.train_tokens is None:
+            args.train_tokens = min(2048, config.max_seq_len)
+        if args.train_tokens > config.max_seq_len:
+            raise ValueError(f"--train-tokens {args.train_tokens} exceeds max_seq_len={config.max_seq_len} of {config.name}")
         phases = [Phase("prefill", args.prefill_tokens, 0), Phase("decode", 1, args.decode_cached)]
+        train = None if args.no_train else TrainStep(args.train_tokens, recompute=args.recompute)
         peak_kwargs = {"n": 1024, "repeats": 3, "nbytes": 64 * 2**20} if device.type == "cpu" else None
         result = run_validation(
             config, device=device, dtype_name=args.dtype, checkpoint=args.checkpoint, phases=phases,
             batch=args.batch, counters=counters, kernels=kernels, warmup=args.warmup, repeats=args.repeats,
             hardware=args.hardware, compare_hf=not args.no_hf, out_dir=args.out, seed=args.seed,
-            measure_peaks=not args.no_measure_peaks, peak_kwargs=peak_kwargs,
+            measure_peaks=not args.no_measure_peaks, peak_kwargs=peak_kwargs, train=train,
+            train_kernel=args.train_kernel,
         )
     except (BadInput, ValueError, OSError, MemoryError) as e:
         print(f"validate_gpu: error: {e}", file=sys.stderr)
