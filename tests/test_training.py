@@ -83,6 +83,21 @@ def test_total_equals_flop_counter_mode_on_transformers_eager(hf_llama_factory, 
     assert fcm.get_total_flops() == 2 * report.totals["analytic"]["macs"] == 2 * report.totals["torch"]["macs"]
 
 
+@pytest.mark.parametrize("hf_kwargs", [dict(), dict(num_hidden_layers=2, tie_word_embeddings=True)], ids=["gqa", "tied"])
+def test_forward_equals_flop_counter_mode_on_transformers_eager(hf_llama_factory, hf_kwargs):
+    """The forward alone: FlopCounterMode on transformers' eager forward / 2 equals every counter's MACs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tie = hf_kwargs.pop("tie_word_embeddings", False)
+    hf = build_hf(hf_llama_factory, hf_kwargs, tie, None)
+    tokens = torch.randint(0, hf.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as fcm:
+        hf(input_ids=tokens)
+    report = crosscheck(Llama.from_hf(hf), tokens)
+    assert report.agree, [str(m) for m in report.mismatches[:5]]
+    assert fcm.get_total_flops() == 2 * report.totals["analytic"]["macs"] == 2 * report.totals["fvcore"]["macs"]
+
+
 def build_hf(factory, kwargs, tie, rope_scaling):
     hf = factory(**kwargs)
     if tie or rope_scaling:
