@@ -16,7 +16,8 @@ from .devices import resolve_device
 from .errors import NonFiniteError
 from .finite import all_finite, describe_nonfinite
 from .layers import Linear, RMSNorm
-from .memory import check_memory, kv_cache_bytes, parameter_count, weight_bytes
+from .memory import (TORCH_MAX_TENSOR_BYTES, check_memory, check_tensor_sizes, forward_tensor_sizes,
+                     kv_cache_bytes, parameter_count, weight_bytes, weight_tensor_sizes)
 from .rope import ROPE_EAGER_POSITIONS, precompute_freqs_cis
 from .schedule import ScheduleSpec, format_schedule, resolve_schedule
 
@@ -52,8 +53,10 @@ class Llama(nn.Module):
         device = None if device is None else resolve_device(device)
         schedule = resolve_schedule(schedule, config.n_layers)
         target = torch.get_default_device() if device is None else device
+        weight_dtype = torch.get_default_dtype() if dtype is None else dtype
+        # torch refuses a tensor beyond 2**63 - 1 bytes even on meta, from deep inside nn.Embedding.
+        check_tensor_sizes(weight_tensor_sizes(config), weight_dtype.itemsize, f"Llama({config.name}) in {weight_dtype}")
         if target.type != "meta":
-            weight_dtype = torch.get_default_dtype() if dtype is None else dtype
             check_memory(weight_bytes(config, weight_dtype), target,
                          f"Llama({config.name}) with {parameter_count(config):,} weights in {weight_dtype} "
                          f"and a RoPE table for max_seq_len={config.max_seq_len:,}")
@@ -224,9 +227,9 @@ class Llama(nn.Module):
         dtype = self.compute_dtype if dtype is None else dtype
         c = self.config
         elements = max_batch_size * max_seq_len * c.n_kv_heads * c.head_dim
-        if elements >= 2**63:  # torch's own limit on a tensor's element count (it matters on meta)
+        if elements * dtype.itemsize > TORCH_MAX_TENSOR_BYTES:  # torch's own limit (it matters on meta)
             raise ValueError(f"setup_cache({max_batch_size}, {max_seq_len}): a cache of {elements:,} elements "
-                             "exceeds torch's limit of 2**63 - 1")
+                             f"of {dtype.itemsize} bytes exceeds torch's limit of 2**63 - 1 bytes for one tensor")
         n_runs = len(self._schedule)
         old = self.caches
         freeable = 0
@@ -313,11 +316,16 @@ class Llama(nn.Module):
         if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral) or start_pos < 0:
             raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r} ({type(start_pos).__name__})")
         start_pos = int(start_pos)
+        bsz, seqlen = int(bsz), int(seqlen)  # plain ints: under torch.jit.trace sizes are 0-dim tensors
         end = start_pos + seqlen
         if end > self.config.max_seq_len:
             raise ValueError(
                 f"sequence end {end} (start_pos {start_pos} + seqlen {seqlen}) exceeds max_seq_len={self.config.max_seq_len}"
             )
+        # Beyond torch's tensor size limit a forward fails deep inside (even on meta): refuse it here.
+        check_tensor_sizes(forward_tensor_sizes(self.config, bsz, seqlen, start_pos),
+                           max(self.compute_dtype.itemsize, 4),
+                           f"a forward of {bsz:,} sequence(s) x {seqlen:,} tokens after {start_pos:,} cached")
         if self.caches is None:
             if start_pos != 0:
                 raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")
