@@ -45,8 +45,16 @@ BAD_INPUT_ERRORS = (BadInput, ValueError, OSError, MemoryError)
 logger = logging.getLogger("llama_ref.cli")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (argparse prints the usage block first): every bad input
+    of every command, ours or argparse's, is exactly one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llama-ref", description=__doc__.split("\n")[0],
         epilog="exit status: " + "; ".join(f"{k} {v}" for k, v in EXIT_STATUSES.items()))
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")

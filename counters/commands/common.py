@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import tempfile
 from typing import Optional
 
@@ -46,10 +47,38 @@ def check_int(name: str, value: int, minimum: int, maximum: int = MAX_COUNT_ARG)
     return value
 
 
+def _check_path_text(path: str, option: str) -> None:
+    if not path or path.isspace():
+        raise BadInput(f"{option} is empty: give a path")
+    if "\0" in path:
+        raise BadInput(f"{option} {path!r}: a path cannot contain a NUL byte")
+
+
+def check_input_file(path: Optional[str], option: str) -> None:
+    """Fail now, before any work, unless ``path`` is an existing regular file (a directory, FIFO or
+    device named here would fail later, or block: opening a FIFO waits for a writer)."""
+    if path is None:
+        return
+    _check_path_text(path, option)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        broken = " (a broken symbolic link)" if os.path.islink(path) else ""
+        raise BadInput(f"{option} {path}: no such file{broken}") from None
+    except OSError as e:
+        raise BadInput(f"{option} {path}: cannot access ({e.strerror or e})") from None
+    if stat.S_ISDIR(mode):
+        raise BadInput(f"{option} {path} is a directory, not a file")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise BadInput(f"{option} {path} is {kind}, not a regular file")
+
+
 def check_output_file(path: Optional[str], option: str = "--out") -> None:
     """Fail now, before any work, if ``path`` cannot be written as a file."""
     if path is None:
         return
+    _check_path_text(path, option)
     if os.path.isdir(path):
         raise BadInput(f"{option} {path} is a directory; give a file name")
     parent = os.path.dirname(os.path.abspath(path))
@@ -65,6 +94,7 @@ def check_output_file(path: Optional[str], option: str = "--out") -> None:
 def check_output_dir(path: str, option: str = "--out") -> None:
     """Fail now, before any work, if ``path`` cannot be (created and) written as a directory. Missing
     folders are created, as ``mkdir -p`` would."""
+    _check_path_text(path, option)
     if os.path.exists(path) and not os.path.isdir(path):
         raise BadInput(f"{option} {path} is a file, not a directory")
     try:
@@ -89,3 +119,12 @@ def _check_writable_dir(directory: str, option: str, path: str) -> None:
             pass
     except OSError as e:
         raise BadInput(f"{option} {path}: the folder {directory} is not writable ({e.strerror or e})") from None
+
+
+def write_output(path: str, text: str, option: str = "--out") -> None:
+    """Write ``text`` to ``path``; a failure (disk full, a file that became unwritable) names the file."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise BadInput(f"{option} {path}: cannot write ({e.strerror or e})") from None
