@@ -97,6 +97,9 @@ def check_output_dir(path: str, option: str = "--out") -> None:
     _check_path_text(path, option)
     if os.path.exists(path) and not os.path.isdir(path):
         raise BadInput(f"{option} {path} is a file, not a directory")
+    in_the_way = _file_in_the_way(path)
+    if in_the_way:
+        raise BadInput(f"{option} {path}: {in_the_way} is a file, not a directory")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as e:
@@ -104,14 +107,23 @@ def check_output_dir(path: str, option: str = "--out") -> None:
     _check_writable_dir(path, option, path)
 
 
+def _file_in_the_way(path: str) -> Optional[str]:
+    """The nearest existing ancestor of ``path`` when it is a file (no folder can be made under it)."""
+    probe = os.path.dirname(os.path.abspath(path))
+    while probe and not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    return probe if probe and os.path.exists(probe) and not os.path.isdir(probe) else None
+
+
 def _check_writable_dir(directory: str, option: str, path: str) -> None:
     if not os.path.isdir(directory):
-        # Walk up to say which part is wrong: missing, or a file in the way.
-        probe = directory
-        while probe and not os.path.exists(probe):
-            probe = os.path.dirname(probe)
-        if probe and not os.path.isdir(probe):
-            raise BadInput(f"{option} {path}: {probe} is a file, not a directory")
+        # Say which part is wrong: a file in the way, or a missing folder.
+        in_the_way = directory if os.path.exists(directory) else _file_in_the_way(os.path.join(directory, "x"))
+        if in_the_way:
+            raise BadInput(f"{option} {path}: {in_the_way} is a file, not a directory")
         raise BadInput(f"{option} {path}: the folder {directory} does not exist")
     # Ask the file system itself (permission bits do not stop root; a read-only mount does).
     try:

@@ -69,19 +69,27 @@ def load_timings(path: Union[str, os.PathLike], *, n_tokens: Optional[int] = Non
     for i, r in enumerate(rows):
         field = f"--timings {where}: layers[{i}]"
         if not isinstance(r, dict):
-            raise BadInput(f"{field} is a {type(r).__name__}, expected an object")
+            raise BadInput(f"{field} is {_cut(repr(r), 40)}, expected an object {{position, module, measured_s}}")
         module, position = r.get("module"), r.get("position")
         if not isinstance(module, str) or module not in TIMING_ROWS:
-            raise BadInput(f"{field}.module is {module!r}, not a row name ({', '.join(sorted(TIMING_ROWS))})")
+            raise BadInput(f"{field}.module is {_cut(repr(module), 60)}, not a row name "
+                           f"({', '.join(sorted(TIMING_ROWS))})")
         if position is not None and (isinstance(position, bool) or not isinstance(position, int) or position < 0):
-            raise BadInput(f"{field}.position is {position!r}, expected null or a non-negative int")
+            raise BadInput(f"{field}.position is {_cut(repr(position), 60)}, expected null or a non-negative int")
         s = r.get("measured_s", r.get("seconds"))
         if s is None:
             continue
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
-            raise BadInput(f"{field}.measured_s is {s!r}, expected a finite number of seconds >= 0")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not _finite(s) or s < 0:
+            raise BadInput(f"{field}.measured_s is {_cut(repr(s), 60)}, expected a finite number of seconds >= 0")
         out[(position, module)] = float(s)
     return out
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond a float's range
+        return False
 
 
 def _cut(text: str, limit: int = 300) -> str:
