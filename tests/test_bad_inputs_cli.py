@@ -304,6 +304,9 @@ CASES: list[CliCase] = [
     CliCase("count-out-empty", _count("tiny", "--out", ""), 2, "--out is empty", quick=True),
     CliCase("count-out-unwritable", lambda c: _count("tiny", "--out", c.unwritable(c.folder("ro")) + "/x.json"), 2,
             f"the folder {PATH} is not writable (Read-only file system)", quick=True),
+    CliCase("count-out-fifo-no-reader", lambda c: _count("tiny", "--tokens", "2", "--counters", "analytic", "--out",
+                                                     c.fifo("out.json")), 2,
+            f"--out {PATH} is a FIFO (named pipe) that nothing reads"),
     CliCase("count-out-disk-full", _count("tiny", "--tokens", "2", "--counters", "analytic", "--out", "/dev/full"), 2,
             "--out /dev/full: cannot write (No space left on device)", skip=_have("/dev/full")),
     # --- count: schedules, refused from their bounds

@@ -4,6 +4,7 @@ arguments and output paths that run before any work."""
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import stat
 import tempfile
@@ -84,6 +85,10 @@ def check_output_file(path: Optional[str], option: str = "--out") -> None:
     parent = os.path.dirname(os.path.abspath(path))
     _check_writable_dir(parent, option, path)
     if os.path.exists(path):
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            # A named pipe: probing it by opening and closing it would end a reader's stream, so whether
+            # anything reads it is checked when writing (write_output), which never waits.
+            return
         try:
             with open(path, "ab"):
                 pass
@@ -134,9 +139,28 @@ def _check_writable_dir(directory: str, option: str, path: str) -> None:
 
 
 def write_output(path: str, text: str, option: str = "--out") -> None:
-    """Write ``text`` to ``path``; a failure (disk full, a file that became unwritable) names the file."""
+    """Write ``text`` to ``path``; a failure (disk full, a file that became unwritable) names the file.
+    A named pipe that nothing reads is refused at once: ``open`` would wait for a reader forever."""
     try:
-        with open(path, "w", encoding="utf-8") as f:
+        with _open_for_writing(path, option) as f:
             f.write(text)
     except OSError as e:
         raise BadInput(f"{option} {path}: cannot write ({e.strerror or e})") from None
+
+
+def _open_for_writing(path: str, option: str):
+    try:
+        is_fifo = stat.S_ISFIFO(os.stat(path).st_mode)
+    except FileNotFoundError:
+        is_fifo = False
+    if not is_fifo:
+        return open(path, "w", encoding="utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO at once when no process reads the pipe
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise BadInput(f"{option} {path} is a FIFO (named pipe) that nothing reads: writing to it would wait "
+                           "forever") from None
+        raise
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "w", encoding="utf-8")
