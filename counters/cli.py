@@ -52,6 +52,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
 
+    def _get_values(self, action, arg_strings):
+        # argparse (3.11) drops the "--" of "--kernel=--" and hands the command an unchecked empty list,
+        # past `choices` and `type`. Take "--" as the value it is, checked like any other.
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(

@@ -277,6 +277,11 @@ CASES: list[CliCase] = [
     CliCase("format-choice", _count("tiny", "--format", "xml"), 2, "--format: invalid choice: 'xml'", quick=True),
     CliCase("dtype-choice", _count("tiny", "--dtype", "int8"), 2, "--dtype: invalid choice: 'int8'", quick=True),
     CliCase("kernel-choice", _count("tiny", "--kernel", "flash"), 2, "--kernel: invalid choice: 'flash'", quick=True),
+    # argparse 3.11 turns "--opt=--" into an unchecked [] (past choices and type): a TypeError deep inside before
+    CliCase("option-equals-dashdash", _roofline("tiny", "--hardware=--"), 2, "--hardware: invalid choice: '--'",
+            quick=True),
+    CliCase("int-option-equals-dashdash", _count("tiny", "--tokens=--"), 2, "--tokens: invalid int value: '--'",
+            quick=True),
     # --- count: sizes, checked before anything is resolved or built
     CliCase("count-tokens-zero", _count("tiny", "--tokens", "0"), 2, "--tokens must be >= 1, got 0", quick=True),
     CliCase("count-tokens-negative", _count("tiny", "--tokens", "-5"), 2, "--tokens must be >= 1, got -5", quick=True),
@@ -582,11 +587,16 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
+class Hang(BaseException):
+    """A run took longer than its deadline. A BaseException, so that the CLI's own error handling cannot
+    turn it into an exit status (a TimeoutError is an OSError: it would pass for bad input)."""
+
+
 @contextmanager
 def deadline(seconds: int):
     """Fail instead of hanging (SIGALRM interrupts even a blocking open() of a FIFO)."""
     def on_alarm(signum, frame):
-        raise TimeoutError(f"no answer within {seconds} s: the command hangs")
+        raise Hang(f"no answer within {seconds} s: the command hangs")
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.alarm(seconds)
