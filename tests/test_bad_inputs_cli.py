@@ -42,7 +42,7 @@ from counters.commands import params as params_command
 from counters.commands import schedules as schedules_command
 from counters.studies import factory
 from counters.studies import roofline_command
-from counters.studies.hardware import Hardware
+from counters.studies.hardware import available_cpus
 from llama_ref import PRESETS
 from llama_ref import memory as llama_memory
 from llama_ref.config_files import MAX_JSON_BYTES
@@ -495,8 +495,8 @@ CASES: list[CliCase] = [
     CliCase("roofline-repeats-huge", _roofline("tiny", "--repeats", str(10**9)), 2, "--repeats must be <= 10,000",
             quick=True),
     CliCase("roofline-threads-zero", _roofline("tiny", "--threads", "0"), 2, "--threads must be >= 1, got 0", quick=True),
-    CliCase("roofline-threads-beyond-cpus", _roofline("tiny", "--threads", str(roofline_command.available_cpus() + 1)), 2,
-            f"--threads must be <= {roofline_command.available_cpus():,}", quick=True),
+    CliCase("roofline-threads-beyond-cpus", _roofline("tiny", "--threads", str(available_cpus() + 1)), 2,
+            f"--threads must be <= {available_cpus():,}", quick=True),
     CliCase("roofline-measure-and-timings", lambda c: ["roofline", "tiny", "--measure", "--timings", "t.json",
                                                        "--out", str(c.tmp / "o")], 2,
             "--measure and --timings both give measured times: choose one", quick=True),
@@ -749,3 +749,61 @@ def test_the_forward_memory_estimate_is_one_function():
     step = llama_memory.forward_memory(config, batch=1, n_tokens=1, n_cached=2047)
     assert step.kv_cache == 2_147_483_648
     assert step.activations == llama_memory.activation_bytes(config, bsz=1, seqlen=2047)
+
+
+# ---------------------------------------------------------------------------- the study scripts' commands
+# scripts/validate_gpu.py and scripts/bench.py (counters.studies.validate.main, counters.studies.bench.main):
+# exit 2 and one line naming the argument, before any model is built or anything measured (which takes minutes).
+_V = ["--model", "tiny", "--device", "cpu", "--dtype", "fp32", "--no-hf", "--no-measure-peaks"]
+_B = ["--quick", "--no-meta", "--no-counting", "--device", "cpu"]
+SCRIPT_CASES = [
+    ("validate-prefill-negative", "validate", [*_V, "--prefill-tokens", "-1"], "--prefill-tokens must be >= 1, got -1"),
+    ("validate-cached-negative", "validate", [*_V, "--decode-cached", "-1"], "--decode-cached must be >= 0, got -1"),
+    ("validate-batch-zero", "validate", [*_V, "--batch", "0"], "--batch must be >= 1, got 0"),
+    ("validate-warmup-negative", "validate", [*_V, "--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    ("validate-repeats-zero", "validate", [*_V, "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ("validate-seed-negative", "validate", [*_V, "--seed", "-1"], "--seed must be >= 0, got -1"),
+    # no counter or kernel at all would check nothing and still print PASSED
+    ("validate-no-counters", "validate", [*_V, "--counters", ""], "bad --counters ''"),
+    ("validate-no-kernels", "validate", [*_V, "--kernels", " , "], "bad --kernels ' , '"),
+    ("validate-counter-twice", "validate", [*_V, "--counters", "hooks,hooks"], "bad --counters 'hooks,hooks'"),
+    ("validate-hardware", "validate", [*_V, "--hardware", "cpu"], "bad --hardware 'cpu'"),
+    ("validate-device-empty", "validate", [*_V, "--device", ""], "--device is empty"),
+    ("validate-device-meta", "validate", [*_V, "--device", "meta"], "bad --device 'meta'"),
+    ("validate-out-under-a-file", "validate", lambda c: [*_V, "--out", c.file("f", "x") + "/o"],
+     f"{PATH} is a file, not a directory"),
+    ("bench-threads-zero", "bench", [*_B, "--threads", "0"], "--threads must be >= 1, got 0"),
+    ("bench-threads-negative", "bench", [*_B, "--threads", "-3"], "--threads must be >= 1, got -3"),
+    ("bench-repeats-zero", "bench", [*_B, "--repeats", "0"], "--repeats must be >= 1, got 0"),
+    ("bench-repeats-negative", "bench", [*_B, "--repeats", "-1"], "--repeats must be >= 1, got -1"),
+    ("bench-meta-tokens", "bench", [*_B, "--meta-tokens", "5000"], "--meta-tokens must be <= 4,096, got 5000"),
+    ("bench-meta-counters-empty", "bench", [*_B, "--meta-counters", ""], "bad --meta-counters ''"),
+    ("bench-out-under-a-file", "bench", lambda c: [*_B, "--out", c.file("f", "x") + "/o"],
+     f"{PATH} is a file, not a directory"),
+]
+
+
+@pytest.mark.parametrize("case", SCRIPT_CASES, ids=[c[0] for c in SCRIPT_CASES])
+def test_bad_script_input(case, tmp_path, monkeypatch, capsys):
+    from counters.studies import bench, validate
+
+    _id, script, argv, fragment = case
+    ctx = Ctx(tmp_path, monkeypatch, {})
+    argv = argv(ctx) if callable(argv) else list(argv)
+    module = {"validate": validate, "bench": bench}[script]
+    work = {"validate": ("resolve_model", "run_validation", "build_model"),
+            "bench": ("run_device", "bench_meta", "measure_device")}[script]
+    for name in work:
+        monkeypatch.setattr(module, name, lambda *a, _n=name, **k: (_ for _ in ()).throw(WorkStarted(_n)))
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    with deadline(30):
+        status = module.main(argv)
+    seconds = time.perf_counter() - t0
+    out, err = capsys.readouterr()
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment.replace(PATH, ctx.path) in lines[0], err
+    assert out == "" and seconds < 1.0

@@ -42,8 +42,12 @@ def estimate_forward_memory(config: LlamaConfig, *, batch: int, n_tokens: int, n
                           weight_dtype=dtype, compute_dtype=dtype, kv_cache=True, kernel=kernel).total
 
 
+MEASURE_HINT = ("measure fewer layers of the same shape with --layers K (every decoder layer costs the same), a smaller "
+                "--batch or --tokens, or drop --measure to get the prediction alone")
+
+
 def check_measure_memory(config: LlamaConfig, *, device, dtype: torch.dtype, batch: int, n_tokens: int,
-                         n_cached: int, schedule=None, attn_kernel: str = "math") -> None:
+                         n_cached: int, schedule=None, attn_kernel: str = "math", hint: str = MEASURE_HINT) -> None:
     """Refuse (``MemoryError`` naming the estimate, the memory available and the way out) a :func:`measure`
     that cannot fit on ``device``. Cheap: call it before any other work."""
     device = torch.device(device)
@@ -55,8 +59,7 @@ def check_measure_memory(config: LlamaConfig, *, device, dtype: torch.dtype, bat
         raise MemoryError(
             f"measuring {config.name} ({config.n_layers} layers) in {dtype} on {device} with batch {batch}, "
             f"{n_tokens} new + {n_cached} cached tokens needs about {need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB "
-            "are available; measure fewer layers of the same shape with --layers K (every decoder layer costs "
-            "the same), a smaller --batch or --tokens, or drop --measure to get the prediction alone"
+            f"are available; {hint}"
         )
 
 

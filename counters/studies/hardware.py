@@ -165,6 +165,14 @@ def measure_device(device: Union[str, torch.device] = "cpu", dtype: str = "fp32"
     return hw
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container or taskset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def device_name(device: Union[str, torch.device]) -> str:
     device = torch.device(device)
     if device.type == "cuda":

@@ -27,7 +27,7 @@ from ..commands.common import (EXIT_OK, BadInput, add_model_arguments, check_inp
 from ..models import resolve_model
 from ..table import BLOCK_ROWS, TOP_ROWS_AFTER, TOP_ROWS_BEFORE, RowKey
 from .factory import check_measure_memory, measure
-from .hardware import DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, get_hardware
+from .hardware import DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, available_cpus, get_hardware
 from .plots import default_contexts, default_schedules, plot_macs_vs_context, plot_roofline
 from .roofline import format_table, roofline_table, summarize
 
@@ -108,14 +108,6 @@ def check_timings_match(measured: dict[RowKey, float], rows, where: str, level: 
         raise BadInput(f"--timings {where}: {len(stray)} timed row(s) match no row of this roofline "
                        f"({runs} layer runs, --level {level}): {shown}; is it the same model, --schedule "
                        "and --level?")
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which a container or taskset narrows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
