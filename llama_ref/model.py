@@ -16,14 +16,18 @@ from .devices import resolve_device
 from .errors import NonFiniteError
 from .finite import all_finite, describe_nonfinite
 from .layers import Linear, RMSNorm
-from .memory import (TORCH_MAX_TENSOR_BYTES, check_memory, check_tensor_sizes, forward_tensor_sizes,
-                     kv_cache_bytes, parameter_count, weight_bytes, weight_tensor_sizes)
+from .memory import (TORCH_MAX_TENSOR_BYTES, activation_bytes, check_memory, check_tensor_sizes,
+                     forward_tensor_sizes, kv_cache_bytes, parameter_count, weight_bytes, weight_tensor_sizes)
 from .rope import ROPE_EAGER_POSITIONS, precompute_freqs_cis
 from .schedule import ScheduleSpec, format_schedule, resolve_schedule
 
 logger = logging.getLogger(__name__)
 
 DeviceLike = Union[str, torch.device, None]
+
+# A forward whose activations are estimated above this is checked against the memory available first
+# (smaller ones are not worth reading /proc/meminfo for on every decode step).
+ACTIVATION_CHECK_BYTES = 1 << 28
 
 
 class Llama(nn.Module):
@@ -323,9 +327,17 @@ class Llama(nn.Module):
                 f"sequence end {end} (start_pos {start_pos} + seqlen {seqlen}) exceeds max_seq_len={self.config.max_seq_len}"
             )
         # Beyond torch's tensor size limit a forward fails deep inside (even on meta): refuse it here.
+        what = f"a forward of {bsz:,} sequence(s) x {seqlen:,} tokens after {start_pos:,} cached"
         check_tensor_sizes(forward_tensor_sizes(self.config, bsz, seqlen, start_pos),
-                           max(self.compute_dtype.itemsize, 4),
-                           f"a forward of {bsz:,} sequence(s) x {seqlen:,} tokens after {start_pos:,} cached")
+                           max(self.compute_dtype.itemsize, 4), what)
+        if self.device.type != "meta":
+            # Activations beyond the memory available end in an allocator error deep inside, or (Linux
+            # overcommit) in the OOM killer with no message at all. The estimate is integer arithmetic; the
+            # memory is looked up only for a forward large enough to matter.
+            act = activation_bytes(self.config, bsz=bsz, seqlen=seqlen, start_pos=start_pos,
+                                   compute_dtype=self.compute_dtype, kernel=self.attn_kernel)
+            if act > ACTIVATION_CHECK_BYTES:
+                check_memory(act, self.device, f"{what} (its largest activations)")
         if self.caches is None:
             if start_pos != 0:
                 raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")

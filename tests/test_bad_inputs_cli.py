@@ -807,3 +807,26 @@ def test_bad_script_input(case, tmp_path, monkeypatch, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and fragment.replace(PATH, ctx.path) in lines[0], err
     assert out == "" and seconds < 1.0
+
+
+def test_a_forward_too_large_for_memory_is_refused_before_it_runs(monkeypatch):
+    """The model API itself (what every command runs): activations estimated beyond the memory available are
+    refused before the first op, with the estimate and the memory named, instead of an allocator error or the
+    OOM killer. Simulated: 10,000,000 bytes available."""
+    from llama_ref import InsufficientMemoryError, Llama
+
+    monkeypatch.setattr(llama_memory, "available_memory_bytes", lambda device: 10_000_000)
+    model = Llama(TINY).eval()
+    tokens = torch.zeros(1024, 128, dtype=torch.long)
+    need = llama_memory.activation_bytes(TINY, bsz=1024, seqlen=128)
+    # the attention scores alone: 3 copies x 1024 x 4 heads x 128 x 128 x 4 bytes = 805,306,368 bytes
+    assert need > 805_306_368
+    with pytest.raises(InsufficientMemoryError) as info:
+        with torch.no_grad():
+            model(tokens)
+    message = str(info.value)
+    assert "a forward of 1,024 sequence(s) x 128 tokens after 0 cached" in message
+    assert llama_memory.format_bytes(need) in message and "10,000,000 bytes" in message
+    # a forward below the threshold is not even looked at: it runs
+    with torch.no_grad():
+        assert model(torch.zeros(2, 8, dtype=torch.long)).shape == (2, 8, 256)
