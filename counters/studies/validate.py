@@ -469,7 +469,8 @@ def _names(text: str, option: str, known: Sequence[str]) -> list[str]:
 
 
 def _check_arguments(args: argparse.Namespace) -> tuple[torch.device, list[str], list[str]]:
-    """Every argument checked before any work (the output folder too): ``BadInput`` naming it."""
+    """Every argument checked before any work: ``BadInput`` naming it (the output folder is checked next, once
+    the device is known to exist)."""
     check_int("prefill-tokens", args.prefill_tokens, 1)
     check_int("decode-cached", args.decode_cached, 0)
     check_int("batch", args.batch, 1)
@@ -489,7 +490,6 @@ def _check_arguments(args: argparse.Namespace) -> tuple[torch.device, list[str],
         raise BadInput(f"bad --device {args.device!r}: {e}") from None
     if device.type not in ("cuda", "cpu"):
         raise BadInput(f"bad --device {args.device!r}: cuda[:N] or cpu")
-    check_output_dir(args.out)
     return device, counters, kernels
 
 
@@ -504,6 +504,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(no_cuda_message(), file=sys.stderr)
         return 2
     try:
+        check_output_dir(args.out)  # after the device: a run that cannot start makes no folder
         config = resolve_model(args.model).config if not args.checkpoint else _checkpoint_config(args.checkpoint)
         need = args.decode_cached + 1
         if max(args.prefill_tokens, need) > config.max_seq_len:
