@@ -830,3 +830,16 @@ def test_a_forward_too_large_for_memory_is_refused_before_it_runs(monkeypatch):
     # a forward below the threshold is not even looked at: it runs
     with torch.no_grad():
         assert model(torch.zeros(2, 8, dtype=torch.long)).shape == (2, 8, 256)
+
+
+def test_setup_cache_counts_bytes_against_torch_limit():
+    """torch's limit is on bytes: 2**50 rows x 128 positions x 2 kv heads x 16 = 2**62 elements is fewer than
+    2**63, but 2**64 bytes in fp32 (a RuntimeError from deep inside torch before, even on meta)."""
+    from llama_ref import Llama
+
+    model = Llama(TINY, device="meta")
+    with pytest.raises(ValueError, match=r"4,611,686,018,427,387,904 elements of 4 bytes exceeds torch's limit"):
+        model.setup_cache(2**50, 128)
+    # half the rows in fp16: 2**61 elements x 2 bytes = 2**62 bytes, within the limit (meta stores nothing)
+    model.setup_cache(2**49, 128, dtype=torch.float16)
+    assert model.caches[0].cache_k.shape == (2**49, 128, 2, 16)
