@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 from counters import cli, models
 from counters.studies import factory, roofline_command
-from counters.studies.hardware import Hardware, table_hardware
+from counters.studies.hardware import Hardware
 from llama_ref import PRESETS
 from llama_ref import memory as llama_memory
 from llama_ref.hf import hf_config_dict
