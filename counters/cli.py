@@ -45,8 +45,25 @@ BAD_INPUT_ERRORS = (BadInput, ValueError, OSError, MemoryError)
 logger = logging.getLogger("llama_ref.cli")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (argparse prints the usage block first): every bad input
+    of every command, ours or argparse's, is exactly one line on stderr and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+    def _get_values(self, action, arg_strings):
+        # argparse (3.11) drops the "--" of "--kernel=--" and hands the command an unchecked empty list,
+        # past `choices` and `type`. Take "--" as the value it is, checked like any other.
+        if action.option_strings and action.nargs is None and arg_strings == ["--"]:
+            value = self._get_value(action, "--")
+            self._check_value(action, value)
+            return value
+        return super()._get_values(action, arg_strings)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llama-ref", description=__doc__.split("\n")[0],
         epilog="exit status: " + "; ".join(f"{k} {v}" for k, v in EXIT_STATUSES.items()))
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")

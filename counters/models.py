@@ -16,13 +16,15 @@ import torch
 from llama_ref.config import PRESETS, LlamaConfig
 from llama_ref.dtypes import DTYPES as ALL_DTYPES
 from llama_ref.dtypes import names as dtype_names
+from llama_ref.errors import InsufficientMemoryError
 from llama_ref.hub import is_hub_id
 from llama_ref.loading import find_checkpoint_files
-from llama_ref.memory import available_memory_bytes
+from llama_ref.memory import ForwardMemory, available_memory_bytes, format_bytes, forward_memory, training_memory
 from llama_ref.model import Llama
 
 from .analytic import param_count
 from .commands.common import BadInput
+from .training import Training
 from .studies.factory import random_model
 
 # Random weights serve only to run real kernels (counts depend on shapes, never on values), so a
@@ -76,9 +78,11 @@ def resolve_model(spec: str, *, vocab_size: Optional[int] = None, revision: Opti
                        "no such file or directory, and not a Hub model id (org/name)")
     if os.path.isdir(spec):
         directory = spec
-        if os.path.isfile(os.path.join(spec, "config.json")):
+        # lexists, not isfile: a config.json that is a directory, a FIFO or a broken link is named as such
+        # by the reader, not reported as absent.
+        if os.path.lexists(os.path.join(spec, "config.json")):
             kind, cfg_file = "hf", os.path.join(spec, "config.json")
-        elif os.path.isfile(os.path.join(spec, "params.json")):
+        elif os.path.lexists(os.path.join(spec, "params.json")):
             kind, cfg_file = "meta", os.path.join(spec, "params.json")
         else:
             raise BadInput(f"{spec}: directory has neither config.json (Hugging Face) nor params.json (Meta)")
@@ -112,14 +116,44 @@ def resolve_model(spec: str, *, vocab_size: Optional[int] = None, revision: Opti
     return ModelSource(config, kind, path=spec, checkpoint_dir=directory if weights else None)
 
 
-def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: int) -> tuple[str, str]:
+# Weights of this many bytes per element are counted as this dtype; only the size matters to an estimate.
+_DTYPE_OF_BYTES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
+
+
+def forward_need(config: LlamaConfig, device_type: str, dtype_bytes: int, *, batch: int = 1, n_tokens: int = 1,
+                 n_cached: int = 0, n_runs: Optional[int] = None, kernel: str = "math",
+                 training: Optional[Training] = None) -> ForwardMemory:
+    """Memory a counted forward needs on a real device of type ``device_type``: the weights
+    (``dtype_bytes`` each), the KV cache and the prefill of ``n_cached`` positions when there are any, and
+    the largest activations (:func:`llama_ref.memory.forward_memory`); with ``training``, a training step:
+    gradients and the activations kept for the backward too (:func:`llama_ref.memory.training_memory`).
+    Activations are fp32 on the CPU and in the weight dtype elsewhere, as the model computes."""
+    weight_dtype = _DTYPE_OF_BYTES[dtype_bytes]
+    compute = torch.float32 if device_type == "cpu" else weight_dtype
+    if training is not None:
+        return training_memory(config, batch=batch, n_tokens=n_tokens, n_runs=n_runs, weight_dtype=weight_dtype,
+                               compute_dtype=compute, kernel=kernel, recompute=training.recompute)
+    return forward_memory(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs,
+                          weight_dtype=weight_dtype, compute_dtype=compute, kernel=kernel)
+
+
+def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: int, *, batch: int = 1,
+                  n_tokens: int = 1, n_cached: int = 0, n_runs: Optional[int] = None,
+                  kernel: str = "math", training: Optional[Training] = None) -> tuple[str, str]:
     """(device, reason). ``--device`` wins; otherwise real weights load on the CPU when they fit in
     RAM, random weights only when small (counts do not depend on values), and everything else runs
-    on the meta device (shapes only: seconds and well under 1 GiB even for 70B)."""
+    on the meta device (shapes only: seconds and well under 1 GiB even for 70B).
+
+    The forward to count (``batch`` x ``n_tokens`` after ``n_cached``, ``n_runs`` layer runs) is part of
+    the decision: its activations and KV cache can outgrow the weights by far (``--batch 100000``). On a
+    requested real device a forward that cannot fit is refused *before* anything is built
+    (:class:`~llama_ref.errors.InsufficientMemoryError`, naming the estimate and what is available)."""
     weight_bytes = param_count(source.config) * dtype_bytes
-    avail = available_memory_bytes("cpu") or 0
+    shape = dict(batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs, kernel=kernel, training=training)
     gib = 1 << 30
-    if requested:
+    if requested is not None:
+        if not requested.strip():
+            raise BadInput("--device is empty: use cpu, meta or cuda[:N]")
         if requested == "meta":
             return "meta", "--device meta"
         try:
@@ -133,20 +167,29 @@ def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: in
                 raise BadInput(f"--device {requested}: only {torch.cuda.device_count()} CUDA device(s)")
         elif dev.type != "cpu":
             raise BadInput(f"bad --device {requested!r}: use cpu, meta or cuda[:N]")
-        if dev.type == "cpu" and avail and weight_bytes > avail:
-            raise BadInput(f"--device cpu: the weights need {weight_bytes / gib:.1f} GiB but only "
-                           f"{avail / gib:.1f} GiB of RAM is available; use --device meta (counts are the same)")
+        need = forward_need(source.config, dev.type, dtype_bytes, **shape)
+        avail = available_memory_bytes(dev)
+        if avail is not None and need.total > avail:
+            where = "RAM" if dev.type == "cpu" else f"free memory on {dev}"
+            raise InsufficientMemoryError(
+                f"--device {requested}: counting this {'training step' if training else 'forward'} needs about "
+                f"{need.describe()}, but only "
+                f"{format_bytes(avail)} of {where} is available; use --device meta (counts are the same)")
         return requested, f"--device {requested}"
+    avail = available_memory_bytes("cpu") or 0
+    need = forward_need(source.config, "cpu", dtype_bytes, **shape)
+    run_bytes = need.total - weight_bytes  # the forward's activations, KV cache and RoPE table
     if source.has_weights:
-        if weight_bytes * 5 // 4 <= avail:
+        if weight_bytes * 5 // 4 + run_bytes <= avail:
             return "cpu", f"checkpoint weights ({weight_bytes / gib:.1f} GiB) fit in available RAM ({avail / gib:.1f} GiB)"
-        return "meta", (f"checkpoint weights ({weight_bytes / gib:.1f} GiB) exceed available RAM "
-                        f"({avail / gib:.1f} GiB): counted on meta without loading")
+        return "meta", (f"checkpoint weights ({weight_bytes / gib:.1f} GiB) and the forward ({run_bytes / gib:.1f} GiB) "
+                        f"exceed available RAM ({avail / gib:.1f} GiB): counted on meta without loading")
     limit = min(RANDOM_INIT_MAX_BYTES, avail // 2)
-    if weight_bytes <= limit:
+    if weight_bytes <= limit and need.total <= avail // 2:
         return "cpu", f"random weights ({weight_bytes / gib:.2f} GiB) on the CPU"
-    return "meta", (f"no checkpoint and random weights would take {weight_bytes / gib:.1f} GiB "
-                    f"(> {limit / gib:.1f} GiB): counted on meta (shapes only)")
+    return "meta", (f"no checkpoint, and random weights ({weight_bytes / gib:.1f} GiB, limit {limit / gib:.1f} GiB) "
+                    f"plus the forward ({run_bytes / gib:.1f} GiB) are too large for the CPU: counted on meta "
+                    "(shapes only)")
 
 
 def build_model(source: ModelSource, *, device: str, dtype: Optional[torch.dtype], schedule, kernel: str,

@@ -8,11 +8,23 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from .config_files import PathOrDict, hf_config_fields, meta_config_fields, meta_ffn_hidden_dim, read_json, with_source
+from .config_files import (MAX_SIZE, PathOrDict, hf_config_fields, meta_config_fields, meta_ffn_hidden_dim, read_json,
+                           with_source)
 from .hub import hub_config_path, is_hub_id
 from .rope_scaling import RopeScaling, positive_finite
 
-__all__ = ["LlamaConfig", "PRESETS", "RopeScaling", "meta_ffn_hidden_dim"]
+__all__ = ["LlamaConfig", "MAX_SIZE", "PRESETS", "RopeScaling", "meta_ffn_hidden_dim"]
+
+
+
+def _show_int(value: int) -> str:
+    """An int for a message: in full up to 30 digits, else by its digit count (str() of an int of more
+    than 4300 digits raises, and a message must stay one readable line)."""
+    if abs(value) < 10**30:
+        return str(value)
+    if abs(value) < 10**4000:
+        return f"an int of {len(str(abs(value)))} digits"
+    return "an int of over 4000 digits"
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -53,7 +65,10 @@ class LlamaConfig:
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"LlamaConfig.{field} must be an int, got {value!r}")
             if value <= 0:
-                raise ValueError(f"LlamaConfig.{field} must be positive, got {value}")
+                raise ValueError(f"LlamaConfig.{field} must be positive, got {_show_int(value)}")
+            if value > MAX_SIZE:
+                raise ValueError(f"LlamaConfig.{field} must be at most 2**63 - 1 (torch sizes and positions are "
+                                 f"64-bit), got {_show_int(value)}")
         for field in ("norm_eps", "rope_theta"):
             value = getattr(self, field)
             if not positive_finite(value):
@@ -73,6 +88,9 @@ class LlamaConfig:
         if explicit:
             if isinstance(hd, bool) or not isinstance(hd, int) or hd <= 0:
                 raise ValueError(f"LlamaConfig.head_dim must be a positive int or None, got {hd!r}")
+            if hd > MAX_SIZE:
+                raise ValueError(f"LlamaConfig.head_dim must be at most 2**63 - 1 (torch sizes are 64-bit), "
+                                 f"got {_show_int(hd)}")
             if hd % 2:
                 raise ValueError(f"head_dim={hd} must be even: RoPE rotates pairs of channels")
         else:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import stat
 from typing import Any, Mapping, Optional, Union
@@ -40,6 +41,12 @@ _MISSING = object()
 
 
 # ---------------------------------------------------------------------------- files
+#: The largest value of a size field (dim, n_layers, ..., max_seq_len): torch's sizes and positions are int64.
+MAX_SIZE = 2**63 - 1
+#: A Llama config.json is about 1 KB: a file larger than this is not one (and would be read whole).
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
 def read_json(path_or_dict: PathOrDict, default_name: str) -> tuple[dict, str]:
     """``(object, source)``: a JSON object from a dict, a file, or a directory holding ``default_name``.
 
@@ -56,22 +63,44 @@ def read_json(path_or_dict: PathOrDict, default_name: str) -> tuple[dict, str]:
         if os.path.basename(os.path.normpath(path)) == default_name and not os.path.lexists(inner):
             raise ValueError(f"{path} is a directory, expected the {default_name} file")
         path = inner
+    data = load_json_file(path, default_name)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data, path
+
+
+def load_json_file(path: Union[str, os.PathLike], what: str) -> Any:
+    """The JSON value in the file ``path`` (``what`` says what it should be, for messages).
+
+    Refused, in one line naming the file, before anything is opened when that would hang or take all
+    memory: missing (``FileNotFoundError``), not inspectable, a directory, FIFO or device, larger than
+    :data:`MAX_JSON_BYTES` (``ValueError``); then unreadable (``PermissionError``), not UTF-8, not
+    JSON, nested too deeply, a number too long for Python, or a key given twice (``json`` would
+    silently keep the last value) (``ValueError``).
+    """
+    path = os.fspath(path)
     try:
-        mode = os.stat(path).st_mode
+        st = os.stat(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"no {default_name} at {path}") from None
-    except OSError as e:
-        raise ValueError(f"{path}: cannot access ({e.strerror or e})") from None
-    if stat.S_ISDIR(mode):
-        raise ValueError(f"{path} is a directory, expected the {default_name} file")
-    if not stat.S_ISREG(mode):
+        broken = " (a broken symbolic link)" if os.path.islink(path) else ""
+        raise FileNotFoundError(f"no {what} at {path}{broken}") from None
+    except PermissionError:
+        raise PermissionError(f"{path}: permission denied (cannot read {what})") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the path
+        raise ValueError(f"{path!r}: cannot access ({getattr(e, 'strerror', None) or e})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is a directory, expected the {what} file")
+    if not stat.S_ISREG(st.st_mode):
         # Opening a FIFO or a device would block or stream forever: refuse before opening.
-        raise ValueError(f"{path} is not a regular file (expected {default_name})")
+        kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else "a device or socket"
+        raise ValueError(f"{path} is not a regular file but {kind} (expected {what})")
+    if st.st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{path} is {st.st_size:,} bytes, too large to be {what} (limit {MAX_JSON_BYTES:,} bytes)")
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            raw = f.read(MAX_JSON_BYTES + 1)
     except PermissionError:
-        raise PermissionError(f"{path}: permission denied (cannot read {default_name})") from None
+        raise PermissionError(f"{path}: permission denied (cannot read {what})") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
     try:
@@ -79,14 +108,29 @@ def read_json(path_or_dict: PathOrDict, default_name: str) -> tuple[dict, str]:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text, is it a binary file? (byte {e.start}: {e.reason})") from None
     try:
-        data = json.loads(text)
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data, path
+    except _DuplicateKey as e:
+        raise ValueError(f"{path}: the key {e.args[0]!r} appears more than once in one object; "
+                         "which value is meant is ambiguous") from None
+    except ValueError as e:  # int() of a number with thousands of digits
+        raise ValueError(f"{path}: not usable JSON ({e})") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    out: dict = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
 
 
 # ---------------------------------------------------------------------------- typed fields
@@ -428,11 +472,18 @@ def meta_ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: Optional
     SwiGLU has three matrices instead of two, so the nominal 4*dim is scaled by 2/3 to keep the
     parameter count, optionally multiplied, then rounded *up* to a multiple of ``multiple_of``.
     """
+    if isinstance(dim, bool) or not isinstance(dim, int) or not 0 < dim <= MAX_SIZE:
+        raise ValueError(f"dim must be a positive int of at most 2**63 - 1, got "
+                         f"{dim if not isinstance(dim, int) or abs(dim) < 10**30 else 'a larger int'}")
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of <= 0:
         raise ValueError(f"multiple_of must be a positive int, got {multiple_of!r}")
     if ffn_dim_multiplier is not None and not positive_finite(ffn_dim_multiplier):
         raise ValueError(f"ffn_dim_multiplier must be a positive number or None, got {ffn_dim_multiplier!r}")
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
-        hidden = int(ffn_dim_multiplier * hidden)
+        scaled = ffn_dim_multiplier * hidden
+        if not math.isfinite(scaled):  # e.g. 1e308 x a few hundred: int() of inf would raise OverflowError
+            raise ValueError(f"ffn_dim_multiplier={ffn_dim_multiplier!r} makes the FFN width {scaled} "
+                             f"(x {hidden}), not a size")
+        hidden = int(scaled)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)

@@ -17,13 +17,18 @@ from .devices import resolve_device
 from .errors import NonFiniteError
 from .finite import all_finite, describe_nonfinite
 from .layers import Linear, RMSNorm
-from .memory import check_memory, parameter_count, weight_bytes
+from .memory import (TORCH_MAX_TENSOR_BYTES, activation_bytes, check_memory, check_tensor_sizes,
+                     forward_tensor_sizes, parameter_count, weight_bytes, weight_tensor_sizes)
 from .rope import ROPE_EAGER_POSITIONS, precompute_freqs_cis
 from .schedule import ScheduleSpec, format_schedule, resolve_schedule
 
 logger = logging.getLogger(__name__)
 
 DeviceLike = Union[str, torch.device, None]
+
+# A forward whose activations are estimated above this is checked against the memory available first
+# (smaller ones are not worth reading /proc/meminfo for on every decode step).
+ACTIVATION_CHECK_BYTES = 1 << 28
 
 
 class Llama(nn.Module):
@@ -53,8 +58,10 @@ class Llama(nn.Module):
         device = None if device is None else resolve_device(device)
         schedule = resolve_schedule(schedule, config.n_layers)
         target = torch.get_default_device() if device is None else device
+        weight_dtype = torch.get_default_dtype() if dtype is None else dtype
+        # torch refuses a tensor beyond 2**63 - 1 bytes even on meta, from deep inside nn.Embedding.
+        check_tensor_sizes(weight_tensor_sizes(config), weight_dtype.itemsize, f"Llama({config.name}) in {weight_dtype}")
         if target.type != "meta":
-            weight_dtype = torch.get_default_dtype() if dtype is None else dtype
             check_memory(weight_bytes(config, weight_dtype), target,
                          f"Llama({config.name}) with {parameter_count(config):,} weights in {weight_dtype} "
                          f"and a RoPE table for max_seq_len={config.max_seq_len:,}")
@@ -242,9 +249,9 @@ class Llama(nn.Module):
         attentions = [self.layers[layer_id].attention for layer_id in self._schedule]
         widths = [a.n_kv_heads * a.head_dim for a in attentions]
         elements = max_batch_size * max_seq_len * max(widths)
-        if elements >= 2**63:  # torch's own limit on a tensor's element count (it matters on meta)
+        if elements * dtype.itemsize > TORCH_MAX_TENSOR_BYTES:  # torch's own limit (it matters on meta)
             raise ValueError(f"setup_cache({max_batch_size}, {max_seq_len}): a cache of {elements:,} elements "
-                             "exceeds torch's limit of 2**63 - 1")
+                             f"of {dtype.itemsize} bytes exceeds torch's limit of 2**63 - 1 bytes for one tensor")
         old = self.caches
         freeable = 0
         if old is not None:
@@ -331,11 +338,24 @@ class Llama(nn.Module):
         if isinstance(start_pos, bool) or not isinstance(start_pos, numbers.Integral) or start_pos < 0:
             raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r} ({type(start_pos).__name__})")
         start_pos = int(start_pos)
+        bsz, seqlen = int(bsz), int(seqlen)  # plain ints: under torch.jit.trace sizes are 0-dim tensors
         end = start_pos + seqlen
         if end > self.config.max_seq_len:
             raise ValueError(
                 f"sequence end {end} (start_pos {start_pos} + seqlen {seqlen}) exceeds max_seq_len={self.config.max_seq_len}"
             )
+        # Beyond torch's tensor size limit a forward fails deep inside (even on meta): refuse it here.
+        what = f"a forward of {bsz:,} sequence(s) x {seqlen:,} tokens after {start_pos:,} cached"
+        check_tensor_sizes(forward_tensor_sizes(self.config, bsz, seqlen, start_pos),
+                           max(self.compute_dtype.itemsize, 4), what)
+        if self.device.type != "meta":
+            # Activations beyond the memory available end in an allocator error deep inside, or (Linux
+            # overcommit) in the OOM killer with no message at all. The estimate is integer arithmetic; the
+            # memory is looked up only for a forward large enough to matter.
+            act = activation_bytes(self.config, bsz=bsz, seqlen=seqlen, start_pos=start_pos,
+                                   compute_dtype=self.compute_dtype, kernel=self.attn_kernel)
+            if act > ACTIVATION_CHECK_BYTES:
+                check_memory(act, self.device, f"{what} (its largest activations)")
         if self.caches is None:
             if start_pos != 0:
                 raise ValueError(f"start_pos={start_pos} needs a KV cache: call setup_cache() first")

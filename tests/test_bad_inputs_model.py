@@ -598,3 +598,36 @@ def test_bad_input(case: Case, ckpts, tmp_path, monkeypatch):
     message = str(info.value)
     for fragment in case.match:
         assert fragment in message, f"{fragment!r} not in the message: {message}"
+
+
+# ---------------------------------------------------------------- a training step's memory
+def test_training_memory_adds_gradients_and_kept_activations():
+    from llama_ref import LlamaConfig
+    from llama_ref.memory import forward_memory, parameter_count, training_memory
+
+    cfg = LlamaConfig.from_preset("tiny")
+    fwd = forward_memory(cfg, batch=4, n_tokens=32)
+    step = training_memory(cfg, batch=4, n_tokens=32)
+    assert step.gradients == parameter_count(cfg) * 4 == 217_664 * 4  # fp32 gradients, one per parameter
+    assert step.weights == fwd.weights and step.kv_cache == 0
+    assert step.activations > fwd.activations  # what the backward needs is kept on top of the transients
+    # Checkpointing keeps each layer run's input instead of its activations: less, for more than one layer.
+    assert training_memory(cfg, batch=4, n_tokens=32, recompute=True).activations < step.activations
+    # The sdpa kernel keeps no score matrix.
+    assert training_memory(cfg, batch=4, n_tokens=32, kernel="sdpa").activations < step.activations
+    assert "gradients" in step.describe() and "gradients" not in fwd.describe()
+
+
+def test_count_train_chooses_meta_when_the_step_does_not_fit(capsys, monkeypatch):
+    import json
+
+    import counters.models as models
+    import llama_ref.memory as llama_memory
+    from counters.cli import main
+
+    for module in (models, llama_memory):
+        monkeypatch.setattr(module, "available_memory_bytes", lambda device: 3_000_000)
+    assert main(["count", "tiny", "--batch", "8", "--tokens", "64", "--train", "--counters", "analytic,hooks",
+                 "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["device"] == "meta" and doc["agree"]

@@ -129,7 +129,8 @@ def test_nan_and_infinity_literals_in_json_are_refused(tmp_path):
     (tmp_path / "params.json").write_text('{"dim": 64, "n_layers": 1, "n_heads": 4, "vocab_size": 100, "norm_eps": NaN}')
     with pytest.raises(ValueError, match="norm_eps must be a positive finite number, got nan"):
         LlamaConfig.from_meta(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(HF_BASE)[:-1] + ', "rms_norm_eps": Infinity}')
+    without_eps = {k: v for k, v in HF_BASE.items() if k != "rms_norm_eps"}
+    (tmp_path / "config.json").write_text(json.dumps(without_eps)[:-1] + ', "rms_norm_eps": Infinity}')
     with pytest.raises(ValueError, match="rms_norm_eps must be a positive finite number, got inf"):
         LlamaConfig.from_hf(tmp_path)
 

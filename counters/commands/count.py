@@ -17,7 +17,8 @@ from ..models import DTYPES, build_model, choose_device, resolve_model
 from ..report import render_csv, render_table, to_json
 from ..result import COUNTER_NAMES
 from ..training import LOSSES, Training
-from .common import EXIT_DISAGREE, EXIT_OK, BadInput, add_model_arguments, check_int, check_output_file
+from .common import (EXIT_DISAGREE, EXIT_OK, BadInput, add_model_arguments, check_int, check_output_file,
+                     write_output)
 
 HELP = "count MACs/FLOPs per layer with several counters and check they agree"
 DEFAULT_TOKENS = 128
@@ -105,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput(f"{what} = {end} exceeds the model's max_seq_len {config.max_seq_len}")
     dtype = DTYPES[args.dtype] if args.dtype else None
     dtype_bytes = dtype.itemsize if dtype else (4 if not source.has_weights else 2)
-    device, reason = choose_device(args.device, source, dtype_bytes)
+    device, reason = choose_device(args.device, source, dtype_bytes, batch=args.batch,
+                                   n_tokens=generation.length if generation else args.tokens,
+                                   n_cached=0 if generation else args.cached, n_runs=len(schedule),
+                                   kernel=args.kernel, training=training)
 
     logger.info("device %s: %s", device, reason)
     model, weights = build_model(source, device=device, dtype=dtype, schedule=schedule, kernel=args.kernel,
@@ -141,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
                  f"batch {args.batch}, {what}, device {device} ({weights}, {report.dtype}), kernel {args.kernel}")
         text = render_table(report, detail=args.detail, title=title) + "\n"
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+        write_output(args.out, text)
         verdict = "counters agree" if report.agree else f"counters DISAGREE ({len(report.mismatches)} mismatches)"
         print(f"wrote {args.out}: {verdict}; MACs {report.totals[report.reference]['macs']:,}")
     else:

@@ -20,13 +20,14 @@ from ..published import REF000_MACS, REF000_SOURCE
 from .common import EXIT_DISAGREE, EXIT_OK, BadInput, add_model_arguments
 
 HELP = "a*N + b*N^2 MACs of every schedule preset vs the published figures"
+DEFAULT_MEASURE_TOKENS = "16,48"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p, optional=True)
     p.add_argument("--measure", action="store_true",
                    help="confirm a, b by counting with hooks on the meta device at two token counts")
-    p.add_argument("--measure-tokens", default="16,48", help="the two N values of --measure (default 16,48)")
+    p.add_argument("--measure-tokens", default=None, help="the two N values of --measure (default 16,48)")
     p.add_argument("--format", default="table", choices=("table", "json"))
 
 
@@ -109,18 +110,25 @@ def render(config, rows: list[dict], measure_tokens: Optional[tuple[int, int]]) 
 
 
 def _measure_tokens(text: str, max_seq_len: int) -> tuple[int, int]:
+    shown = repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
     try:
         n1, n2 = (int(t) for t in text.split(","))
-    except ValueError:
-        raise BadInput(f"--measure-tokens needs two integers N1,N2, got {text!r}") from None
+    except ValueError:  # not two parts, not ints (or ints of thousands of digits)
+        raise BadInput(f"--measure-tokens needs two integers N1,N2, got {shown}") from None
     if not 0 < n1 < n2 or n2 > max_seq_len:
-        raise BadInput(f"--measure-tokens needs 0 < N1 < N2 <= max_seq_len ({max_seq_len}), got {text}")
+        raise BadInput(f"--measure-tokens needs 0 < N1 < N2 <= max_seq_len ({max_seq_len}), got {shown}")
     return n1, n2
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.measure_tokens is not None and not args.measure:
+        raise BadInput("--measure-tokens applies to --measure only: add --measure or drop it")
     source = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision)
-    n1, n2 = _measure_tokens(args.measure_tokens, source.config.max_seq_len)
+    # Checked only when measuring: a model shorter than 48 positions still has its a, b printed.
+    n1, n2 = 16, 48
+    if args.measure:
+        text = DEFAULT_MEASURE_TOKENS if args.measure_tokens is None else args.measure_tokens
+        n1, n2 = _measure_tokens(text, source.config.max_seq_len)
     rows = schedule_rows(source.config, measure=args.measure, measure_tokens=(n1, n2))
     if args.format == "json":
         sys.stdout.write(json.dumps({"model": source.config.name, "unit": "macs", "rows": rows}, indent=2) + "\n")

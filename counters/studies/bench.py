@@ -49,9 +49,10 @@ from llama_ref.config import PRESETS, LlamaConfig
 from llama_ref.model import Llama
 
 from ..analytic import analyze
+from ..commands.common import BadInput, check_int, check_output_dir
 from ..crosscheck import COUNTER_FUNCTIONS
 from .factory import random_model
-from .hardware import detect_table_name, device_name, measure_device, table_hardware
+from .hardware import available_cpus, detect_table_name, device_name, measure_device, table_hardware
 from .plots import save_figure
 from .timing import sync
 from .validate import build_hf_twin
@@ -603,24 +604,41 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def _check_arguments(args: argparse.Namespace) -> list[str]:
+    """Every argument checked before minutes of benchmarking (the output folder too): ``BadInput`` naming it."""
+    meta_counters = [c.strip() for c in args.meta_counters.split(",") if c.strip()]
+    bad = [c for c in meta_counters if c not in COUNTER_FUNCTIONS]
+    if bad or not meta_counters or len(set(meta_counters)) != len(meta_counters):
+        raise BadInput(f"bad --meta-counters {args.meta_counters!r}: a comma list of distinct names from "
+                       f"{', '.join(COUNTER_FUNCTIONS)}")
+    if args.threads is not None:
+        check_int("threads", args.threads, 1, available_cpus())  # more threads than CPUs measures oversubscription
+    if args.repeats is not None:
+        check_int("repeats", args.repeats, 1, 10_000)
+    if args.meta_tokens is not None:
+        check_int("meta-tokens", args.meta_tokens, 1, PRESETS[FULL["meta_model"]].max_seq_len)
+    if not args.meta_child:
+        check_output_dir(args.out)
+    return meta_counters
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    meta_counters = [c for c in args.meta_counters.split(",") if c]
-    bad = [c for c in meta_counters if c not in COUNTER_FUNCTIONS]
-    if bad:
-        print(f"bench: unknown --meta-counters {', '.join(bad)}; choose from {', '.join(COUNTER_FUNCTIONS)}",
-              file=sys.stderr)
+    try:
+        meta_counters = _check_arguments(args)
+    except BadInput as e:
+        print(f"bench: error: {e}", file=sys.stderr)
         return 2
     if args.meta_child:
         print(json.dumps(meta_count_child(args.meta_child, args.meta_tokens or 2048, meta_counters)))
         return 0
     p = dict(QUICK if args.quick else FULL)
-    if args.repeats:
+    if args.repeats is not None:
         for k in ("prefill_repeats", "decode_repeats", "count_repeats"):
             p[k] = args.repeats
-    if args.meta_tokens:
+    if args.meta_tokens is not None:
         p["meta_tokens"] = args.meta_tokens
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)  # a script's choice, applied to every contender alike
     threads = torch.get_num_threads()
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -7,11 +7,10 @@ from typing import Optional
 import torch
 
 from llama_ref.config import LlamaConfig
-from llama_ref.memory import available_memory_bytes
+from llama_ref.memory import available_memory_bytes, forward_memory
 from llama_ref.model import Llama
 from llama_ref.schedule import resolve_schedule
 
-from ..analytic import kv_cache_bytes, param_count
 from .timing import Timing, time_forward
 
 def random_model(config: LlamaConfig, *, schedule=None, device="cpu", dtype=torch.float32, seed: int = 0,
@@ -35,16 +34,33 @@ def random_model(config: LlamaConfig, *, schedule=None, device="cpu", dtype=torc
 
 
 def estimate_forward_memory(config: LlamaConfig, *, batch: int, n_tokens: int, n_cached: int, n_runs: int,
-                            dtype_bytes: int) -> int:
-    """Weights + KV cache + the largest transient activations of one forward, in bytes (an upper-ish estimate)."""
-    rows = batch * n_tokens
-    kvlen = n_cached + n_tokens
-    weights = param_count(config) * dtype_bytes
-    kv = kv_cache_bytes(config, batch=batch, n_positions=kvlen, n_runs=n_runs, kv_dtype_bytes=dtype_bytes)
-    scores = 3 * batch * config.n_heads * n_tokens * kvlen * 4  # scores, softmax (fp32), mask sum (math kernel)
-    mlp = 3 * rows * config.hidden_dim * dtype_bytes
-    logits = 2 * rows * config.vocab_size * 4
-    return weights + kv + scores + mlp + logits + 8 * rows * config.dim * dtype_bytes
+                            dtype_bytes: int, kernel: str = "math") -> int:
+    """Bytes :func:`measure` needs: weights, the KV cache, and the largest transient activations of the
+    prefill and the timed forward (:func:`llama_ref.memory.forward_memory`, the one estimate)."""
+    dtype = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[dtype_bytes]
+    return forward_memory(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs,
+                          weight_dtype=dtype, compute_dtype=dtype, kv_cache=True, kernel=kernel).total
+
+
+MEASURE_HINT = ("measure fewer layers of the same shape with --layers K (every decoder layer costs the same), a smaller "
+                "--batch or --tokens, or drop --measure to get the prediction alone")
+
+
+def check_measure_memory(config: LlamaConfig, *, device, dtype: torch.dtype, batch: int, n_tokens: int,
+                         n_cached: int, schedule=None, attn_kernel: str = "math", hint: str = MEASURE_HINT) -> None:
+    """Refuse (``MemoryError`` naming the estimate, the memory available and the way out) a :func:`measure`
+    that cannot fit on ``device``. Cheap: call it before any other work."""
+    device = torch.device(device)
+    n_runs = len(resolve_schedule(schedule, config.n_layers))
+    need = estimate_forward_memory(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs,
+                                   dtype_bytes=dtype.itemsize, kernel=attn_kernel)
+    avail = available_memory_bytes(device)
+    if avail is not None and need > 0.9 * avail:
+        raise MemoryError(
+            f"measuring {config.name} ({config.n_layers} layers) in {dtype} on {device} with batch {batch}, "
+            f"{n_tokens} new + {n_cached} cached tokens needs about {need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB "
+            f"are available; {hint}"
+        )
 
 
 def measure(config: LlamaConfig, *, device, dtype: torch.dtype, batch: int, n_tokens: int, n_cached: int,
@@ -52,18 +68,9 @@ def measure(config: LlamaConfig, *, device, dtype: torch.dtype, batch: int, n_to
             seed: int = 0, check_memory: bool = True) -> Timing:
     """Build a random-weight model on ``device`` and time one forward of the requested shape."""
     device = torch.device(device)
-    n_runs = len(resolve_schedule(schedule, config.n_layers))
     if check_memory:
-        need = estimate_forward_memory(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs,
-                                       dtype_bytes=torch.finfo(dtype).bits // 8)
-        avail = available_memory_bytes(device)
-        if avail is not None and need > 0.9 * avail:
-            raise MemoryError(
-                f"measuring {config.name} ({config.n_layers} layers) in {dtype} on {device} needs about "
-                f"{need / 2**30:.1f} GiB but {avail / 2**30:.1f} GiB are available; measure fewer layers of the "
-                f"same shape with --layers K (every decoder layer costs the same), or drop --measure to get "
-                f"the prediction alone"
-            )
+        check_measure_memory(config, device=device, dtype=dtype, batch=batch, n_tokens=n_tokens, n_cached=n_cached,
+                             schedule=schedule, attn_kernel=attn_kernel)
     model = random_model(config, schedule=schedule, device=device, dtype=dtype, seed=seed, attn_kernel=attn_kernel,
                          compute_dtype=dtype)
     model.setup_cache(batch, n_cached + n_tokens)

@@ -31,6 +31,7 @@ achievable figures, not theoretical ones, so a roofline against them is tight.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
@@ -175,6 +176,14 @@ def measure_device(device: Union[str, torch.device] = "cpu", dtype: str = "fp32"
     if cache:
         _MEASURED[key] = hw
     return hw
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which a container or taskset narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def device_name(device: Union[str, torch.device]) -> str:

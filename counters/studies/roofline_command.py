@@ -19,12 +19,15 @@ from typing import Optional, Union
 
 import torch
 
+from llama_ref.config_files import load_json_file
+
 from ..analytic import analyze
-from ..commands.common import EXIT_OK, BadInput, add_model_arguments, check_int, check_output_dir
+from ..commands.common import (EXIT_OK, BadInput, add_model_arguments, check_input_file, check_int, check_output_dir,
+                               write_output)
 from ..models import resolve_model
 from ..table import BLOCK_ROWS, TOP_ROWS_AFTER, TOP_ROWS_BEFORE, RowKey
-from .factory import measure
-from .hardware import DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, get_hardware
+from .factory import check_measure_memory, measure
+from .hardware import DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, available_cpus, get_hardware
 from .plots import (default_contexts, default_schedules, family_of, plot_family_macs_vs_context, plot_macs_vs_context,
                     plot_roofline)
 from .roofline import format_table, roofline_table, summarize
@@ -43,10 +46,9 @@ def load_timings(path: Union[str, os.PathLike], *, n_tokens: Optional[int] = Non
     Every malformed part is a :class:`BadInput` naming the file and the field."""
     where = os.fspath(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadInput(f"--timings {where}: not a JSON file ({e})") from None
+        data = load_json_file(path, "timings file")
+    except (ValueError, OSError) as e:  # missing, a directory or FIFO, unreadable, not UTF-8 / JSON: names the file
+        raise BadInput(f"--timings {e}") from None
     if isinstance(data, dict) and "phases" in data:
         phases = data["phases"]
         if not isinstance(phases, list) or not all(isinstance(p, dict) for p in phases):
@@ -56,8 +58,10 @@ def load_timings(path: Union[str, os.PathLike], *, n_tokens: Optional[int] = Non
                  and (n_cached is None or p.get("n_cached") == n_cached)
                  and (kernel is None or p.get("attn_kernel", kernel) == kernel)]
         if not match:
-            have = ", ".join(f"N={p.get('n_tokens')} C={p.get('n_cached')}" for p in phases) or "none"
-            raise BadInput(f"--timings {where}: no timings for N={n_tokens} C={n_cached} (file has: {have})")
+            have = ", ".join(f"N={p.get('n_tokens')} C={p.get('n_cached')}"
+                             + (f" {p['attn_kernel']}" if "attn_kernel" in p else "") for p in phases) or "none"
+            want = f"N={n_tokens} C={n_cached}" + (f" kernel {kernel}" if kernel else "")
+            raise BadInput(f"--timings {where}: no timings for {want} (file has: {_cut(have)})")
         data = match[0]
     rows = data.get("layers") if isinstance(data, dict) else data
     if not isinstance(rows, list):
@@ -66,19 +70,45 @@ def load_timings(path: Union[str, os.PathLike], *, n_tokens: Optional[int] = Non
     for i, r in enumerate(rows):
         field = f"--timings {where}: layers[{i}]"
         if not isinstance(r, dict):
-            raise BadInput(f"{field} is a {type(r).__name__}, expected an object")
+            raise BadInput(f"{field} is {_cut(repr(r), 40)}, expected an object {{position, module, measured_s}}")
         module, position = r.get("module"), r.get("position")
         if not isinstance(module, str) or module not in TIMING_ROWS:
-            raise BadInput(f"{field}.module is {module!r}, not a row name ({', '.join(sorted(TIMING_ROWS))})")
+            raise BadInput(f"{field}.module is {_cut(repr(module), 60)}, not a row name "
+                           f"({', '.join(sorted(TIMING_ROWS))})")
         if position is not None and (isinstance(position, bool) or not isinstance(position, int) or position < 0):
-            raise BadInput(f"{field}.position is {position!r}, expected null or a non-negative int")
+            raise BadInput(f"{field}.position is {_cut(repr(position), 60)}, expected null or a non-negative int")
         s = r.get("measured_s", r.get("seconds"))
         if s is None:
             continue
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s < 0:
-            raise BadInput(f"{field}.measured_s is {s!r}, expected a finite number of seconds >= 0")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not _finite(s) or s < 0:
+            raise BadInput(f"{field}.measured_s is {_cut(repr(s), 60)}, expected a finite number of seconds >= 0")
         out[(position, module)] = float(s)
     return out
+
+
+def _finite(x) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int beyond a float's range
+        return False
+
+
+def _cut(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
+
+
+def check_timings_match(measured: dict[RowKey, float], rows, where: str, level: str) -> None:
+    """Every timed row must be a row of this roofline: a timing for position 40 of a 4-layer run, or module
+    rows against ``--level layer``, would otherwise be dropped without a word (another model, schedule or
+    level than the one the file was measured with)."""
+    keys = {(r.position, r.module) for r in rows}
+    stray = [k for k in measured if k not in keys and k[1] != "(total)"]
+    if stray:
+        runs = len({r.position for r in rows if r.position is not None})
+        shown = ", ".join(f"(position {p}, {m})" for p, m in stray[:3]) + (" ..." if len(stray) > 3 else "")
+        raise BadInput(f"--timings {where}: {len(stray)} timed row(s) match no row of this roofline "
+                       f"({runs} layer runs, --level {level}): {shown}; is it the same model, --schedule "
+                       "and --level?")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,7 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure", action="store_true",
                         help="also time each layer run on this machine (cpu for --hardware cpu, else CUDA)")
     parser.add_argument("--timings", default=None, help="JSON with measured per-layer seconds to plot beside the prediction")
-    parser.add_argument("--attn-kernel", choices=("math", "sdpa"), default="math", help="kernel for --measure")
+    parser.add_argument("--attn-kernel", choices=("math", "sdpa"), default="math",
+                        help="kernel for --measure, and the phase of a --timings file to plot when it has both")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads for CPU measurement")
@@ -116,11 +147,11 @@ def run(args: argparse.Namespace) -> int:
     check_int("warmup", args.warmup, 0, MAX_REPEATS)
     check_int("repeats", args.repeats, 1, MAX_REPEATS)
     if args.threads is not None:
-        check_int("threads", args.threads, 1, 4096)
+        # More threads than CPUs only measures oversubscription (and 4096 threads take minutes to start).
+        check_int("threads", args.threads, 1, available_cpus())
     if args.measure and args.timings:
         raise BadInput("--measure and --timings both give measured times: choose one")
-    if args.timings is not None and not os.path.isfile(args.timings):
-        raise BadInput(f"--timings {args.timings}: no such file")
+    check_input_file(args.timings, "--timings")
     check_output_dir(args.out)
     config = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision).config
     family = family_of(config)  # of the whole model, before --layers cuts it
@@ -136,18 +167,24 @@ def run(args: argparse.Namespace) -> int:
     if args.measure and args.hardware != "cpu" and not torch.cuda.is_available():
         raise BadInput(f"--measure with --hardware {args.hardware} needs a CUDA device and none is available; "
                        "use --hardware cpu to measure this machine")
+    device = "cpu" if args.hardware == "cpu" else "cuda"
+    if args.measure:  # before the hardware peaks are measured (seconds) or anything is built
+        check_measure_memory(config, device=device, dtype=DTYPE_NAMES[dtype], batch=args.batch, n_tokens=args.tokens,
+                             n_cached=args.cached, schedule=args.schedule, attn_kernel=args.attn_kernel)
     report = analyze(config, batch=args.batch, n_tokens=args.tokens, n_cached=args.cached, schedule=args.schedule,
                      weight_dtype_bytes=DTYPE_BYTES[dtype], act_dtype_bytes=DTYPE_BYTES[dtype],
                      kv_dtype_bytes=DTYPE_BYTES[kv_dtype])
-    measured = load_timings(args.timings, n_tokens=args.tokens, n_cached=args.cached) if args.timings else None
+    rows = report.layer_runs() if args.level == "layer" else report.rows
+    measured = None
+    if args.timings:
+        measured = load_timings(args.timings, n_tokens=args.tokens, n_cached=args.cached, kernel=args.attn_kernel)
+        check_timings_match(measured, rows, args.timings, args.level)
     if args.threads:
         torch.set_num_threads(args.threads)
     hw = get_hardware(args.hardware, dtype)
-    rows = report.layer_runs() if args.level == "layer" else report.rows
 
     measurement = {"source": str(args.timings)} if args.timings else None
     if args.measure:
-        device = "cpu" if args.hardware == "cpu" else "cuda"
         if dtype == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
         timing = measure(config, device=device, dtype=DTYPE_NAMES[dtype], batch=args.batch, n_tokens=args.tokens,
@@ -172,11 +209,14 @@ def run(args: argparse.Namespace) -> int:
         detail = []
         if args.level == "layer":  # the modules of the first layer run, for orientation
             detail = roofline_table([r for r in report.rows if r.position == 0], hw)
-        plots["roofline"] = str(plot_roofline(table, hw, out / "roofline.png", title=title, detail=detail))
         schedules = default_schedules(config, args.schedule)
         contexts = default_contexts(config.max_seq_len)
-        path, curves = plot_macs_vs_context(config, out / "macs_vs_context.png", schedules=schedules,
-                                            contexts=contexts)
+        try:
+            plots["roofline"] = str(plot_roofline(table, hw, out / "roofline.png", title=title, detail=detail))
+            path, curves = plot_macs_vs_context(config, out / "macs_vs_context.png", schedules=schedules,
+                                                contexts=contexts)
+        except OSError as e:
+            raise BadInput(f"--out {args.out}: cannot write a plot ({e.strerror or e})") from None
         plots["macs_vs_context"] = str(path)
         if family is not None:
             fam, preset = family
@@ -202,6 +242,6 @@ def run(args: argparse.Namespace) -> int:
         "plots": plots,
     }
     json_path = out / "roofline.json"
-    json_path.write_text(json.dumps(doc, indent=2))
+    write_output(str(json_path), json.dumps(doc, indent=2))
     print(f"wrote {json_path}" + "".join(f", {p}" for p in plots.values()))
     return EXIT_OK

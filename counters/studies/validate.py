@@ -42,14 +42,15 @@ import torch
 from llama_ref.config import LlamaConfig
 from llama_ref.dtypes import short_name
 from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict
+from llama_ref.memory import check_memory, training_memory
 from llama_ref.model import Llama
 
 from ..analytic import analyze
 from ..crosscheck import COUNTER_FUNCTIONS, crosscheck
-from ..commands.common import BadInput
+from ..commands.common import BadInput, check_int, check_output_dir
 from ..models import resolve_model
-from .factory import random_model
-from .hardware import Hardware, detect_table_name, device_name, measure_device, table_hardware
+from .factory import check_measure_memory, random_model
+from .hardware import HARDWARE_NAMES, Hardware, detect_table_name, device_name, measure_device, table_hardware
 from .plots import plot_roofline, save_figure
 from .roofline import roofline_table, summarize
 from .timing import Timing, make_timer, time_forward
@@ -504,29 +505,54 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _names(text: str, option: str, known: Sequence[str]) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names or len(set(names)) != len(names):
+        # none at all would check nothing and still say PASSED
+        raise BadInput(f"bad {option} {text!r}: a comma list of distinct names from {', '.join(known)}")
+    return names
+
+
+def _check_arguments(args: argparse.Namespace) -> tuple[torch.device, list[str], list[str]]:
+    """Every argument checked before any work: ``BadInput`` naming it (the output folder is checked next, once
+    the device is known to exist)."""
+    check_int("prefill-tokens", args.prefill_tokens, 1)
+    check_int("decode-cached", args.decode_cached, 0)
+    if args.train_tokens is not None:
+        check_int("train-tokens", args.train_tokens, 1)
+    check_int("batch", args.batch, 1)
+    check_int("warmup", args.warmup, 0, 10_000)
+    check_int("repeats", args.repeats, 1, 10_000)
+    check_int("seed", args.seed, 0, (1 << 63) - 1)
+    counters = _names(args.counters, "--counters", list(COUNTER_FUNCTIONS))
+    kernels = _names(args.kernels, "--kernels", ["math", "sdpa"])
+    tables = [h for h in HARDWARE_NAMES if h != "cpu"]
+    if args.hardware not in ("auto", *tables):
+        raise BadInput(f"bad --hardware {args.hardware!r}: auto or one of {', '.join(tables)}")
+    if not args.device.strip():
+        raise BadInput("--device is empty: cuda or cpu")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError) as e:
+        raise BadInput(f"bad --device {args.device!r}: {e}") from None
+    if device.type not in ("cuda", "cpu"):
+        raise BadInput(f"bad --device {args.device!r}: cuda[:N] or cpu")
+    return device, counters, kernels
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        device = torch.device(args.device)
-    except RuntimeError as e:
-        print(f"validate_gpu: bad --device {args.device!r}: {e}", file=sys.stderr)
+        device, counters, kernels = _check_arguments(args)
+    except BadInput as e:
+        print(f"validate_gpu: error: {e}", file=sys.stderr)
         return 2
     if device.type == "cuda" and not torch.cuda.is_available():
         print(no_cuda_message(), file=sys.stderr)
         return 2
-    counters = [c.strip() for c in args.counters.split(",") if c.strip()]
-    kernels = [k.strip() for k in args.kernels.split(",") if k.strip()]
-    bad = [c for c in counters if c not in COUNTER_NAMES] + [k for k in kernels if k not in ("math", "sdpa")]
-    if bad:
-        print(f"validate_gpu: unknown counter/kernel {bad}; counters: {', '.join(COUNTER_NAMES)}; kernels: math, sdpa",
-              file=sys.stderr)
-        return 2
     try:
-        for name in ("prefill_tokens", "decode_cached", "train_tokens", "batch", "warmup", "repeats"):
-            low = 0 if name in ("decode_cached", "warmup") else 1
-            value = getattr(args, name)
-            if value is not None and value < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        check_output_dir(args.out)  # after the device: a run that cannot start makes no folder
         config = resolve_model(args.model).config if not args.checkpoint else _checkpoint_config(args.checkpoint)
         need = args.decode_cached + 1
         if max(args.prefill_tokens, need) > config.max_seq_len:
@@ -537,7 +563,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.train_tokens > config.max_seq_len:
             raise ValueError(f"--train-tokens {args.train_tokens} exceeds max_seq_len={config.max_seq_len} of {config.name}")
         phases = [Phase("prefill", args.prefill_tokens, 0), Phase("decode", 1, args.decode_cached)]
+        for ph in phases:  # refused before the model is built, not by the allocator (or the OOM killer)
+            check_measure_memory(config, device=device, dtype=DTYPES[args.dtype], batch=args.batch,
+                                 n_tokens=ph.n_tokens, n_cached=ph.n_cached, attn_kernel="math",
+                                 hint="use a smaller --batch, --prefill-tokens or --decode-cached, or a smaller --model")
         train = None if args.no_train else TrainStep(args.train_tokens, recompute=args.recompute)
+        if train is not None:  # the step keeps gradients and every layer's activations: refuse it up front too
+            need = training_memory(config, batch=args.batch, n_tokens=train.n_tokens, weight_dtype=DTYPES[args.dtype],
+                                   kernel="math", recompute=train.recompute)
+            check_memory(need.total, device, "the training-step check (weights, gradients, kept activations; use a "
+                         "smaller --train-tokens or --batch, --recompute, or --no-train)")
         peak_kwargs = {"n": 1024, "repeats": 3, "nbytes": 64 * 2**20} if device.type == "cpu" else None
         result = run_validation(
             config, device=device, dtype_name=args.dtype, checkpoint=args.checkpoint, phases=phases,

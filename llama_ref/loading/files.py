@@ -90,6 +90,10 @@ def read_json_file(path: str, what: str) -> Any:
     except DuplicateKeyError as e:
         raise CheckpointError(f"{what} {path} has the key {e.args[0]!r} more than once; "
                               "which one is meant is ambiguous") from None
+    except RecursionError:
+        raise CheckpointError(f"{what} {path} is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # int() of a number with thousands of digits
+        raise CheckpointError(f"{what} {path} is not usable JSON ({e})") from None
 
 
 class DuplicateKeyError(ValueError):
