@@ -101,13 +101,13 @@ def _collective_lines(report: TPReport) -> list[str]:
     lines = [f"Collectives of one rank per forward (each rank runs every one; 0 FLOPs; bytes per rank; ring = "
              f"bytes each rank sends, nccl-tests bus convention):",
              f"  {'row':<26} {'op':<11} {'calls':>6} {'elements':>14} {'B/elt':>5} {'payload B/call':>15} "
-             f"{'ring B/call':>13} {'ring B total':>15}"]
+             f"{'ring B/call':>15} {'payload B total':>17} {'ring B total':>17}"]
     for label, c, calls, runs in groups:
         lines.append(f"  {label:<26} {c.op:<11} {calls:>6} {c.numel:>14,} {c.itemsize:>5} {c.payload_bytes:>15,} "
-                     f"{c.ring_bytes:>13,} {calls * c.ring_bytes:>15,}")
+                     f"{c.ring_bytes:>15,} {calls * c.payload_bytes:>17,} {calls * c.ring_bytes:>17,}")
     t = report.collectives_total()
-    lines.append(f"  {'total per forward':<26} {'':<11} {t['calls']:>6} {'':>14} {'':>5} "
-                 f"{'payload ' + format(t['payload_bytes'], ','):>15} {'':>13} {t['ring_bytes']:>15,}")
+    lines.append(f"  {'total per forward':<26} {'':<11} {t['calls']:>6} {'':>14} {'':>5} {'':>15} {'':>15} "
+                 f"{t['payload_bytes']:>17,} {t['ring_bytes']:>17,}")
     return lines
 
 

@@ -185,7 +185,20 @@ def _output(args, report: TPReport, *, title: str, extra: dict) -> int:
 
 # ---------------------------------------------------------------- the command
 def run(args: argparse.Namespace, *, names: list[str], training=None, generation=None) -> int:
-    """``count`` with ``--tp N``; called by :func:`counters.commands.count.run` after its input checks."""
+    """``count`` with ``--tp N``; called by :func:`counters.commands.count.run` after its input checks.
+
+    Under torchrun only rank 0 reports, errors included: the other ranks exit with the same status, silently."""
+    if in_torchrun() and os.environ.get("RANK", "0") != "0":
+        try:
+            return _run(args, names=names, training=training, generation=generation)
+        except SystemExit:
+            raise
+        except BaseException as e:  # noqa: BLE001 - rank 0 reports the same error
+            raise SystemExit(_exit_status_of(e)) from None
+    return _run(args, names=names, training=training, generation=generation)
+
+
+def _run(args: argparse.Namespace, *, names: list[str], training=None, generation=None) -> int:
     n = check_int("tp", args.tp, 1, MAX_TP)
     if training is not None or args.train:
         raise BadInput("--train with --tp: a tensor-parallel training step is not counted (its backward "

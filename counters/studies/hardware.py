@@ -27,6 +27,11 @@ large square matmuls (``2 n^3`` FLOPs each) and the bandwidth is the best of a f
 copies counted as bytes read + bytes written (``2 * nbytes``; a write-allocate cache adds a hidden
 third stream, so this is what a kernel *can use*, not what the DRAM bus carries). Both are
 achievable figures, not theoretical ones, so a roofline against them is tight.
+
+Links between tensor-parallel ranks (``roofline --tp N --link-bandwidth X``, :class:`Link`) are given per
+GPU and per direction: ``nvlink4`` 450 GB/s (H100 SXM, 900 GB/s both ways), ``nvlink3`` 300 GB/s (A100
+SXM, 600 GB/s), ``pcie5`` 64 GB/s and ``pcie4`` 32 GB/s (x16; 128 and 64 GB/s both ways), ``ib-ndr`` 50 GB/s
+(400 Gb/s) and ``ib-hdr`` 25 GB/s (200 Gb/s); sources in :data:`_LINKS`.
 """
 
 from __future__ import annotations
