@@ -303,9 +303,11 @@ def test_more_cpu_ranks_than_cpus_is_refused(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(count_tp.os, "cpu_count", lambda: 2)
     code, _, err = _cli(capsys, "count", cfg, "--tp", 4, "--tokens", 4, "--device", "cpu")
     assert code == 2 and "spawns 4 processes but this machine has 2 CPU(s)" in err
-    code, out, err = _cli(capsys, "count", cfg, "--tp", 4, "--tokens", 4, "--device", "meta",
-                          "--counters", "analytic,hooks")
-    assert code == 0 and "ranks 0-3 identical" in out, err
+    code, out, err = _cli(capsys, "count", cfg, "--tp", 4, "--tokens", 4, "--counters", "analytic,hooks",
+                          "--format", "json")
+    doc = json.loads(out)  # the device was not asked for: 4 ranks on 2 CPUs are counted on meta instead
+    assert code == 0 and doc["device"] == "meta" and "more than this machine's 2 CPU(s)" in doc["device_reason"]
+    assert doc["agree"] and doc["ranks_identical"] and len(doc["ranks"]) == 4
 
 
 # ================================================================ roofline with a link

@@ -217,6 +217,10 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
     dtype = DTYPES[args.dtype] if args.dtype else None
     dtype_bytes = dtype.itemsize if dtype else (4 if not source.has_weights else 2)
     device, reason = choose_device(args.device, source, dtype_bytes)
+    cpus = os.cpu_count() or 1
+    if device == "cpu" and args.device is None and n > cpus and not in_torchrun():
+        # Chosen, not asked for: N real ranks would oversubscribe this machine; meta counts the same.
+        device, reason = "meta", f"{n} ranks are more than this machine's {cpus} CPU(s): counted on meta"
     logger.info("device %s: %s", device, reason)
     job = _job(args, source, config, schedule, names, device, dtype)
     torchrun = in_torchrun()
@@ -248,8 +252,8 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
     backend = default_backend(torch.device(device))
     if torchrun:
         return _run_torchrun(args, job, n, backend, title=title, extra=extra)
-    if backend == "gloo" and n > (os.cpu_count() or 1):
-        raise BadInput(f"--tp {n} on the cpu spawns {n} processes but this machine has {os.cpu_count()} CPU(s); "
+    if backend == "gloo" and n > cpus:
+        raise BadInput(f"--tp {n} on the cpu spawns {n} processes but this machine has {cpus} CPU(s); "
                        "use --tp <= the CPU count, or --device meta (counts are the same)")
     if backend == "nccl" and torch.cuda.device_count() < n:
         raise BadInput(f"--tp {n} on cuda needs {n} CUDA devices, {torch.cuda.device_count()} available")
