@@ -30,7 +30,7 @@ from .collectives import Collective, collectives_total, format_collective
 from .crosscheck import CrosscheckReport, Mismatch, compare, crosscheck
 from .primitives import ZERO, Count
 from .result import COUNTER_NAMES, FORWARD, QUANTITIES, CounterResult, RowKey
-from .table import REPLICATED, SPLIT, all_rows, row_order
+from .table import REPLICATED, all_rows, row_order
 
 __all__ = ["SINGLE_PROCESS", "TPReport", "combine", "count_meta_ranks", "count_rank", "rank_report", "row_tp"]
 

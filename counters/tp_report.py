@@ -18,7 +18,7 @@ from .collectives import Collective
 from .crosscheck import CrosscheckReport, CrosscheckRow
 from .report import CONVENTIONS, fmt
 from .result import QUANTITIES
-from .tp import SINGLE_PROCESS, TPReport, params_per_rank, row_tp
+from .tp import TPReport, params_per_rank, row_tp
 
 __all__ = ["JSON_SCHEMA_TP", "TP_CONVENTIONS", "render_tp_csv", "render_tp_table", "tp_counted_line", "tp_to_json"]
 
@@ -98,8 +98,8 @@ def _collective_lines(report: TPReport) -> list[str]:
     groups = _collective_groups(report)
     if not groups:
         return ["collectives: none"]
-    lines = [f"Collectives of one rank per forward (each rank runs every one; 0 FLOPs; bytes per rank; ring = "
-             f"bytes each rank sends, nccl-tests bus convention):",
+    lines = ["Collectives of one rank per forward (each rank runs every one; 0 FLOPs; bytes per rank; ring = "
+             "bytes each rank sends, nccl-tests bus convention):",
              f"  {'row':<26} {'op':<11} {'calls':>6} {'elements':>14} {'B/elt':>5} {'payload B/call':>15} "
              f"{'ring B/call':>15} {'payload B total':>17} {'ring B total':>17}"]
     for label, c, calls, runs in groups:

@@ -9,7 +9,6 @@ Real ranks cost seconds (process start-up), so there are three spawns: ``count -
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from counters.crosscheck import crosscheck
 from counters.studies import roofline as rl
 from counters.studies.hardware import Hardware, Link, get_link
 from counters.table import REPLICATED, SPLIT, Dims, all_rows
-from counters.tp import SINGLE_PROCESS, count_meta_ranks, params_per_rank, row_tp
+from counters.tp import count_meta_ranks, params_per_rank, row_tp
 from llama_ref import Llama, LlamaConfig
 from llama_ref.parallel import RowParallelLinear, ColumnParallelLinear, TensorParallelLlama, fake_world, spawn
 from llama_ref.parallel.collectives import all_reduce_sum
@@ -259,6 +258,12 @@ def test_count_tp2_of_a_two_shard_meta_checkpoint(capsys, tmp_path):
         by_rank[cells[0]] += int(cells[5])  # macs_analytic
     single = analyze(TINY, n_tokens=4)
     assert by_rank == {"0": single.macs // 2, "1": single.macs // 2}
+    # On meta each rank's files are checked (not loaded) in this process; the counts are the same.
+    code, out, err = _cli(capsys, "count", tmp_path / "ckpt", "--tp", 2, "--tokens", 4, "--device", "meta",
+                          "--format", "json")
+    doc = json.loads(out)
+    assert code == 0 and doc["agree"] and doc["weights"] == "checkpoint checked per rank, not loaded (meta)"
+    assert [r["totals"]["torch"]["macs"] for r in doc["ranks"]] == [single.macs // 2] * 2
 
 
 def test_under_torchrun_rank_0_reports_and_the_others_are_silent():
