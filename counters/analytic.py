@@ -16,6 +16,11 @@ Bytes moved (a kernel-agnostic, "each tensor crosses memory once per use" model)
   counted as traffic (fused / flash-style attention keeps it on chip).
 * ``kv_read_bytes`` - the attention core reads keys and values of ``n_cached + n_tokens`` positions.
 * ``kv_write_bytes`` - the ``attention`` row writes the new ``n_tokens`` keys and values to the cache.
+
+Tensor parallelism (``tp=N``): the same rows with one rank's sizes (:class:`counters.table.Dims`; every
+rank of Meta's layout has the same), and the collectives each rank runs per row (``collectives``: 0 FLOPs,
+their bytes in :class:`counters.collectives.Collective`). Bytes are per rank: its weight shards, its
+activations, its share of the KV cache; communication is not in them (it crosses a link, not memory).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from llama_ref.config import LlamaConfig
 from llama_ref.schedule import ScheduleSpec, format_schedule, resolve_schedule
 
 from . import table as T
+from .collectives import Collective
 from .primitives import ZERO, Count, matmul_exact_flops
 from .result import BACKWARD, FORWARD, RECOMPUTE, SOURCE_FORMULA, CounterResult, RowKey
 from .training import Training
@@ -111,8 +117,9 @@ def sum_rows(rows: list[RowCost], *, position: Optional[int], layer: Optional[in
     return RowCost(position, layer, module, **{f: sum(getattr(r, f) for r in rows) for f in _SUMMED})
 
 
-def row_cost(row: T.Row, config: LlamaConfig, shape: T.RunShape, dtypes: T.Dtypes) -> RowCost:
-    """One table row evaluated on sizes from the config (position and layer filled in by the caller)."""
+def row_cost(row: T.Row, config, shape: T.RunShape, dtypes: T.Dtypes) -> RowCost:
+    """One table row evaluated on sizes from the config, or from one rank's :class:`~counters.table.Dims`
+    (position and layer filled in by the caller)."""
     sizes = row.sizes(config, shape)
     ops = row.kind.ops(sizes)
     count = ZERO
@@ -139,6 +146,12 @@ class AnalyticReport:
     act_dtype_bytes: int
     kv_dtype_bytes: int
     rows: list[RowCost] = field(default_factory=list)
+    tp: Optional[int] = None  # a rank of a tp-way tensor-parallel model (None: one process, the whole model)
+    collectives: dict[RowKey, dict[Collective, int]] = field(default_factory=dict)  # per rank
+
+    @property
+    def dims(self) -> T.Dims:
+        return T.Dims(self.config, self.tp)
 
     @property
     def schedule_str(self) -> str:
@@ -199,17 +212,21 @@ class AnalyticReport:
     @property
     def kv_cache_bytes(self) -> int:
         """KV cache holding ``n_cached + n_tokens`` positions: one cache per schedule position
-        (a repeated layer keeps separate keys per run, as ``Llama.setup_cache`` allocates)."""
+        (a repeated layer keeps separate keys per run, as ``Llama.setup_cache`` allocates); a rank's share
+        (its kv heads) under tensor parallelism."""
         return kv_cache_bytes(self.config, batch=self.batch, n_positions=self.n_cached + self.n_tokens,
-                              n_runs=self.n_runs, kv_dtype_bytes=self.kv_dtype_bytes)
+                              n_runs=self.n_runs, kv_dtype_bytes=self.kv_dtype_bytes) // self.dims.ranks
 
     def as_counter_result(self) -> CounterResult:
         result = CounterResult(name="analytic")
         for r in self.rows:
             result.add(r.key, r.count, SOURCE_FORMULA)
+        for key, per_row in self.collectives.items():
+            for c, calls in per_row.items():
+                result.add_collective(key, c, calls=calls)
         result.notes.append(
             f"closed form: batch={self.batch} n_tokens={self.n_tokens} n_cached={self.n_cached} "
-            f"schedule={self.schedule_str}"
+            f"schedule={self.schedule_str}" + ("" if self.tp is None else f" tp={self.tp} (one rank's share)")
         )
         return result
 
@@ -248,12 +265,15 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 def analyze(config: LlamaConfig, *, batch: int = 1, n_tokens: int, n_cached: int = 0,
             schedule: ScheduleSpec = None, weight_dtype_bytes: int = 2, act_dtype_bytes: int = 2,
-            kv_dtype_bytes: Optional[int] = None) -> AnalyticReport:
+            kv_dtype_bytes: Optional[int] = None, tp: Optional[int] = None) -> AnalyticReport:
     """Closed-form per-row costs of one forward of ``n_tokens`` new tokens (per sequence, ``batch``
     sequences) after ``n_cached`` cached positions, running the layers of ``schedule``.
 
     ``kv_dtype_bytes`` defaults to ``act_dtype_bytes`` (the model caches in its compute dtype).
     Positions beyond ``config.max_seq_len`` are not refused: the formulas hold for any length.
+
+    ``tp=N``: the costs of one rank of an N-way tensor-parallel model (Meta's layout; every rank the same)
+    and its collectives; a world size that does not divide the model raises ``TPLayout``'s ValueError.
     """
     if not isinstance(config, LlamaConfig):
         raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
@@ -264,15 +284,30 @@ def analyze(config: LlamaConfig, *, batch: int = 1, n_tokens: int, n_cached: int
     _check_int("act_dtype_bytes", act_dtype_bytes, 1)
     kv_dtype_bytes = act_dtype_bytes if kv_dtype_bytes is None else _check_int("kv_dtype_bytes", kv_dtype_bytes, 1)
     order = resolve_schedule(schedule, config.n_layers)
+    dims = T.Dims(config, tp)
     shape = T.RunShape(batch, n_tokens, n_cached)
     dtypes = T.Dtypes(weight_dtype_bytes, act_dtype_bytes, kv_dtype_bytes)
-    block = [row_cost(r, config, shape, dtypes) for r in T.BLOCK_ROWS]  # every run costs the same
-    rows = [row_cost(r, config, shape, dtypes) for r in T.TOP_ROWS_BEFORE]
+    block = [row_cost(r, dims, shape, dtypes) for r in T.BLOCK_ROWS]  # every run costs the same
+    rows = [row_cost(r, dims, shape, dtypes) for r in T.TOP_ROWS_BEFORE]
     for pos, layer in enumerate(order):
         rows.extend(replace(r, position=pos, layer=layer) for r in block)
-    rows.extend(row_cost(r, config, shape, dtypes) for r in T.TOP_ROWS_AFTER)
+    rows.extend(row_cost(r, dims, shape, dtypes) for r in T.TOP_ROWS_AFTER)
+    collectives: dict[RowKey, dict[Collective, int]] = {}
+    for key, row in _keyed_rows(len(order)):
+        for c in row.collectives(dims, shape, dtypes):
+            per_row = collectives.setdefault(key, {})
+            per_row[c] = per_row.get(c, 0) + 1
     return AnalyticReport(config, order, batch, n_tokens, n_cached, weight_dtype_bytes, act_dtype_bytes,
-                          kv_dtype_bytes, rows)
+                          kv_dtype_bytes, rows, tp, collectives)
+
+
+def _keyed_rows(n_positions: int) -> list[tuple[RowKey, T.Row]]:
+    """(row key, table row) of one forward, in execution order."""
+    out: list[tuple[RowKey, T.Row]] = [((None, r.name), r) for r in T.TOP_ROWS_BEFORE]
+    for pos in range(n_positions):
+        out.extend(((pos, r.name), r) for r in T.BLOCK_ROWS)
+    out.extend(((None, r.name), r) for r in T.TOP_ROWS_AFTER)
+    return out
 
 
 def macs_polynomial(config: LlamaConfig, schedule: ScheduleSpec = None) -> tuple[int, int]:

@@ -12,6 +12,11 @@ With ``training`` every counter counts one training step (forward, loss, backwar
 executed-only ``recompute`` (activation checkpointing) and ``kernel_recompute`` (a fused attention
 backward's own recomputation of the scores).
 
+A rank of a tensor-parallel model (``llama_ref.parallel.TensorParallelLlama``) is counted the same way:
+the closed form takes that rank's sizes (``analyze(..., tp=N)``), and every counter's collectives (the
+communication each row ran, with its bytes) are compared row by row as well. :mod:`counters.tp` runs
+every rank and checks the ranks against each other and against the single process.
+
 Equality is exact integer equality, never a tolerance. Every counter is compared on every
 ``(phase, quantity)`` it claims (:meth:`CounterResult.claimed`), in every row and in total: a counter that
 reports zero where another reports work disagrees. A phase only one counter measures is reported, not
@@ -25,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 import torch
+
+from llama_ref.parallel import TensorParallelLlama
 
 from .analytic import AnalyticReport, TrainingReport, analyze, analyze_training, param_count
 from .fvcore_counter import count_fvcore
@@ -41,6 +48,7 @@ from .result import (
     RowKey,
     independent_sources,
 )
+from .collectives import Collective, format_collective
 from .table import LOSS_ROW_NAME, row_order
 from .torch_counter import count_torch
 from .training import Training
@@ -87,6 +95,8 @@ class CrosscheckRow:
     # (phase, quantity) -> the distinct source labels behind it (see counters.result)
     sources: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     model_phases: tuple[str, ...] = (FORWARD,)
+    # a tensor-parallel rank: the collectives this row ran (the reference counter's), collective -> calls
+    collectives: dict[Collective, int] = field(default_factory=dict)
 
     @property
     def key(self) -> RowKey:
@@ -144,6 +154,8 @@ class CrosscheckReport:
     dtype: str = ""
     kernel: str = ""
     notes: list[str] = field(default_factory=list)
+    tp: Optional[int] = None  # a rank of a tp-way tensor-parallel model
+    rank: Optional[int] = None
 
     @property
     def agree(self) -> bool:
@@ -210,9 +222,18 @@ class CrosscheckReport:
                                   else sum(g.values[pq][c] for g in group)) for c in self.counters}
                 sets = [set(g.sources.get(pq, ())) for g in group if g.sources.get(pq)]
                 sources[pq] = sorted(set.intersection(*sets)) if sets else []
+            merged: dict[Collective, int] = {}
+            for g in group:
+                for c, k in g.collectives.items():
+                    merged[c] = merged.get(c, 0) + k
             out.append(CrosscheckRow(r.position, r.layer, "block", values, all(g.agree for g in group), sources,
-                                     self.model_phases))
+                                     self.model_phases, merged))
         return out
+
+
+def tp_world_size(model) -> Optional[int]:
+    """The world size of a tensor-parallel rank (``TensorParallelLlama``), None for a single-process model."""
+    return model.group.world_size if isinstance(model, TensorParallelLlama) else None
 
 
 def _prefill(model, batch: int, n_cached: int, n_tokens: int, device) -> None:
@@ -223,14 +244,16 @@ def _prefill(model, batch: int, n_cached: int, n_tokens: int, device) -> None:
 
 
 def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Optional[Sequence[str]] = None,
-               strict: bool = False, training: Optional[Training] = None, weight_dtype_bytes: int = 2,
-               act_dtype_bytes: int = 2) -> CrosscheckReport:
+               strict: bool = False, training: Optional[Training] = None, weight_dtype_bytes: Optional[int] = None,
+               act_dtype_bytes: Optional[int] = None) -> CrosscheckReport:
     """Count one forward of ``tokens`` (shape ``(batch, N)``) after ``n_cached`` cached positions - or with
     ``training``, one training step on them - with each of ``counters`` (default: all four) and compare
     them row by row.
 
     The first counter is the reference the others are compared with. The model's own KV cache (if any)
-    is restored afterwards.
+    is restored afterwards. ``weight_dtype_bytes``/``act_dtype_bytes`` (the closed form's bytes, and the
+    itemsize of a tensor-parallel rank's collectives) default to the model's: its embedding's dtype and its
+    compute dtype.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
         raise ValueError("tokens must be a (batch, n_tokens) integer tensor")
@@ -247,6 +270,14 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
     if unknown or len(set(names)) != len(names):
         raise ValueError(f"bad counter list {names}: choose each at most once from {', '.join(COUNTER_NAMES)}")
 
+    if weight_dtype_bytes is None:
+        weight_dtype_bytes = model.tok_embeddings.weight.dtype.itemsize
+    if act_dtype_bytes is None:
+        act_dtype_bytes = model.compute_dtype.itemsize
+    tp = tp_world_size(model)
+    if tp is not None and training is not None:
+        raise ValueError("a training step of a tensor-parallel rank is not counted: its backward all-reduces "
+                         "(CopyToTensorParallel) have no row yet; count its forward")
     batch, n_tokens = tokens.shape
     config = model.config
     schedule = tuple(model.schedule)
@@ -254,7 +285,7 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
     analytic_report = training_report = None
     if "analytic" in names:
         analytic_report = analyze(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, schedule=schedule,
-                                  weight_dtype_bytes=weight_dtype_bytes, act_dtype_bytes=act_dtype_bytes)
+                                  weight_dtype_bytes=weight_dtype_bytes, act_dtype_bytes=act_dtype_bytes, tp=tp)
         if training is None:
             results["analytic"] = analytic_report.as_counter_result()
         else:
@@ -282,6 +313,8 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
 
     report = compare(results, schedule=schedule, config=config, batch=batch, n_tokens=n_tokens, n_cached=n_cached,
                      analytic=analytic_report, order=names, loss=training is not None)
+    if tp is not None:
+        report.tp, report.rank = tp, model.group.rank
     report.training = training
     report.training_report = training_report
     return report
@@ -295,6 +328,9 @@ def crosscheck_generation(model, *, batch: int, generation: Generation, counters
     :func:`counters.generation.generation_macs`. fvcore traces one forward and cannot follow the loop."""
     if not isinstance(generation, Generation):
         raise ValueError(f"generation must be a counters.generation.Generation, got {type(generation).__name__}")
+    if tp_world_size(model) is not None:
+        raise ValueError("a generation task of a tensor-parallel rank is not counted (its decode loop's "
+                         "collectives have no phase rows yet): count its forwards with crosscheck")
     names = list(("analytic", "hooks", "torch") if counters is None else counters)
     if "fvcore" in names:
         raise ValueError("fvcore traces one forward and cannot follow a generation loop: count it with "
@@ -367,9 +403,23 @@ def compare(results: dict[str, CounterResult], *, schedule: Sequence[int], confi
                     if vals[n] != vals[comp[0]]:
                         row_ok = False
                         mismatches.append(Mismatch(key, q, comp[0], vals[comp[0]], n, vals[n], p))
+        ref_collectives: dict[Collective, int] = {}
+        for p in phases:
+            claiming = compared[(p, "macs")]
+            for i, n in enumerate(claiming):
+                got = results[n].row_collectives(key, p)
+                if i == 0:
+                    ref_collectives = got if p == FORWARD else ref_collectives
+                    ref_name, expected = n, got
+                    continue
+                for c in sorted(set(expected) | set(got)):
+                    if expected.get(c, 0) != got.get(c, 0):
+                        row_ok = False
+                        mismatches.append(Mismatch(key, f"collective {format_collective(c)}", ref_name,
+                                                   expected.get(c, 0), n, got.get(c, 0), p))
         pos, module = key
         layer = schedule[pos] if pos is not None and 0 <= pos < len(schedule) else None
-        rows.append(CrosscheckRow(pos, layer, module, values, row_ok, sources, model_phases))
+        rows.append(CrosscheckRow(pos, layer, module, values, row_ok, sources, model_phases, ref_collectives))
 
     totals = {n: _totals(results[n], phases, model_phases) for n in names}
     for p in phases:

@@ -12,7 +12,11 @@ graph fvcore analysed, and attribute its nodes to ``(position, row)`` rows of :m
   formula on the node's shapes: source ``outside:torch``;
 * every non-matmul FLOP (element-wise ops, softmax, RoPE's complex multiply, the SDPA scale/mask/softmax,
   a bias add): :data:`counters.ops.REGISTRY` on the sizes the trace recorded: source ``shapes``;
-* free ops: the registry's reviewed free list; anything else is an unknown op.
+* free ops: the registry's reviewed free list;
+* a tensor-parallel rank's communication steps (``prim::PythonOp.ReduceFromTensorParallel`` /
+  ``GatherFromTensorParallel``, on :data:`counters.ops.COMMUNICATION_OPS`): 0 FLOPs, recorded per row as
+  collectives with their bytes (the traced output shape, the Function's TPGroup);
+* anything else is an unknown op.
 
 ``FlopCountAnalysis`` itself runs with its own matrix-product handles and every other op of ours set to
 "ignored", and the sum of the ``outside:fvcore`` MACs over all rows is checked to equal its ``total()``
@@ -30,6 +34,8 @@ from unittest import mock
 
 import torch
 from torch import nn
+
+from llama_ref.parallel.collectives import TPGroup
 
 from .ops import (
     INTEGER_BOOKKEEPING,
@@ -108,12 +114,20 @@ def _jit_kind(node: "torch._C.Node") -> str:
 
 
 def _jit_call(node: "torch._C.Node", name: str) -> OpCall:
+    inputs = [_jit_value(v) for v in node.inputs()]
+    outputs = tuple(_jit_value(v) for v in node.outputs())
+    if node.kind() == "prim::PythonOp":
+        # An autograd Function (schema "prim::PythonOp(...)"): its tensor inputs, and its process group
+        # among the Python objects it was called with (a tensor-parallel step).
+        args: dict[str, Any] = {f"arg{i}": v for i, v in enumerate(inputs)}
+        groups = [a for a in node.scalar_args() if isinstance(a, TPGroup)]
+        if groups:
+            args["group"] = groups[0]
+        return OpCall(name, args, outputs)
     text = node.schema()
     if text not in _SCHEMAS:
         _SCHEMAS[text] = None if text == "(no schema)" else torch._C.parse_schema(text)
     schema = _SCHEMAS[text]
-    inputs = [_jit_value(v) for v in node.inputs()]
-    outputs = tuple(_jit_value(v) for v in node.outputs())
     if schema is None:
         return OpCall(name, {f"arg{i}": v for i, v in enumerate(inputs)}, outputs)
     return OpCall.from_schema(name, schema, inputs, None, outputs)
@@ -172,6 +186,11 @@ def _install_position_scopes(model: nn.Module) -> tuple[list, list[int]]:
     return handles, layer_ids
 
 
+def _no_flops(inputs, outputs) -> int:
+    """An fvcore handle for communication steps: 0 FLOPs (they move bytes, recorded by us)."""
+    return 0
+
+
 # ---------------------------------------------------------------- the counter
 def _import_fvcore():
     """fvcore lazily (only this counter needs it); its import scripts a loss function with
@@ -210,6 +229,9 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
     ignored = {f"aten::{name}": None for name in REGISTRY.formulas if f"aten::{name}" not in fvcore_matmul}
     ignored.update({name if "::" in name else f"aten::{name}": None for name in REGISTRY.free})
     analysis.set_op_handle(**ignored)
+    # Communication: fvcore ignores a node by its bare kind, "prim::PythonOp", which it never ignores; a
+    # handle counting 0 keeps these out of its unsupported list (they are recorded as collectives below).
+    analysis.set_op_handle(**{name: _no_flops for name in REGISTRY.communication if name.startswith("prim::")})
 
     graphs: list = []
     original_trace = jit_analysis._get_scoped_trace_graph
@@ -267,6 +289,10 @@ def count_fvcore(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, 
         if classified.status == "free":
             if classified.reason == INTEGER_BOOKKEEPING:
                 bookkeeping[kind] += 1
+            continue
+        if classified.status == "communication":  # 0 FLOPs: a tensor-parallel step, recorded with its bytes
+            if classified.collective is not None:
+                result.add_collective(_row_for_scope(node.scopeName(), scope_rows), classified.collective)
             continue
         if classified.status == "counted" and name in OUTSIDE_SDPA_OPS:
             try:

@@ -9,6 +9,10 @@ microseconds per module and run on ``meta`` models.
 A module whose type or ``forward`` is not the one its row describes, and a module that runs but has no
 row, is unknown work: an error in strict mode, a listed warning otherwise (never a silent zero).
 
+Tensor-parallel ranks: the parallel layers are covered by their base kinds (the hooks read this rank's
+local sizes) and each records the collective it ran, read from its real output tensor and its process
+group (:func:`counters.table.module_collective`).
+
 Positions: a pre-hook on the root resets the run counter, a pre-hook on every decoder layer takes the
 next schedule position, so a layer that runs twice is counted once per run.
 
@@ -148,8 +152,11 @@ class HookCounter(AbstractContextManager):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             key = (self._position if block_row else None, row.name)
             recomputing = backward_context()
-            self.result.add(key, kind.count(kind.read(module, args, kwargs, output)), SOURCE_SHAPES,
-                            RECOMPUTE if recomputing else self._phase)
+            phase = RECOMPUTE if recomputing else self._phase
+            self.result.add(key, kind.count(kind.read(module, args, kwargs, output)), SOURCE_SHAPES, phase)
+            collective = T.module_collective(module, output)  # a tensor-parallel layer's communication
+            if collective is not None:
+                self.result.add_collective(key, collective, phase)
             if has_backward_hook and not recomputing:
                 self._calls.setdefault(id(module), []).append((key[0], self._n_calls))
                 for p in module.parameters():

@@ -7,13 +7,17 @@ shape and dtype), and its outputs - and ask :data:`REGISTRY` what it costs. Ever
 from the op primitives of :mod:`counters.primitives` (the conventions live there, once), applied to the
 sizes of the real call; the fused attention ops reuse the attention kind of :mod:`counters.table`.
 
-Every op is in exactly one of three states, and nothing is ever counted as zero silently:
+Every op is in exactly one of four states, and nothing is ever counted as zero silently:
 
 * **counted** - a formula from one of the op families below returns a :class:`Count`
   (``macs`` for matrix products, ``nonmatmul_flops`` for the per-element rest);
 * **free** - the op is on the single reviewed free list :data:`FREE_OPS`, each entry with a
   one-line reason (views, copies, casts, allocation, mask construction, ...);
-* **unknown** - neither; the counters raise :class:`UncountedOpError` in strict mode and log a
+* **communication** - a collective of a tensor-parallel model, on the single reviewed list
+  :data:`COMMUNICATION_OPS` (with a reason per entry): 0 FLOPs, and what it moves is returned as a
+  :class:`counters.collectives.Collective` (op, numel, itemsize, world size) that the counters record per
+  row with its bytes;
+* **unknown** - none of these; the counters raise :class:`UncountedOpError` in strict mode and log a
   warning plus list the op in ``CounterResult.unknown_ops`` otherwise. A formula that meets a call
   it cannot count (a complex division, dropout, a shape the trace did not record) raises
   :class:`UncountableCall`, which makes that call unknown too.
@@ -41,10 +45,11 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import torch
 
 from . import primitives as P
+from .collectives import ALL_GATHER, ALL_REDUCE, Collective
 from .primitives import COMPLEX_FLOPS_PER_ELEMENT, FLOPS_PER_ELEMENT, REDUCTION_FLOPS, ZERO, Count
 
 __all__ = [
-    "DuplicateRegistrationError", "FREE_OPS", "INTEGER_BOOKKEEPING", "OpCall", "OpCount", "OpFormula", "OpRegistry",
+    "COMMUNICATION_OPS", "DuplicateRegistrationError", "FREE_OPS", "INTEGER_BOOKKEEPING", "OpCall", "OpCount", "OpFormula", "OpRegistry",
     "OUTSIDE_SDPA_OPS", "REGISTRY", "SDPA_BACKEND_OPS", "TensorMeta", "UNKNOWN", "UncountableCall", "UncountedOpError",
     "canonical_op_name", "elementwise", "fvcore_to_macs", "matmul", "raise_or_warn_unknown", "reduction", "sdpa",
     "torch_flops_to_macs", "torch_sdpa_backward_macs", "torch_sdpa_macs", "SDPA_BACKWARD_OPS",
@@ -58,12 +63,16 @@ class UncountedOpError(RuntimeError):
                  reasons: Optional[Mapping[str, Iterable[str]]] = None) -> None:
         self.counter = counter
         self.unknown_ops = dict(unknown_ops)
+        self.reasons = {k: sorted(set(v)) for k, v in (reasons or {}).items()}
         listing = _listing(self.unknown_ops, reasons)
         super().__init__(
             f"{counter}: {sum(self.unknown_ops.values())} op call(s) have no formula in counters.ops and are not on "
             f"its free list: {listing}. Register a formula (or a reviewed free-list entry) for them; "
             "strict=False counts the rest and lists these in CounterResult.unknown_ops."
         )
+
+    def __reduce__(self):  # picklable: a tensor-parallel rank sends it to the process that reports it
+        return (type(self), (self.counter, self.unknown_ops, self.reasons))
 
 
 class UncountableCall(Exception):
@@ -249,11 +258,17 @@ OpFormula = Callable[[OpCall], Count]
 
 @dataclass(frozen=True)
 class OpCount:
-    """How the registry classified one call: ``status`` is "counted", "free" or "unknown"."""
+    """How the registry classified one call: ``status`` is "counted", "free", "communication" or "unknown".
+    ``collective``: what a communication op moves (``None`` for the completion of one, ``wait_tensor``)."""
 
     status: str
     count: Count = ZERO
     reason: str = ""
+    collective: Optional[Collective] = None
+
+
+#: A communication op's description of one call: the collective it runs, or None (a wait for one).
+CommunicationFormula = Callable[[OpCall], Optional[Collective]]
 
 
 INTEGER_BOOKKEEPING = ("integer bookkeeping: no floating-point operand, only integer/bool tensors or Python "
@@ -272,10 +287,12 @@ class OpRegistry:
         self._formulas: dict[str, OpFormula] = {}
         self._integer_free: set[str] = set()
         self._free: dict[str, str] = {}
+        self._communication: dict[str, tuple[CommunicationFormula, str]] = {}
 
     def _check_new(self, name: str) -> None:
-        if name in self._formulas or name in self._free:
-            where = f"formula {self._formulas[name].__name__}" if name in self._formulas else "free list"
+        if name in self._formulas or name in self._free or name in self._communication:
+            where = (f"formula {self._formulas[name].__name__}" if name in self._formulas
+                     else "free list" if name in self._free else "communication list")
             raise DuplicateRegistrationError(f"op {name!r} is already registered ({where})")
 
     def _new_names(self, names: Union[str, Iterable[str]]) -> list[str]:
@@ -305,12 +322,28 @@ class OpRegistry:
         for name in names:
             self._free[name] = reason
 
+    def register_communication(self, names: Union[str, Iterable[str]], describe: CommunicationFormula,
+                               reason: str) -> None:
+        """A collective (0 FLOPs): ``describe(call)`` says what it moves, ``reason`` why it is communication."""
+        if not reason or not reason.strip():
+            raise ValueError("every communication-list entry needs a one-line reason")
+        for name in self._new_names(names):
+            self._communication[name] = (describe, reason)
+
     # ------------------------------------------------------------ queries
     def has_formula(self, name: str) -> bool:
         return name in self._formulas
 
     def is_free(self, name: str) -> bool:
         return name in self._free
+
+    def is_communication(self, name: str) -> bool:
+        return name in self._communication
+
+    @property
+    def communication(self) -> Mapping[str, str]:
+        """op name -> why it is communication (read-only)."""
+        return MappingProxyType({k: reason for k, (_, reason) in self._communication.items()})
 
     @property
     def formulas(self) -> Mapping[str, OpFormula]:
@@ -335,10 +368,16 @@ class OpRegistry:
             return OpCount("counted", count)
         if call.op in self._free:
             return OpCount("free", ZERO, self._free[call.op])
-        return OpCount("unknown", ZERO, "no formula and not on the free list")
+        if call.op in self._communication:
+            describe, reason = self._communication[call.op]
+            try:
+                return OpCount("communication", ZERO, reason, describe(call))
+            except UncountableCall as e:
+                return OpCount("unknown", ZERO, str(e))
+        return OpCount("unknown", ZERO, "no formula, not on the free list and not communication")
 
     def count(self, call: OpCall) -> Optional[Count]:
-        """The call's Count (ZERO if free), or None if it is unknown."""
+        """The call's Count (ZERO if free or communication), or None if it is unknown."""
         result = self.classify(call)
         return None if result.status == "unknown" else result.count
 
@@ -689,3 +728,74 @@ for _op, _reason in _FREE.items():
 
 #: The reviewed free list: op name -> one-line reason (read-only view of the registry's list).
 FREE_OPS: Mapping[str, str] = REGISTRY.free
+
+
+# ---------------------------------------------------------------- the reviewed communication list
+# The collectives of llama_ref.parallel (see llama_ref/parallel/collectives.py). At dispatch level (torch) a
+# collective is the functional c10d op plus the wait_tensor that completes it; an all-gather on the last
+# dimension then reorders the pieces with aten view / permute / clone / _unsafe_view, which stay on the free
+# list: the views are metadata; the clone is a local copy (data movement, 0 FLOPs, like repeat_kv's
+# clone), an artifact of torch gathering on dim 0 that the roofline's kernel-agnostic bytes leave out, as
+# they leave out repeat_kv's. At jit level (fvcore) the tracer records each step as one autograd Function
+# node, ``prim::PythonOp.<Function>``, with its input and output shapes and its TPGroup.
+def _world_size_of_group_name(name: Any) -> int:
+    if not isinstance(name, str):
+        raise UncountableCall(f"process group name {name!r} not recorded")
+    try:
+        from torch.distributed.distributed_c10d import _resolve_process_group
+
+        return int(_resolve_process_group(name).size())
+    except (ImportError, RuntimeError, ValueError, KeyError) as e:
+        raise UncountableCall(f"process group {name!r}: {e}") from None
+
+
+def _c10d_all_reduce(call: OpCall) -> Collective:
+    if call.get("reduce_op") != "sum":
+        raise UncountableCall(f"{call.op}: reduce op {call.get('reduce_op')!r} (only sum runs in a Llama)")
+    x = call.tensor("input")
+    return Collective(ALL_REDUCE, x.numel, x.dtype.itemsize, _world_size_of_group_name(call.get("group_name")))
+
+
+def _c10d_all_gather(call: OpCall) -> Collective:
+    n = call.get("group_size")
+    if type(n) is not int:
+        raise UncountableCall(f"{call.op}: group_size {n!r} not recorded")
+    out = call.out
+    return Collective(ALL_GATHER, out.numel, out.dtype.itemsize, n)
+
+
+def _c10d_wait(call: OpCall) -> None:
+    return None  # completes the collective that produced its input: nothing moves here
+
+
+def _tp_group_size(call: OpCall) -> int:
+    group = call.get("group")
+    size = getattr(group, "world_size", None)
+    if type(size) is not int:
+        raise UncountableCall(f"{call.op}: its process group was not recorded ({group!r})")
+    return size
+
+
+def _jit_reduce_from_tp(call: OpCall) -> Collective:
+    out = call.out
+    return Collective(ALL_REDUCE, out.numel, out.dtype.itemsize, _tp_group_size(call))
+
+
+def _jit_gather_from_tp(call: OpCall) -> Collective:
+    out = call.out
+    return Collective(ALL_GATHER, out.numel, out.dtype.itemsize, _tp_group_size(call))
+
+
+REGISTRY.register_communication("_c10d_functional::all_reduce", _c10d_all_reduce,
+                                "all-reduce (sum) of a row-parallel layer's partial sums over the ranks")
+REGISTRY.register_communication("_c10d_functional::all_gather_into_tensor", _c10d_all_gather,
+                                "all-gather of every rank's slice (stacked on dim 0)")
+REGISTRY.register_communication("_c10d_functional::wait_tensor", _c10d_wait,
+                                "waits for an asynchronous collective to complete: moves nothing itself")
+REGISTRY.register_communication("prim::PythonOp.ReduceFromTensorParallel", _jit_reduce_from_tp,
+                                "jit record of llama_ref's all-reduce step (the collective runs untraced)")
+REGISTRY.register_communication("prim::PythonOp.GatherFromTensorParallel", _jit_gather_from_tp,
+                                "jit record of llama_ref's all-gather step (the collective runs untraced)")
+
+#: The reviewed communication list: op name -> why it is communication (read-only).
+COMMUNICATION_OPS: Mapping[str, str] = REGISTRY.communication

@@ -19,6 +19,10 @@ backward, ``recompute``: work the hardware executes on top of the model work. A 
 
 Two numbers from the same source label are not independent evidence; :func:`independent_sources`
 counts the distinct labels behind a row.
+
+**Collectives.** A rank of a tensor-parallel model also communicates: ``collectives`` holds, per phase and
+row, every :class:`counters.collectives.Collective` the counter saw and how many times (0 FLOPs; compared
+across counters like the counts).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
+from .collectives import Collective
 from .primitives import ZERO, Count
 from .table import RowKey, row_order
 
@@ -70,6 +75,8 @@ class CounterResult:
     unknown_ops: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     claims: Optional[frozenset] = None
+    # phase -> row -> collective -> calls (a tensor-parallel rank's communication)
+    collectives: dict[str, dict[RowKey, dict[Collective, int]]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ filling
     def add(self, key: RowKey, count: Count, source: str, phase: str = FORWARD) -> None:
@@ -78,6 +85,13 @@ class CounterResult:
         if count != ZERO:
             per_row = self.sources.setdefault(phase, {}).setdefault(key, {})
             per_row[source] = per_row.get(source, ZERO) + count
+
+    def add_collective(self, key: RowKey, collective: Collective, phase: str = FORWARD, calls: int = 1) -> None:
+        per_row = self.collectives.setdefault(phase, {}).setdefault(key, {})
+        per_row[collective] = per_row.get(collective, 0) + calls
+
+    def row_collectives(self, key: RowKey, phase: str = FORWARD) -> dict[Collective, int]:
+        return dict(self.collectives.get(phase, {}).get(key, {}))
 
     def ensure_rows(self, keys: Iterable[RowKey], phase: str = FORWARD) -> None:
         """Make every key present (at zero), in the given order, so reports list rows in execution order."""

@@ -15,6 +15,17 @@ Everything that needs to know "what a forward computes" iterates this table:
 * the row order of every report, the roofline's bytes and its timed modules, and the tests' expectations.
 
 Adding a module to the model is one entry here (plus a kind, if it computes something new).
+
+**Tensor parallelism** (:mod:`llama_ref.parallel`). A rank of a ``TensorParallelLlama`` has the same rows
+(same names, same paths), with one rank's sizes: :class:`Dims` with ``tp=N`` gives them from
+``TPLayout(config, N)``. Every row is either ``split`` (its work divided evenly across the ranks: the
+projections, RoPE, the attention core, the SwiGLU gate, the embedding's columns, the output head's
+vocabulary) or ``replicated`` (every rank does the whole of it: the RMSNorms, the residual adds, the
+model's own mask construction); summed over the ranks a split row equals the single-process row and a
+replicated one N times it. The parallel layers map to the kinds of their single-process bases (their own
+``forward`` is the base's arithmetic plus a collective), and four rows run a collective on every rank
+(:class:`counters.collectives.Collective`: communication, 0 FLOPs, recorded with its bytes): the embedding
+and the output head all-gather, ``attention.wo`` and ``feed_forward.w2`` all-reduce.
 """
 
 from __future__ import annotations
@@ -29,15 +40,18 @@ from llama_ref.block import TransformerBlock
 from llama_ref.config import LlamaConfig
 from llama_ref.layers import FeedForward, GatedSiLU, Linear, RMSNorm
 from llama_ref.model import Llama
+from llama_ref.parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
+from llama_ref.parallel.layout import TPLayout
 from llama_ref.rope import RotaryEmbedding
 
 from . import primitives as P
+from .collectives import ALL_GATHER, ALL_REDUCE, Collective
 from .primitives import ZERO, Count
 
 __all__ = [
-    "BLOCK_ROWS", "Bytes", "Dtypes", "Kind", "Op", "Row", "RowKey", "RunShape", "TOP_ROWS_AFTER",
-    "TOP_ROWS_BEFORE", "KINDS", "block_row_names", "row_for_module", "row_order", "timed_block_paths",
-    "TOKEN_ID_BYTES", "FREQS_CIS_ENTRY_BYTES",
+    "BLOCK_ROWS", "Bytes", "Dims", "Dtypes", "Kind", "Op", "REPLICATED", "Row", "RowKey", "RunShape", "SPLIT",
+    "TOP_ROWS_AFTER", "TOP_ROWS_BEFORE", "KINDS", "all_rows", "block_row_names", "module_collective",
+    "row_for_module", "row_order", "timed_block_paths", "TOKEN_ID_BYTES", "FREQS_CIS_ENTRY_BYTES",
 ]
 
 RowKey = tuple[Optional[int], str]  # (schedule position or None for top-level rows, row name)
@@ -104,6 +118,81 @@ class Dtypes:
     weight: int
     act: int
     kv: int
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes one process's modules have: the whole model's (``tp=None``, a single-process ``Llama``) or
+    one rank's of a ``tp``-way ``TensorParallelLlama`` (Meta's layout, ``TPLayout``: query heads, kv heads,
+    FFN width, output-head vocabulary and embedding columns divided by ``tp``; the residual stream ``dim``
+    whole on every rank). ``tp=1`` is a one-rank tensor-parallel model: the single-process sizes, plus its
+    collectives (over one rank). Every rank of Meta's layout has the same sizes. Derived sizes are
+    properties, never stored; a world size that does not divide the model raises ``TPLayout``'s ValueError.
+    """
+
+    config: LlamaConfig
+    tp: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.tp is not None:
+            TPLayout(self.config, self.tp)  # every divisibility problem, named
+
+    @property
+    def ranks(self) -> int:
+        return 1 if self.tp is None else self.tp
+
+    @property
+    def dim(self) -> int:
+        """The residual stream's width: whole on every rank (norms, residual adds, projection inputs)."""
+        return self.config.dim
+
+    @property
+    def embed_dim(self) -> int:
+        """Embedding columns this rank looks up (gathered to ``dim`` afterwards)."""
+        return self.config.dim // self.ranks
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.n_heads // self.ranks
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.config.n_kv_heads // self.ranks
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.config.hidden_dim // self.ranks
+
+    @property
+    def vocab_size(self) -> int:
+        """Output-head rows (logits) this rank computes."""
+        return self.config.vocab_size // self.ranks
+
+    @property
+    def full_vocab_size(self) -> int:
+        """Logits per position after the output head's all-gather (what a loss sees on every rank)."""
+        return self.config.vocab_size
+
+
+def as_dims(config: Any, tp: Optional[int] = None) -> Dims:
+    """``config`` (a LlamaConfig, or Dims already) as :class:`Dims`."""
+    if isinstance(config, Dims):
+        if tp is not None and tp != config.tp:
+            raise ValueError(f"Dims of tp={config.tp} given with tp={tp}")
+        return config
+    return Dims(config, tp)
 
 
 @dataclass(frozen=True)
@@ -197,6 +286,10 @@ class Kind:
     Training: ``backward_ops(sizes)`` is what autograd runs for the module's backward (``None``: nothing,
     e.g. views and pass-through adds), and ``read_backward(module, grad_input, grad_output)`` the same
     sizes read from the real gradient tensors (full backward hooks).
+
+    ``variants``: subclasses of ``module`` whose own ``forward`` is also covered: the tensor-parallel layers,
+    whose forward is the base's arithmetic (on this rank's slice) plus a collective, which is communication
+    (:func:`module_collective`), not arithmetic.
     """
 
     name: str
@@ -208,6 +301,7 @@ class Kind:
     macs_causal: Optional[Callable[[Any], int]] = None
     backward_ops: Optional[Callable[[Any], tuple[Op, ...]]] = None
     read_backward: Optional[Callable[[nn.Module, tuple, tuple], Any]] = None
+    variants: tuple[type, ...] = ()
 
     def count(self, sizes: Any) -> Count:
         return sum_ops(self.ops(sizes))
@@ -216,8 +310,12 @@ class Kind:
         return ZERO if self.backward_ops is None else sum_ops(self.backward_ops(sizes))
 
     def covers(self, module: nn.Module) -> bool:
-        """``module`` is this kind's class and runs that class's own ``forward``."""
-        return isinstance(module, self.module) and type(module).forward is self.module.forward
+        """``module`` is this kind's class (or one of its ``variants``) and runs that class's own ``forward``."""
+        if not isinstance(module, self.module):
+            return False
+        forward = type(module).forward
+        return forward is self.module.forward or any(isinstance(module, v) and forward is v.forward
+                                                      for v in self.variants)
 
 
 # ---------------------------------------------------------------- linear (q, k, v, o, w1, w3, w2, output head)
@@ -227,7 +325,15 @@ def _linear_ops(s: Mat) -> tuple[Op, ...]:
 
 def _linear_read(module, args, kwargs, output) -> Mat:
     x = _arg(args, kwargs, 0, "x")
-    return Mat(_rows(output.shape), int(x.shape[-1]), int(output.shape[-1]))
+    n = int(output.shape[-1])
+    if isinstance(module, ColumnParallelLinear) and module.gather_output:
+        # The output head of a tensor-parallel rank: its product makes this rank's logits, (rows, k) @ (k,
+        # vocab / N) with this rank's weight; the all-gather after it is communication.
+        n = int(module.weight.shape[0])
+        if int(output.shape[-1]) != n * module.group.world_size:
+            raise ValueError(f"{type(module).__name__}: gathered {output.shape[-1]} outputs from {n} per rank "
+                             f"over {module.group.world_size} ranks")
+    return Mat(_rows(output.shape), int(x.shape[-1]), n)
 
 
 def _linear_bytes(s: Mat, dt: Dtypes) -> Bytes:
@@ -245,7 +351,8 @@ def _linear_read_backward(module, grad_input, grad_output) -> Mat:
 
 
 LINEAR = Kind("linear", Linear, True, _linear_ops, _linear_read, _linear_bytes,
-              backward_ops=_linear_backward, read_backward=_linear_read_backward)
+              backward_ops=_linear_backward, read_backward=_linear_read_backward,
+              variants=(ColumnParallelLinear, RowParallelLinear))
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -435,12 +542,18 @@ def _no_ops(s: Any) -> tuple[Op, ...]:
     return ()
 
 
-EMBEDDING = Kind("embedding", nn.Embedding, True, _no_ops, _output_elems,  # a table lookup: 0 MACs
+def _embedding_read(module, args, kwargs, output) -> Elems:
+    if isinstance(module, ParallelEmbedding):  # this rank's columns were looked up, then all-gathered
+        return Elems(_rows(output.shape), int(module.weight.shape[1]))
+    return _output_elems(module, args, kwargs, output)
+
+
+EMBEDDING = Kind("embedding", nn.Embedding, True, _no_ops, _embedding_read,  # a table lookup: 0 MACs
                  lambda s, dt: Bytes(weight=s.rows * s.width * dt.weight,  # only the gathered rows
                                      act=s.rows * TOKEN_ID_BYTES + s.rows * s.width * dt.act),
                  backward_ops=lambda s: (Op("embedding_backward", P.elementwise("embedding_backward",
                                                                                 s.rows * s.width)),),
-                 read_backward=_grad_elems)
+                 read_backward=_grad_elems, variants=(ParallelEmbedding,))
 # Own forward: views, dtype casts and the KV-cache write (data movement, no arithmetic).
 ATTENTION_OWN = Kind("attention_own", Attention, False, _no_ops, None,
                      lambda s, dt: Bytes(kv_write=2 * s.rows * s.kv_dim * dt.kv))
@@ -476,23 +589,48 @@ KINDS = (LINEAR, RMSNORM, ROPE, ATTENTION_CORE, GATED_SILU, RESIDUAL, EMBEDDING,
 
 
 # ====================================================================== rows
+#: How a row's work is shared by the ranks of a tensor-parallel model (``Row.tp``).
+SPLIT = "split"  # divided evenly: summed over the ranks it is the single-process row
+REPLICATED = "replicated"  # every rank does all of it: summed over the ranks, N times the single-process row
+
+CollectiveOf = Callable[["Dims", RunShape, Dtypes], Collective]
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of the table. ``name`` is the row's name in every report; ``path`` the module's path
     relative to the model (top-level rows) or to a decoder layer (block rows), ``""`` for the model or
-    layer itself. ``sizes(config, shape)`` are the sizes the analytic counter uses; ``params(config)``
-    the parameters this module holds (counted once per model, whatever the schedule).
+    layer itself. ``sizes(config, shape, tp)`` are the sizes the analytic counter uses (``sizes_of`` reads
+    them from :class:`Dims`); ``params(config)`` the parameters this module holds (counted once per model,
+    whatever the schedule).
 
     ``backward_extra(sizes)``: backward work that belongs to this row because of where the module sits in
     the graph, not to its kind: autograd adds the gradients of a tensor used twice, and the add runs in the
-    backward of the use whose gradient arrives second (e.g. ``wq``: ``x`` also feeds ``wk`` and ``wv``)."""
+    backward of the use whose gradient arrives second (e.g. ``wq``: ``x`` also feeds ``wk`` and ``wv``).
+
+    Tensor parallelism: ``tp`` is :data:`SPLIT` or :data:`REPLICATED`; ``collective(dims, shape, dtypes)``
+    the collective this row's module runs on every rank of a tensor-parallel model (``None``: none)."""
 
     name: str
     path: str
     kind: Kind
-    sizes: Callable[[LlamaConfig, RunShape], Any]
+    sizes_of: Callable[[Dims, RunShape], Any]
     params: Callable[[LlamaConfig], int] = lambda c: 0
     backward_extra: Callable[[Any], tuple[Op, ...]] = _no_ops
+    tp: str = SPLIT
+    collective: Optional[CollectiveOf] = None
+
+    def sizes(self, config: Any, shape: RunShape, tp: Optional[int] = None) -> Any:
+        """The sizes this row's kind computes on: of the whole model (``config`` a LlamaConfig), or of one
+        rank of a ``tp``-way tensor-parallel one (or ``config`` given as :class:`Dims`)."""
+        return self.sizes_of(as_dims(config, tp), shape)
+
+    def collectives(self, config: Any, shape: RunShape, dtypes: Dtypes, tp: Optional[int] = None) -> tuple[Collective, ...]:
+        """The collectives one run of this row makes a rank do (none in a single process)."""
+        dims = as_dims(config, tp)
+        if dims.tp is None or self.collective is None:
+            return ()
+        return (self.collective(dims, shape, dtypes),)
 
     def backward_ops(self, sizes: Any) -> tuple[Op, ...]:
         """The kind's backward ops on ``sizes`` plus this row's own (``backward_extra``)."""
@@ -500,7 +638,7 @@ class Row:
         return tuple(own) + tuple(self.backward_extra(sizes))
 
 
-def _q_width(c: LlamaConfig) -> int:
+def _q_width(c) -> int:
     return c.q_dim
 
 
@@ -514,27 +652,29 @@ def _residual_grad_add(s: Norm) -> tuple[Op, ...]:
     return (_ew("add", s.rows * s.dim),)
 
 
-def _linear_row(name: str, k: Callable[[LlamaConfig], int], n: Callable[[LlamaConfig], int],
-                params: Optional[Callable[[LlamaConfig], int]] = None, *, shares_input: bool = False) -> Row:
-    return Row(name, name, LINEAR, lambda c, s: Mat(s.rows, k(c), n(c)),
+# The size functions below read a LlamaConfig (parameters, whole model) or Dims (one rank): same names.
+def _linear_row(name: str, k: Callable[[Any], int], n: Callable[[Any], int],
+                params: Optional[Callable[[LlamaConfig], int]] = None, *, shares_input: bool = False,
+                collective: Optional[CollectiveOf] = None) -> Row:
+    return Row(name, name, LINEAR, lambda d, s: Mat(s.rows, k(d), n(d)),
                params if params is not None else (lambda c: k(c) * n(c)),
-               _input_grad_add if shares_input else _no_ops)
+               _input_grad_add if shares_input else _no_ops, SPLIT, collective)
 
 
 def _norm_row(name: str, *, on_residual: bool = False) -> Row:
-    return Row(name, name, RMSNORM, lambda c, s: Norm(s.rows, c.dim), lambda c: c.dim,
-               _residual_grad_add if on_residual else _no_ops)
+    return Row(name, name, RMSNORM, lambda d, s: Norm(s.rows, d.dim), lambda c: c.dim,
+               _residual_grad_add if on_residual else _no_ops, REPLICATED)
 
 
-def _dim(c: LlamaConfig) -> int:
+def _dim(c) -> int:
     return c.dim
 
 
-def _kv_dim(c: LlamaConfig) -> int:
+def _kv_dim(c) -> int:
     return c.kv_dim
 
 
-def _hidden(c: LlamaConfig) -> int:
+def _hidden(c) -> int:
     return c.hidden_dim
 
 
@@ -543,11 +683,29 @@ def _output_params(c: LlamaConfig) -> int:
     return 0 if c.tie_word_embeddings else c.dim * c.vocab_size
 
 
+# The collectives of Meta's layout (llama_ref.parallel.layers), per rank and run.
+def _gather_embedding(d: Dims, s: RunShape, dt: Dtypes) -> Collective:
+    # This rank's looked-up columns, gathered to full vectors in the embedding's (weight) dtype, before the
+    # model casts them to its compute dtype.
+    return Collective(ALL_GATHER, s.rows * d.dim, dt.weight, d.ranks)
+
+
+def _reduce_residual(d: Dims, s: RunShape, dt: Dtypes) -> Collective:
+    # A row-parallel projection's partial sums (rows, dim), summed over the ranks in the activation dtype.
+    return Collective(ALL_REDUCE, s.rows * d.dim, dt.act, d.ranks)
+
+
+def _gather_logits(d: Dims, s: RunShape, dt: Dtypes) -> Collective:
+    # This rank's logits (rows, vocab / N), gathered to (rows, vocab) in the activation dtype.
+    return Collective(ALL_GATHER, s.rows * d.full_vocab_size, dt.act, d.ranks)
+
+
 # Top-level rows before the decoder layers, in execution order.
 TOP_ROWS_BEFORE: tuple[Row, ...] = (
-    Row("(root)", "", MODEL_OWN, lambda c, s: Nothing()),
-    Row("tok_embeddings", "tok_embeddings", EMBEDDING, lambda c, s: Elems(s.rows, c.dim),
-        lambda c: c.vocab_size * c.dim),
+    # Own work: the causal mask and the RoPE-table slice, built whole on every rank.
+    Row("(root)", "", MODEL_OWN, lambda d, s: Nothing(), tp=REPLICATED),
+    Row("tok_embeddings", "tok_embeddings", EMBEDDING, lambda d, s: Elems(s.rows, d.embed_dim),
+        lambda c: c.vocab_size * c.dim, collective=_gather_embedding),
 )
 # The rows of one decoder-layer run, in execution order.
 # Training: autograd runs the backward of the projections that share an input in reverse order of their
@@ -558,23 +716,23 @@ BLOCK_ROWS: tuple[Row, ...] = (
     _linear_row("attention.wk", _dim, _kv_dim, shares_input=True),
     _linear_row("attention.wv", _dim, _kv_dim),
     Row("attention.rope", "attention.rope", ROPE,
-        lambda c, s: Rope(s.batch, s.n_tokens, c.n_heads, c.n_kv_heads, c.head_dim)),
+        lambda d, s: Rope(s.batch, s.n_tokens, d.n_heads, d.n_kv_heads, d.head_dim)),
     Row("attention.core", "attention.core", ATTENTION_CORE,
-        lambda c, s: Attn(s.batch, s.n_tokens, s.kvlen, c.n_heads, c.n_kv_heads, c.head_dim, s.n_tokens > 1)),
-    _linear_row("attention.wo", _q_width, _dim),
-    Row("attention", "attention", ATTENTION_OWN, lambda c, s: KvWrite(s.rows, c.kv_dim)),
+        lambda d, s: Attn(s.batch, s.n_tokens, s.kvlen, d.n_heads, d.n_kv_heads, d.head_dim, s.n_tokens > 1)),
+    _linear_row("attention.wo", _q_width, _dim, collective=_reduce_residual),
+    Row("attention", "attention", ATTENTION_OWN, lambda d, s: KvWrite(s.rows, d.kv_dim)),
     _norm_row("ffn_norm", on_residual=True),
     _linear_row("feed_forward.w1", _dim, _hidden, shares_input=True),
     _linear_row("feed_forward.w3", _dim, _hidden),
-    Row("feed_forward.act", "feed_forward.act", GATED_SILU, lambda c, s: Elems(s.rows, c.hidden_dim)),
-    _linear_row("feed_forward.w2", _hidden, _dim),
-    Row("feed_forward", "feed_forward", FEED_FORWARD_OWN, lambda c, s: Nothing()),
-    Row("residual", "", RESIDUAL, lambda c, s: Elems(s.rows, c.dim)),
+    Row("feed_forward.act", "feed_forward.act", GATED_SILU, lambda d, s: Elems(s.rows, d.hidden_dim)),
+    _linear_row("feed_forward.w2", _hidden, _dim, collective=_reduce_residual),
+    Row("feed_forward", "feed_forward", FEED_FORWARD_OWN, lambda d, s: Nothing()),
+    Row("residual", "", RESIDUAL, lambda d, s: Elems(s.rows, d.dim), tp=REPLICATED),
 )
 # Top-level rows after the decoder layers.
 TOP_ROWS_AFTER: tuple[Row, ...] = (
     _norm_row("norm"),
-    _linear_row("output", _dim, lambda c: c.vocab_size, _output_params),
+    _linear_row("output", _dim, lambda c: c.vocab_size, _output_params, collective=_gather_logits),
 )
 #: A training step's loss: the logits' cross-entropy (or sum), computed after the model.
 LOSS_ROW_NAME = "(loss)"
@@ -583,7 +741,26 @@ LOSS_ROW_NAME = "(loss)"
 def loss_row(loss: str) -> Row:
     if loss not in LOSS_KINDS:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSS_KINDS)}")
-    return Row(LOSS_ROW_NAME, "", LOSS_KINDS[loss], lambda c, s: Elems(s.rows, c.vocab_size))
+    # On the gathered logits: every rank of a tensor-parallel model would compute the whole loss.
+    return Row(LOSS_ROW_NAME, "", LOSS_KINDS[loss], lambda d, s: Elems(s.rows, d.full_vocab_size), tp=REPLICATED)
+
+
+def all_rows() -> tuple[Row, ...]:
+    """Every row of one forward's table, top-level and block rows (each once)."""
+    return TOP_ROWS_BEFORE + BLOCK_ROWS + TOP_ROWS_AFTER
+
+
+def module_collective(module: nn.Module, output: Any) -> Optional[Collective]:
+    """The collective a tensor-parallel layer ran to produce ``output`` (read from the real tensor and the
+    module's process group), or ``None`` for a module that communicates nothing."""
+    if isinstance(module, RowParallelLinear):
+        op = ALL_REDUCE
+    elif isinstance(module, ParallelEmbedding) or (isinstance(module, ColumnParallelLinear) and module.gather_output):
+        op = ALL_GATHER
+    else:
+        return None
+    return Collective(op, int(output.numel()), int(output.element_size()), int(module.group.world_size))
+
 
 _BLOCK_BY_PATH = {r.path: r for r in BLOCK_ROWS}
 _TOP_BY_PATH = {r.path: r for r in TOP_ROWS_BEFORE + TOP_ROWS_AFTER}

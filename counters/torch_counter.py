@@ -15,6 +15,9 @@ repeats. Here:
   CUDA kernels but not to these): source ``outside:torch``; the non-matmul FLOPs by
   :data:`counters.ops.REGISTRY` on the op's real sizes: source ``shapes``; free-list ops are free; the
   rest is unknown;
+* the collectives of a tensor-parallel rank (``_c10d_functional`` all_reduce / all_gather_into_tensor, on
+  :data:`counters.ops.COMMUNICATION_OPS`) are 0 FLOPs, recorded per row with their bytes; each must be
+  completed by one ``wait_tensor`` in the same row;
 * forward pre/post hooks keep a stack of ``(module, schedule position)`` so every forward op lands in a
   ``(position, row)`` row of :mod:`counters.table`;
 * a function mode brackets ``F.scaled_dot_product_attention``: if no fused kernel ran (the meta
@@ -157,6 +160,7 @@ class _Tally:
         self.mac_disagreements: Counter[str] = Counter()
         self.bookkeeping: Counter[str] = Counter()
         self.unknown_reasons: dict[str, set[str]] = {}
+        self.waits: Counter[tuple[str, RowKey]] = Counter()  # (phase, row) -> wait_tensor calls
 
     # ------------------------------------------------------------ attribution
     def row(self) -> RowKey:
@@ -252,6 +256,16 @@ class _Tally:
         else:
             self.commit(entry)
 
+    def check_waits(self) -> None:
+        """Every collective is completed by exactly one ``wait_tensor`` in the same row; anything else is
+        listed as unknown work (a collective half seen is not a collective counted)."""
+        rows = set(self.waits) | {(p, k) for p, per in self.result.collectives.items() for k in per}
+        for phase, key in sorted(rows, key=lambda pk: (pk[0], -1 if pk[1][0] is None else pk[1][0], pk[1][1])):
+            calls = sum(self.result.collectives.get(phase, {}).get(key, {}).values())
+            if calls != self.waits[(phase, key)]:
+                self.add_unknown("_c10d_functional::wait_tensor",
+                                 f"row {key} ({phase}): {calls} collective(s) but {self.waits[(phase, key)]} wait(s)")
+
     def commit(self, entry: _Entry) -> None:
         ours = entry.ours
         if entry.outside_macs is not None:
@@ -267,6 +281,12 @@ class _Tally:
             if entry.recompute_macs:
                 self.result.add(entry.row, Count(macs=entry.recompute_macs), outside("torch"), KERNEL_RECOMPUTE)
             left = shapes if entry.by_flop_counter else shapes + Count(macs=macs + entry.recompute_macs)
+        elif ours.status == "communication":  # 0 FLOPs: recorded with its bytes, or (a wait) paired below
+            if ours.collective is None:
+                self.waits[(entry.phase, entry.row)] += 1
+            else:
+                self.result.add_collective(entry.row, ours.collective, entry.phase)
+            return
         elif ours.status == "unknown":
             self.add_unknown(entry.name, ours.reason)
             return
@@ -317,6 +337,8 @@ class _Tally:
         for e in entries:
             if e.outside_macs is None and e.ours.status == "unknown":
                 self.add_unknown(e.name, e.ours.reason)
+            elif e.ours.status == "communication":  # pragma: no cover - no collective runs inside attention
+                self.commit(e)
             elif e.outside_macs is None and e.ours.status == "counted" and e.ours.count != ZERO:
                 self.decomposition_ops[e.name] += 1
         if fused.status == "unknown":
@@ -477,6 +499,7 @@ class TorchCounter:
             if tuple(run) != schedule:
                 raise RuntimeError(f"a forward ran layers {run}, but the model's schedule is {list(schedule)}")
         result = tally.result
+        tally.check_waits()
         for phase in result.phases or (FORWARD,):
             result.ensure_rows(row_order(len(schedule), loss=loss), phase)
         _notes(result, tally, self.flop_mode)

@@ -17,6 +17,7 @@ from ..models import DTYPES, build_model, choose_device, resolve_model
 from ..report import render_csv, render_table, to_json
 from ..result import COUNTER_NAMES
 from ..training import LOSSES, Training
+from . import count_tp
 from .common import (EXIT_DISAGREE, EXIT_OK, BadInput, add_model_arguments, check_int, check_output_file,
                      write_output)
 
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     task.add_argument("--prompt", type=int, default=None, metavar="P",
                       help="prompt tokens per sequence; with --generate: prefill of P tokens + decode steps")
     task.add_argument("--generate", type=int, default=None, metavar="G", help="new tokens to generate (with --prompt)")
+    count_tp.add_arguments(p)
 
 
 def parse_counters(text):
@@ -96,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.recompute or args.loss != "cross-entropy":
         raise BadInput("--recompute and --loss describe a training step: add --train")
     check_output_file(args.out)
+    if args.tp is not None:  # every rank of a tensor-parallel model (counters/commands/count_tp.py)
+        return count_tp.run(args, names=names, training=training, generation=generation)
     source = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision)
     config = source.config
     schedule = resolve_schedule(args.schedule, config.n_layers)

@@ -27,6 +27,11 @@ large square matmuls (``2 n^3`` FLOPs each) and the bandwidth is the best of a f
 copies counted as bytes read + bytes written (``2 * nbytes``; a write-allocate cache adds a hidden
 third stream, so this is what a kernel *can use*, not what the DRAM bus carries). Both are
 achievable figures, not theoretical ones, so a roofline against them is tight.
+
+Links between tensor-parallel ranks (``roofline --tp N --link-bandwidth X``, :class:`Link`) are given per
+GPU and per direction: ``nvlink4`` 450 GB/s (H100 SXM, 900 GB/s both ways), ``nvlink3`` 300 GB/s (A100
+SXM, 600 GB/s), ``pcie5`` 64 GB/s and ``pcie4`` 32 GB/s (x16; 128 and 64 GB/s both ways), ``ib-ndr`` 50 GB/s
+(400 Gb/s) and ``ib-hdr`` 25 GB/s (200 Gb/s); sources in :data:`_LINKS`.
 """
 
 from __future__ import annotations
@@ -227,3 +232,66 @@ def get_hardware(name: str, dtype: Optional[str] = None, **measure_kwargs) -> Ha
             measure_kwargs.setdefault("repeats", 2)
         return measure_device("cpu", dtype, **measure_kwargs)
     return table_hardware(name, dtype or "bf16")
+
+
+# ====================================================================== links between tensor-parallel ranks
+@dataclass(frozen=True)
+class Link:
+    """The link a tensor-parallel rank communicates over: ``bandwidth`` in bytes/s, *unidirectional, per GPU*
+    (what one GPU can send while it receives as much), which is what nccl-tests' bus bandwidth is compared
+    with (NVIDIA/nccl-tests doc/PERFORMANCE.md: "the bus bandwidth should reflect the speed of the hardware
+    bottleneck: NVLink, PCI, QPI, or network"); ``latency`` in seconds per collective (0: the pure bandwidth
+    model, nccl-tests' large-message asymptote)."""
+
+    name: str
+    bandwidth: float
+    source: str
+    latency: float = 0.0
+
+    def time(self, ring_bytes: int, calls: int) -> float:
+        """Seconds for ``calls`` collectives moving ``ring_bytes`` per rank in total."""
+        return ring_bytes / self.bandwidth + calls * self.latency
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+GB = 1e9
+# name -> (unidirectional bytes/s per GPU, source). Datasheets print NVLink and PCIe bandwidth as the total of
+# both directions; a ring moves data one way round, so the per-direction figure is half of it. InfiniBand
+# speeds are per port and per direction already (bits: /8).
+_LINKS: dict[str, tuple[float, str]] = {
+    "nvlink4": (450 * GB, "NVIDIA H100 Tensor Core GPU Datasheet, H100 SXM: NVLink 900 GB/s (18 fourth-generation "
+                          "links, both directions) -> 450 GB/s per direction"),
+    "nvlink3": (300 * GB, "NVIDIA A100 Tensor Core GPU Datasheet, A100 SXM: NVLink 600 GB/s (12 third-generation "
+                          "links, both directions) -> 300 GB/s per direction"),
+    "pcie5": (64 * GB, "PCIe Gen5 x16: 128 GB/s both directions (NVIDIA H100 PCIe datasheet) -> 64 GB/s per "
+                       "direction (32 GT/s x 16 lanes / 8; about 63 GB/s after 128b/130b encoding)"),
+    "pcie4": (32 * GB, "PCIe Gen4 x16: 64 GB/s both directions (NVIDIA A100 PCIe datasheet) -> 32 GB/s per "
+                       "direction (16 GT/s x 16 lanes / 8; about 31.5 GB/s after 128b/130b encoding)"),
+    "ib-ndr": (50 * GB, "InfiniBand NDR, 400 Gb/s per port and direction (NVIDIA ConnectX-7) = 50 GB/s, one "
+                        "port per GPU"),
+    "ib-hdr": (25 * GB, "InfiniBand HDR, 200 Gb/s per port and direction (NVIDIA ConnectX-6) = 25 GB/s, one "
+                        "port per GPU"),
+}
+LINK_NAMES = tuple(_LINKS)
+
+
+def get_link(spec: Union[str, float], latency_s: float = 0.0) -> Link:
+    """A preset name (:data:`LINK_NAMES`) or a bandwidth in GB/s (``"200"``, ``"12.5"``); ``latency_s`` per
+    collective. A ValueError names a bad spec."""
+    if not isinstance(latency_s, (int, float)) or isinstance(latency_s, bool) or not latency_s >= 0 \
+            or latency_s == float("inf"):
+        raise ValueError(f"link latency must be a finite number of seconds >= 0, got {latency_s!r}")
+    if isinstance(spec, str) and spec.strip().lower() in _LINKS:
+        name = spec.strip().lower()
+        bw, source = _LINKS[name]
+        return Link(name, bw, source, float(latency_s))
+    try:
+        gbs = float(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"link bandwidth {spec!r}: give GB/s (a number, per GPU and direction) or a preset: "
+                         f"{', '.join(LINK_NAMES)}") from None
+    if not (gbs > 0 and gbs != float("inf")):
+        raise ValueError(f"link bandwidth must be a positive number of GB/s, got {spec!r}")
+    return Link(f"{gbs:g} GB/s", gbs * GB, "given on the command line (GB/s per GPU and direction)", float(latency_s))

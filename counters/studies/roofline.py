@@ -11,6 +11,16 @@ Model (the classic roofline, per row, no overlap between rows)::
 Rows run one after another, so the predicted time of a forward is the *sum* of the rows' predicted
 times (which is >= the max of the summed roofs: a memory-bound layer cannot lend its idle compute
 to a compute-bound one).
+
+Tensor parallelism (a rank of an N-way model, rows from ``analyze(..., tp=N)``): each row's collectives add
+their time on the link, not overlapped with the row's own work::
+
+    t_comm    = ring_bytes / link_bandwidth + collectives * link_latency
+    predicted = max(t_compute, t_memory) + t_comm
+    bound     = "comm" when t_comm > max(t_compute, t_memory)
+
+``ring_bytes`` is what each rank sends with the ring algorithm (nccl-tests' bus-bandwidth bytes, see
+:mod:`counters.collectives`) and the link bandwidth is unidirectional per GPU (:class:`~.hardware.Link`).
 """
 
 from __future__ import annotations
@@ -19,8 +29,9 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from ..collectives import Collective
 from ..table import RowKey
-from .hardware import Hardware
+from .hardware import Hardware, Link
 
 def bound(flops: float, nbytes: float, peak_flops: float, mem_bw: float) -> str:
     """``"compute"`` if the compute roof takes at least as long as the memory roof, else ``"memory"``;
@@ -55,6 +66,9 @@ class RooflineRow:
     t_memory_s: float
     predicted_s: float
     measured_s: Optional[float] = None
+    collectives: int = 0  # tensor parallelism: collectives this row runs on a rank
+    comm_bytes: int = 0  # their ring bytes (what the rank sends)
+    t_comm_s: float = 0.0
 
     @property
     def key(self) -> RowKey:
@@ -96,8 +110,10 @@ def _json_float(x: float):
     return x if math.isfinite(x) else None
 
 
-def roofline_row(row: Any, hw: Hardware, measured_s: Optional[float] = None) -> RooflineRow:
-    """One analytic ``RowCost`` (or anything with its fields) on hardware ``hw``."""
+def roofline_row(row: Any, hw: Hardware, measured_s: Optional[float] = None,
+                 collectives: Optional[Mapping[Collective, int]] = None, link: Optional[Link] = None) -> RooflineRow:
+    """One analytic ``RowCost`` (or anything with its fields) on hardware ``hw``; with ``collectives`` (a
+    tensor-parallel rank's, collective -> calls) their time on ``link`` is added."""
     flops = 2 * row.macs + row.nonmatmul_flops
     nbytes = row.weight_bytes + row.act_bytes + row.kv_read_bytes + row.kv_write_bytes
     if nbytes:
@@ -106,22 +122,40 @@ def roofline_row(row: Any, hw: Hardware, measured_s: Optional[float] = None) -> 
         intensity = 0.0 if flops == 0 else math.inf
     t_c = flops / hw.peak_flops
     t_m = nbytes / hw.mem_bw
+    calls = sum((collectives or {}).values())
+    ring = sum(c.ring_bytes * k for c, k in (collectives or {}).items())
+    if calls and link is None:
+        raise ValueError(f"row {row.module!r} runs {calls} collective(s): give the link they run over")
+    t_comm = link.time(ring, calls) if calls else 0.0
+    work = max(t_c, t_m)
+    verdict = "comm" if calls and t_comm > work else bound(flops, nbytes, hw.peak_flops, hw.mem_bw)
     return RooflineRow(
         position=row.position, layer=row.layer, module=row.module, macs=row.macs,
         nonmatmul_flops=row.nonmatmul_flops, flops=flops, bytes=nbytes, weight_bytes=row.weight_bytes,
         act_bytes=row.act_bytes, kv_read_bytes=row.kv_read_bytes, kv_write_bytes=row.kv_write_bytes,
-        intensity=intensity, bound=bound(flops, nbytes, hw.peak_flops, hw.mem_bw), t_compute_s=t_c,
-        t_memory_s=t_m, predicted_s=max(t_c, t_m), measured_s=measured_s,
+        intensity=intensity, bound=verdict, t_compute_s=t_c, t_memory_s=t_m, predicted_s=work + t_comm,
+        measured_s=measured_s, collectives=calls, comm_bytes=ring, t_comm_s=t_comm,
     )
 
 
-def roofline_table(rows: Iterable[Any], hw: Hardware,
-                   measured: Optional[Mapping[RowKey, float]] = None) -> list[RooflineRow]:
+def roofline_table(rows: Iterable[Any], hw: Hardware, measured: Optional[Mapping[RowKey, float]] = None,
+                   collectives: Optional[Mapping[RowKey, Mapping[Collective, int]]] = None,
+                   link: Optional[Link] = None) -> list[RooflineRow]:
+    """``collectives``: per row key (a tensor-parallel rank's, ``AnalyticReport.collectives``); a layer-run
+    row (``module="block"``) gets every collective of its position."""
     measured = measured or {}
-    return [roofline_row(r, hw, measured.get((r.position, r.module))) for r in rows]
+    per_key: dict[RowKey, dict[Collective, int]] = {}
+    for (pos, module), per_row in (collectives or {}).items():
+        for key in ((pos, module), (pos, "block")) if pos is not None else ((pos, module),):
+            slot = per_key.setdefault(key, {})
+            for c, k in per_row.items():
+                slot[c] = slot.get(c, 0) + k
+    return [roofline_row(r, hw, measured.get((r.position, r.module)), per_key.get((r.position, r.module)), link)
+            for r in rows]
 
 
-def summarize(table: Sequence[RooflineRow], *, batch: int = 1, n_tokens: int = 1) -> dict:
+def summarize(table: Sequence[RooflineRow], *, batch: int = 1, n_tokens: int = 1,
+              link: Optional[Link] = None) -> dict:
     flops = sum(r.flops for r in table)
     nbytes = sum(r.bytes for r in table)
     predicted = sum(r.predicted_s for r in table)
@@ -133,6 +167,22 @@ def summarize(table: Sequence[RooflineRow], *, batch: int = 1, n_tokens: int = 1
         "compute_bound_rows": sum(r.bound == "compute" for r in table),
         "memory_bound_rows": sum(r.bound == "memory" for r in table),
     }
+    calls = sum(r.collectives for r in table)
+    if calls:
+        comm = sum(r.t_comm_s for r in table)
+        work = sum(max(r.t_compute_s, r.t_memory_s) for r in table)
+        ring = sum(r.comm_bytes for r in table)
+        out.update({
+            "comm_bound_rows": sum(r.bound == "comm" for r in table),
+            "collectives": calls, "comm_ring_bytes": ring,
+            "comm_s": comm, "work_s": work, "comm_fraction": comm / predicted if predicted > 0 else None,
+            # the phase: the collectives take longer than the rank's own work
+            "communication_bound": comm > work,
+        })
+        if link is not None:
+            # The per-collective latency at which the collectives would take as long as the work: above it
+            # the phase is communication-bound (0: the bandwidth alone already makes it so).
+            out["break_even_latency_s"] = max(0.0, (work - ring / link.bandwidth) / calls)
     timed = [r for r in table if r.measured_s is not None]
     if timed:
         measured = sum(r.measured_s for r in timed)
@@ -172,9 +222,13 @@ def _time(s: Optional[float]) -> str:
     return f"{s * 1e6:.3g} us"
 
 
-def format_table(table: Sequence[RooflineRow], hw: Hardware, summary: Optional[dict] = None) -> str:
+def format_table(table: Sequence[RooflineRow], hw: Hardware, summary: Optional[dict] = None,
+                 link: Optional[Link] = None) -> str:
     has_measured = any(r.measured_s is not None for r in table)
+    has_comm = any(r.collectives for r in table)
     header = ["pos", "layer", "module", "FLOPs", "bytes", "FLOP/B", "bound", "predicted"]
+    if has_comm:
+        header[7:7] = ["work", "comm B", "comm"]  # max(compute, memory), ring bytes sent, their time
     if has_measured:
         header += ["measured", "achieved", "meas/pred"]
     lines = [header]
@@ -184,6 +238,9 @@ def format_table(table: Sequence[RooflineRow], hw: Hardware, summary: Optional[d
             _si(r.flops), _si(r.bytes, "B"), "inf" if math.isinf(r.intensity) else f"{r.intensity:.3g}",
             r.bound, _time(r.predicted_s),
         ]
+        if has_comm:
+            line[7:7] = [_time(max(r.t_compute_s, r.t_memory_s)), _si(r.comm_bytes, "B") if r.collectives else "-",
+                         _time(r.t_comm_s) if r.collectives else "-"]
         if has_measured:
             ratio = (r.measured_s / r.predicted_s) if (r.measured_s is not None and r.predicted_s > 0) else None
             line += [_time(r.measured_s), _si(r.achieved_flops_per_s, "FLOP/s"),
@@ -194,6 +251,9 @@ def format_table(table: Sequence[RooflineRow], hw: Hardware, summary: Optional[d
         f"hardware {hw.name} ({hw.dtype}): peak {_si(hw.peak_flops, 'FLOP/s')}, bandwidth {_si(hw.mem_bw, 'B/s')}, "
         f"ridge {hw.ridge_point:.3g} FLOP/B{' [measured]' if hw.measured else ''}"
     ]
+    if link is not None:
+        out.append(f"link {link.name}: {_si(link.bandwidth, 'B/s')} per GPU and direction, latency "
+                   f"{_time(link.latency)} per collective; comm = ring bytes / bandwidth + latency x collectives")
     for i, row in enumerate(lines):
         out.append("  ".join(c.rjust(w) if j not in (2, 6) else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths))))
         if i == 0:
@@ -204,6 +264,16 @@ def format_table(table: Sequence[RooflineRow], hw: Hardware, summary: Optional[d
         if summary.get("predicted_tokens_per_s"):
             s += f", {summary['predicted_tokens_per_s']:.4g} tokens/s predicted"
         out.append(s)
+        if "comm_s" in summary:
+            verdict = "COMMUNICATION-BOUND" if summary["communication_bound"] else "not communication-bound"
+            c = (f"per rank: work {_time(summary['work_s'])} + {summary['collectives']} collectives "
+                 f"{_time(summary['comm_s'])} ({100 * (summary['comm_fraction'] or 0):.3g}% of the time, "
+                 f"{_si(summary['comm_ring_bytes'], 'B')} sent): {verdict}; {summary['comm_bound_rows']} row(s) "
+                 "communication-bound")
+            if "break_even_latency_s" in summary:
+                c += (f"; with a latency above {_time(summary['break_even_latency_s'])} per collective the "
+                      "collectives would take longer than the work")
+            out.append(c)
         if "measured_s" in summary:
             out.append(
                 f"measured ({summary['measured_rows']} rows): {_time(summary['measured_s'])} vs predicted "

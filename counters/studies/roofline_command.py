@@ -27,7 +27,8 @@ from ..commands.common import (EXIT_OK, BadInput, add_model_arguments, check_inp
 from ..models import resolve_model
 from ..table import BLOCK_ROWS, TOP_ROWS_AFTER, TOP_ROWS_BEFORE, RowKey
 from .factory import check_measure_memory, measure
-from .hardware import DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, available_cpus, get_hardware
+from .hardware import (DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, LINK_NAMES, available_cpus, get_hardware,
+                       get_link)
 from .plots import (default_contexts, default_schedules, family_of, plot_family_macs_vs_context, plot_macs_vs_context,
                     plot_roofline)
 from .roofline import format_table, roofline_table, summarize
@@ -137,6 +138,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="out/roofline",
                         help="directory for roofline.json and the PNGs (default out/roofline)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNGs")
+    tp = parser.add_argument_group("tensor parallelism (one rank of an N-way model, Meta's layout)")
+    tp.add_argument("--tp", type=int, default=None, metavar="N",
+                    help="predict one rank of N: its share of the work plus its collectives over --link-bandwidth")
+    tp.add_argument("--link-bandwidth", default=None, metavar="GBPS|PRESET",
+                    help=f"GB/s per GPU and direction, or one of {', '.join(LINK_NAMES)} (with --tp)")
+    tp.add_argument("--link-latency-us", type=float, default=0.0,
+                    help="latency per collective in microseconds (default 0: the bandwidth model alone)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -152,6 +160,18 @@ def run(args: argparse.Namespace) -> int:
     if args.measure and args.timings:
         raise BadInput("--measure and --timings both give measured times: choose one")
     check_input_file(args.timings, "--timings")
+    link = None
+    if args.tp is not None:
+        check_int("tp", args.tp, 1, 1 << 12)
+        if args.link_bandwidth is None:
+            raise BadInput(f"--tp {args.tp}: give the link the ranks communicate over, --link-bandwidth GB/s or "
+                           f"a preset ({', '.join(LINK_NAMES)})")
+        if args.measure or args.timings:
+            raise BadInput("--tp predicts one rank of a tensor-parallel model: --measure and --timings time a "
+                           "single process here, not comparable; drop one of them")
+        link = get_link(args.link_bandwidth, args.link_latency_us * 1e-6)
+    elif args.link_bandwidth is not None or args.link_latency_us != 0.0:
+        raise BadInput("--link-bandwidth and --link-latency-us describe tensor-parallel ranks: add --tp N")
     check_output_dir(args.out)
     config = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision).config
     family = family_of(config)  # of the whole model, before --layers cuts it
@@ -173,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
                              n_cached=args.cached, schedule=args.schedule, attn_kernel=args.attn_kernel)
     report = analyze(config, batch=args.batch, n_tokens=args.tokens, n_cached=args.cached, schedule=args.schedule,
                      weight_dtype_bytes=DTYPE_BYTES[dtype], act_dtype_bytes=DTYPE_BYTES[dtype],
-                     kv_dtype_bytes=DTYPE_BYTES[kv_dtype])
+                     kv_dtype_bytes=DTYPE_BYTES[kv_dtype], tp=args.tp)
     rows = report.layer_runs() if args.level == "layer" else report.rows
     measured = None
     if args.timings:
@@ -195,12 +215,12 @@ def run(args: argparse.Namespace) -> int:
                        "repeats": args.repeats, "threads": torch.get_num_threads(), "total_s": timing.total_s,
                        "weights": "random (timings do not depend on values)"}
 
-    table = roofline_table(rows, hw, measured)
-    summary = summarize(table, batch=args.batch, n_tokens=args.tokens)
+    table = roofline_table(rows, hw, measured, report.collectives, link)
+    summary = summarize(table, batch=args.batch, n_tokens=args.tokens, link=link)
     title = (f"{config.name} on {hw.name} ({dtype}): batch {args.batch}, N={args.tokens} new, C={args.cached} cached, "
-             f"schedule {report.schedule_str}")
+             f"schedule {report.schedule_str}" + ("" if args.tp is None else f", one rank of {args.tp} (tensor parallel)"))
     print(title)
-    print(format_table(table, hw, summary))
+    print(format_table(table, hw, summary, link))
 
     out = Path(args.out)
     plots = {}
@@ -208,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         detail = []
         if args.level == "layer":  # the modules of the first layer run, for orientation
-            detail = roofline_table([r for r in report.rows if r.position == 0], hw)
+            detail = roofline_table([r for r in report.rows if r.position == 0], hw, None, report.collectives, link)
         schedules = default_schedules(config, args.schedule)
         contexts = default_contexts(config.max_seq_len)
         try:
@@ -233,6 +253,11 @@ def run(args: argparse.Namespace) -> int:
         "batch": args.batch, "n_tokens": args.tokens, "n_cached": args.cached,
         "dtype": dtype, "kv_dtype": kv_dtype, "level": args.level,
         "hardware": hw.to_dict(),
+        "tp": args.tp,
+        "link": None if link is None else link.to_dict(),
+        "collectives": None if args.tp is None else [
+            {"position": pos, "module": module, **c.to_dict(), "calls": k}
+            for (pos, module), per_row in report.collectives.items() for c, k in sorted(per_row.items())],
         "layers": [r.to_dict() for r in table],
         "total": summary,
         "measurement": measurement,
