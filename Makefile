@@ -3,8 +3,9 @@
 #   make test    # the test suite
 #
 # The virtualenv (.venv) gets a CPU build of torch from PyTorch's CPU index, so a machine without a GPU
-# never downloads the multi-GB CUDA build; the package itself asks only for torch>=2.4. To use your own
-# torch (e.g. CUDA), install it into .venv first, or run `make TORCH_INDEX= count`.
+# never downloads the multi-GB CUDA build; the package itself asks only for torch>=2.4. When that index
+# cannot be reached (an offline mirror, a sandbox), torch comes from the index pip is configured with.
+# To use your own torch (e.g. CUDA), install it into .venv first, or run `make TORCH_INDEX= count`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
@@ -29,8 +30,13 @@ $(STAMP): pyproject.toml
 	@echo "setting up $(VENV) (first run only): torch (CPU build), then llama-ref with its test extras ..."
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -qq --upgrade pip
-	@$(BIN)/python -c "import torch" 2>/dev/null || \
-		$(BIN)/python -m pip install -qq $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH)"
+	@$(BIN)/python -c "import torch" 2>/dev/null || { \
+		if [ -n "$(TORCH_INDEX)" ] && $(BIN)/python -c "import urllib.request; urllib.request.urlopen('$(TORCH_INDEX)/', timeout=10)" 2>/dev/null; then \
+			$(BIN)/python -m pip install -qq --extra-index-url "$(TORCH_INDEX)" "$(TORCH)"; \
+		else \
+			echo "$(TORCH_INDEX) cannot be reached: $(TORCH) from the package index pip is configured with"; \
+			$(BIN)/python -m pip install -qq "$(TORCH)"; \
+		fi; }
 	@$(BIN)/python -m pip install -qq -e ".[test]"
 	@touch $@
 	@echo "$(VENV) ready"

@@ -134,17 +134,25 @@ def _no_duplicate_keys(pairs: list) -> dict:
 
 
 # ---------------------------------------------------------------------------- typed fields
+def _present(d: Mapping, key: str, source: str, default: Any, label: str, nullable: bool) -> tuple[bool, Any]:
+    """``(True, value)`` when ``d[key]`` needs checking; ``(False, result)`` for an absent key (its
+    ``default``, or an error when it is required) and for an allowed null."""
+    if key not in d:
+        if default is _MISSING:
+            raise ValueError(f"{source}: missing required field {label}")
+        return False, default
+    if d[key] is None and nullable:
+        return False, None
+    return True, d[key]
+
+
 def _int(d: Mapping, key: str, source: str, default: Any = _MISSING, *, where: str = "",
          positive: bool = True, nullable: bool = False) -> Any:
     """An int (not a bool, not a float) from ``d[key]``; ``default`` when absent."""
     label = f"{where}{key}"
-    if key not in d:
-        if default is _MISSING:
-            raise ValueError(f"{source}: missing required field {label}")
-        return default
-    value = d[key]
-    if value is None and nullable:
-        return None
+    check, value = _present(d, key, source, default, label, nullable)
+    if not check:
+        return value
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{source}: {label} must be an int{' or null' if nullable else ''}, got {value!r}")
     if positive and value <= 0:
@@ -156,13 +164,9 @@ def _number(d: Mapping, key: str, source: str, default: Any = _MISSING, *, where
             nullable: bool = False) -> Any:
     """A positive finite number (int or float, not a bool) from ``d[key]``."""
     label = f"{where}{key}"
-    if key not in d:
-        if default is _MISSING:
-            raise ValueError(f"{source}: missing required field {label}")
-        return default
-    value = d[key]
-    if value is None and nullable:
-        return None
+    check, value = _present(d, key, source, default, label, nullable)
+    if not check:
+        return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{source}: {label} must be a number{' or null' if nullable else ''}, got {value!r}")
     if not positive_finite(value):

@@ -3,14 +3,12 @@ and the deterministic models both the ranks and the single-process references ar
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import torch
 
 from llama_ref import Llama, LlamaConfig, generate
-from llama_ref.loading.readers import OpenFiles
+from llama_ref.checks.tp_check import recording_file_access  # the check script's own recorder
 
 TINY = LlamaConfig.from_preset("tiny")  # 4 query heads sharing 2 kv heads: 2 ranks get 2 + 1 each
 MHA = LlamaConfig(name="mha-tiny", dim=64, n_layers=2, n_heads=4, n_kv_heads=4, vocab_size=256, hidden_dim=176,
@@ -54,28 +52,6 @@ def generations(model) -> dict:
         "greedy": generate(model, PROMPTS, MAX_NEW),
         "sampled": generate(model, PROMPTS, MAX_NEW, temperature=0.8, top_p=0.9, generator=sampled_gen),
     }
-
-
-@contextlib.contextmanager
-def recording_file_access():
-    """(files opened, files weight data was read from), as base names, while loading inside the block."""
-    opened: set = set()
-    read: set = set()
-    original_open, original_tensor = OpenFiles._open, OpenFiles.tensor
-
-    def _open(self, path):
-        opened.add(os.path.basename(path))
-        return original_open(self, path)
-
-    def tensor(self, stored):
-        read.add(os.path.basename(stored.file))
-        return original_tensor(self, stored)
-
-    OpenFiles._open, OpenFiles.tensor = _open, tensor
-    try:
-        yield opened, read
-    finally:
-        OpenFiles._open, OpenFiles.tensor = original_open, original_tensor
 
 
 # ---------------------------------------------------------------------------- rank functions

@@ -25,9 +25,7 @@ import builtins
 import itertools
 import json
 import os
-import signal
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -49,6 +47,7 @@ from llama_ref.config_files import MAX_JSON_BYTES
 from llama_ref.hf import hf_config_dict
 
 from _ckpt_helpers import copy_ckpt, edit_json, edit_safetensors, synth
+from _deadline import deadline as _deadline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -600,19 +599,8 @@ class Hang(BaseException):
     turn it into an exit status (a TimeoutError is an OSError: it would pass for bad input)."""
 
 
-@contextmanager
 def deadline(seconds: int):
-    """Fail instead of hanging (SIGALRM interrupts even a blocking open() of a FIFO)."""
-    def on_alarm(signum, frame):
-        raise Hang(f"no answer within {seconds} s: the command hangs")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    return _deadline(seconds, Hang, "the command")
 
 
 class WorkStarted(BaseException):

@@ -16,8 +16,6 @@ import builtins
 import itertools
 import math
 import os
-import signal
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,6 +31,7 @@ from llama_ref.loading import detect as loading_detect
 from llama_ref.loading import files as loading_files
 from llama_ref.loading.errors import NonFiniteWeightError
 
+from _deadline import deadline
 from _ckpt_helpers import copy_ckpt, edit_json, edit_safetensors, edit_torch_file, synth
 from conftest import randomize_
 
@@ -566,19 +565,8 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@contextmanager
 def _deadline(seconds: int):
-    """Fail instead of hanging (SIGALRM interrupts even a blocking open() of a FIFO)."""
-    def on_alarm(signum, frame):
-        raise TimeoutError(f"no answer within {seconds} s: the call hangs")
-
-    previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    return deadline(seconds)
 
 
 def test_case_ids_are_unique():

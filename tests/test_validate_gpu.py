@@ -177,37 +177,6 @@ def test_counter_check_and_compare_with_hf_directly(vg, make_model):
     assert metrics["ok"] and metrics["positions"] == 2
 
 
-def test_timer_abstraction_and_layer_report(vg, make_model):
-    cfg = LlamaConfig.from_preset("tiny")
-    model = make_model(cfg)
-
-    class Ticks:
-        t = 0.0
-
-        def mark(self):
-            self.t += 0.001
-            return self.t
-
-        def synchronize(self):
-            pass
-
-        @staticmethod
-        def seconds(a, b):
-            return b - a
-
-    timing = vg.time_phase(model, vg.Phase("decode", 1, 3), batch=1, kernel="sdpa", warmup=0, repeats=2, timer=Ticks())
-    assert model.caches is None  # cache released after timing
-    assert timing.median[(0, "block")] == pytest.approx(0.001)
-    from counters.studies.hardware import table_hardware
-
-    rep = vg.layer_report(model, vg.Phase("decode", 1, 3), timing, batch=1, peaks=[table_hardware("h100-sxm")])
-    blk = next(r for r in rep["layers"] if r["module"] == "block")
-    assert blk["measured_s"] == pytest.approx(0.001)
-    assert blk["achieved_flops_per_s"] == pytest.approx(blk["flops"] / 0.001)
-    assert blk["pct_peak_flops[h100-sxm]"] == pytest.approx(100 * blk["flops"] / 0.001 / 989e12)
-    assert rep["overall"]["forward_s"] == timing.total_s
-
-
 class Ticks:
     """A timer whose every mark is 1 ms after the last: times count marks, deterministically."""
 
@@ -224,6 +193,22 @@ class Ticks:
     @staticmethod
     def seconds(a, b):
         return b - a
+
+
+def test_timer_abstraction_and_layer_report(vg, make_model):
+    cfg = LlamaConfig.from_preset("tiny")
+    model = make_model(cfg)
+    timing = vg.time_phase(model, vg.Phase("decode", 1, 3), batch=1, kernel="sdpa", warmup=0, repeats=2, timer=Ticks())
+    assert model.caches is None  # cache released after timing
+    assert timing.median[(0, "block")] == pytest.approx(0.001)
+    from counters.studies.hardware import table_hardware
+
+    rep = vg.layer_report(model, vg.Phase("decode", 1, 3), timing, batch=1, peaks=[table_hardware("h100-sxm")])
+    blk = next(r for r in rep["layers"] if r["module"] == "block")
+    assert blk["measured_s"] == pytest.approx(0.001)
+    assert blk["achieved_flops_per_s"] == pytest.approx(blk["flops"] / 0.001)
+    assert blk["pct_peak_flops[h100-sxm]"] == pytest.approx(100 * blk["flops"] / 0.001 / 989e12)
+    assert rep["overall"]["forward_s"] == timing.total_s
 
 
 @pytest.mark.parametrize("recompute", [False, True])
