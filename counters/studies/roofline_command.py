@@ -169,7 +169,10 @@ def run(args: argparse.Namespace) -> int:
         if args.measure or args.timings:
             raise BadInput("--tp predicts one rank of a tensor-parallel model: --measure and --timings time a "
                            "single process here, not comparable; drop one of them")
-        link = get_link(args.link_bandwidth, args.link_latency_us * 1e-6)
+        latency = args.link_latency_us
+        if not (math.isfinite(latency) and 0 <= latency <= 1e9):  # NaN fails every comparison
+            raise BadInput(f"--link-latency-us must be a finite number of microseconds >= 0 (at most 1e9), got {latency}")
+        link = get_link(args.link_bandwidth, latency * 1e-6)
     elif args.link_bandwidth is not None or args.link_latency_us != 0.0:
         raise BadInput("--link-bandwidth and --link-latency-us describe tensor-parallel ranks: add --tp N")
     check_output_dir(args.out)
