@@ -43,7 +43,8 @@ _MISSING = object()
 # ---------------------------------------------------------------------------- files
 #: The largest value of a size field (dim, n_layers, ..., max_seq_len): torch's sizes and positions are int64.
 MAX_SIZE = 2**63 - 1
-#: A Llama config.json is about 1 KB: a file larger than this is not one (and would be read whole).
+#: A Llama config.json is about 1 KB and a 405B shard index about 100 KB: a JSON file larger than this is not
+#: one of ours (and would be read whole).
 MAX_JSON_BYTES = 64 * 1024 * 1024
 
 
@@ -108,27 +109,28 @@ def load_json_file(path: Union[str, os.PathLike], what: str) -> Any:
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text, is it a binary file? (byte {e.start}: {e.reason})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
+        return json.loads(text, object_pairs_hook=no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     except RecursionError:
         raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
-    except _DuplicateKey as e:
+    except DuplicateKeyError as e:
         raise ValueError(f"{path}: the key {e.args[0]!r} appears more than once in one object; "
                          "which value is meant is ambiguous") from None
     except ValueError as e:  # int() of a number with thousands of digits
         raise ValueError(f"{path}: not usable JSON ({e})") from None
 
 
-class _DuplicateKey(Exception):
-    pass
+class DuplicateKeyError(ValueError):
+    """A JSON object names the same key twice (``json`` would silently keep the last value)."""
 
 
-def _no_duplicate_keys(pairs: list) -> dict:
+def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """``object_pairs_hook`` for ``json.loads`` that refuses duplicate keys (every JSON file we read uses it)."""
     out: dict = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(key)
+            raise DuplicateKeyError(key)
         out[key] = value
     return out
 

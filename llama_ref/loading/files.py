@@ -15,9 +15,9 @@ import stat
 from contextlib import contextmanager
 from typing import Any, BinaryIO, Iterator
 
+from ..config_files import MAX_JSON_BYTES, DuplicateKeyError, no_duplicate_keys
 from .errors import CheckpointError
 
-MAX_JSON_BYTES = 64 * 1024 * 1024  # a Llama config is ~1 KB and a 405B shard index ~100 KB
 
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
           (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
@@ -94,20 +94,6 @@ def read_json_file(path: str, what: str) -> Any:
         raise CheckpointError(f"{what} {path} is not valid JSON (nested too deeply)") from None
     except ValueError as e:  # int() of a number with thousands of digits
         raise CheckpointError(f"{what} {path} is not usable JSON ({e})") from None
-
-
-class DuplicateKeyError(ValueError):
-    """A JSON object names the same key twice (``json`` would silently keep the last value)."""
-
-
-def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    """``object_pairs_hook`` for ``json.loads`` that refuses duplicate keys."""
-    out: dict = {}
-    for key, value in pairs:
-        if key in out:
-            raise DuplicateKeyError(key)
-        out[key] = value
-    return out
 
 
 def _reason(e: OSError) -> str:
