@@ -30,7 +30,7 @@ and the output head all-gather, ``attention.wo`` and ``feed_forward.w2`` all-red
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional
 
 from torch import nn
@@ -127,15 +127,21 @@ class Dims:
     FFN width, output-head vocabulary and embedding columns divided by ``tp``; the residual stream ``dim``
     whole on every rank). ``tp=1`` is a one-rank tensor-parallel model: the single-process sizes, plus its
     collectives (over one rank). Every rank of Meta's layout has the same sizes. Derived sizes are
-    properties, never stored; a world size that does not divide the model raises ``TPLayout``'s ValueError.
+    properties (one rank's taken from its ``TPLayout``); a world size that does not divide the model raises
+    ``TPLayout``'s ValueError.
     """
 
     config: LlamaConfig
     tp: Optional[int] = None
+    # One rank's shares come from TPLayout (the model's own split), which checks every divisibility problem.
+    layout: Optional[TPLayout] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.tp is not None:
-            TPLayout(self.config, self.tp)  # every divisibility problem, named
+        object.__setattr__(self, "layout", None if self.tp is None else TPLayout(self.config, self.tp))
+
+    def _share(self, name: str) -> int:
+        """This process's share of a split size: the rank's (``TPLayout``) or the whole model's."""
+        return getattr(self.config if self.layout is None else self.layout, name)
 
     @property
     def ranks(self) -> int:
@@ -149,15 +155,15 @@ class Dims:
     @property
     def embed_dim(self) -> int:
         """Embedding columns this rank looks up (gathered to ``dim`` afterwards)."""
-        return self.config.dim // self.ranks
+        return self.config.dim if self.layout is None else self.layout.embed_dim
 
     @property
     def n_heads(self) -> int:
-        return self.config.n_heads // self.ranks
+        return self._share("n_heads")
 
     @property
     def n_kv_heads(self) -> int:
-        return self.config.n_kv_heads // self.ranks
+        return self._share("n_kv_heads")
 
     @property
     def head_dim(self) -> int:
@@ -173,12 +179,12 @@ class Dims:
 
     @property
     def hidden_dim(self) -> int:
-        return self.config.hidden_dim // self.ranks
+        return self._share("hidden_dim")
 
     @property
     def vocab_size(self) -> int:
         """Output-head rows (logits) this rank computes."""
-        return self.config.vocab_size // self.ranks
+        return self._share("vocab_size")
 
     @property
     def full_vocab_size(self) -> int:
