@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from llama_ref.config import LlamaConfig
+from llama_ref.shapes import kv_cache_bytes, param_count  # noqa: F401  (the shape algebra's, re-exported)
 from llama_ref.schedule import ScheduleSpec, format_schedule, resolve_schedule
 
 from . import table as T
@@ -215,7 +216,7 @@ class AnalyticReport:
         (a repeated layer keeps separate keys per run, as ``Llama.setup_cache`` allocates); a rank's share
         (its kv heads) under tensor parallelism."""
         return kv_cache_bytes(self.config, batch=self.batch, n_positions=self.n_cached + self.n_tokens,
-                              n_runs=self.n_runs, kv_dtype_bytes=self.kv_dtype_bytes) // self.dims.ranks
+                              n_runs=self.n_runs, kv_dtype_bytes=self.kv_dtype_bytes, n_kv_heads=self.dims.n_kv_heads)
 
     def as_counter_result(self) -> CounterResult:
         result = CounterResult(name="analytic")
@@ -242,18 +243,6 @@ def param_breakdown(config: LlamaConfig) -> dict[str, int]:
     out.update({f"layers.*.{r.name}": r.params(config) * config.n_layers for r in T.BLOCK_ROWS if r.params(config)})
     out.update({r.name: r.params(config) for r in T.TOP_ROWS_AFTER if r.params(config)})
     return out
-
-
-def param_count(config: LlamaConfig) -> int:
-    """Exact number of parameters (equals ``Llama(config, device="meta").num_params()``)."""
-    return sum(param_breakdown(config).values())
-
-
-def kv_cache_bytes(config: LlamaConfig, *, batch: int, n_positions: int, n_runs: Optional[int] = None,
-                   kv_dtype_bytes: int = 2) -> int:
-    """Keys + values: ``2 * batch * n_positions * n_kv_heads * head_dim`` elements per layer run."""
-    n_runs = config.n_layers if n_runs is None else n_runs
-    return 2 * batch * n_positions * config.kv_dim * kv_dtype_bytes * n_runs
 
 
 # ---------------------------------------------------------------- the forward

@@ -12,7 +12,7 @@ With ``training`` every counter counts one training step (forward, loss, backwar
 executed-only ``recompute`` (activation checkpointing) and ``kernel_recompute`` (a fused attention
 backward's own recomputation of the scores).
 
-A rank of a tensor-parallel model (``llama_ref.parallel.TensorParallelLlama``) is counted the same way:
+A rank of a tensor-parallel model (``llama_ref.parallel.parallelize``) is counted the same way:
 the closed form takes that rank's sizes (``analyze(..., tp=N)``), and every counter's collectives (the
 communication each row ran, with its bytes) are compared row by row as well. :mod:`counters.tp` runs
 every rank and checks the ranks against each other and against the single process.
@@ -31,7 +31,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from llama_ref.parallel import TensorParallelLlama
 
 from .analytic import AnalyticReport, TrainingReport, analyze, analyze_training, param_count
 from .fvcore_counter import count_fvcore
@@ -49,7 +48,7 @@ from .result import (
     independent_sources,
 )
 from .collectives import Collective, format_collective
-from .table import LOSS_ROW_NAME, row_order
+from .table import LOSS_ROW_NAME, row_order, tp_world_size
 from .torch_counter import count_torch
 from .training import Training
 
@@ -231,11 +230,6 @@ class CrosscheckReport:
         return out
 
 
-def tp_world_size(model) -> Optional[int]:
-    """The world size of a tensor-parallel rank (``TensorParallelLlama``), None for a single-process model."""
-    return model.group.world_size if isinstance(model, TensorParallelLlama) else None
-
-
 def _prefill(model, batch: int, n_cached: int, n_tokens: int, device) -> None:
     model.setup_cache(batch, n_cached + n_tokens)
     prefill_tokens = torch.zeros((batch, n_cached), dtype=torch.long, device=device)
@@ -314,7 +308,7 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
     report = compare(results, schedule=schedule, config=config, batch=batch, n_tokens=n_tokens, n_cached=n_cached,
                      analytic=analytic_report, order=names, loss=training is not None)
     if tp is not None:
-        report.tp, report.rank = tp, model.group.rank
+        report.tp, report.rank = tp, model.tp_group.rank
     report.training = training
     report.training_report = training_report
     return report

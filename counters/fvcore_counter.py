@@ -35,7 +35,6 @@ from unittest import mock
 import torch
 from torch import nn
 
-from llama_ref.parallel.collectives import TPGroup
 
 from .ops import (
     INTEGER_BOOKKEEPING,
@@ -113,6 +112,12 @@ def _jit_kind(node: "torch._C.Node") -> str:
     return kind
 
 
+def _is_process_group(value: Any) -> bool:
+    """A tensor-parallel layer's group among a Function's Python arguments (``llama_ref.parallel.TPGroup``,
+    recognised by its fields: the counting core does not import the parallel package)."""
+    return all(hasattr(value, a) for a in ("name", "rank", "world_size")) and not isinstance(value, type)
+
+
 def _jit_call(node: "torch._C.Node", name: str) -> OpCall:
     inputs = [_jit_value(v) for v in node.inputs()]
     outputs = tuple(_jit_value(v) for v in node.outputs())
@@ -120,7 +125,7 @@ def _jit_call(node: "torch._C.Node", name: str) -> OpCall:
         # An autograd Function (schema "prim::PythonOp(...)"): its tensor inputs, and its process group
         # among the Python objects it was called with (a tensor-parallel step).
         args: dict[str, Any] = {f"arg{i}": v for i, v in enumerate(inputs)}
-        groups = [a for a in node.scalar_args() if isinstance(a, TPGroup)]
+        groups = [a for a in node.scalar_args() if _is_process_group(a)]
         if groups:
             args["group"] = groups[0]
         return OpCall(name, args, outputs)

@@ -9,9 +9,9 @@ microseconds per module and run on ``meta`` models.
 A module whose type or ``forward`` is not the one its row describes, and a module that runs but has no
 row, is unknown work: an error in strict mode, a listed warning otherwise (never a silent zero).
 
-Tensor-parallel ranks: the parallel layers are covered by their base kinds (the hooks read this rank's
-local sizes) and each records the collective it ran, read from its real output tensor and its process
-group (:func:`counters.table.module_collective`).
+Tensor-parallel ranks: the parallel layers the table's TP plan names are covered by their base kinds (the
+hooks read this rank's local sizes), and each records the collective the plan says it sends, with the
+payload of its real output tensor (:meth:`counters.table.Row.measured_collective`).
 
 Positions: a pre-hook on the root resets the run counter, a pre-hook on every decoder layer takes the
 next schedule position, so a layer that runs twice is counted once per run.
@@ -76,6 +76,7 @@ class HookCounter(AbstractContextManager):
     # ------------------------------------------------------------ install / remove
     def __enter__(self) -> "HookCounter":
         model = self.model
+        self._tp = T.tp_world_size(model)  # the collectives a rank sends are the table's TP plan
         covered: dict[str, bool] = {}  # module path -> is a leaf row (covering everything below it)
         for row in T.TOP_ROWS_BEFORE + T.TOP_ROWS_AFTER:
             self._install(model, row.path, row, covered)
@@ -101,7 +102,7 @@ class HookCounter(AbstractContextManager):
         except AttributeError:
             return  # the model has no such module (e.g. a pruned variant): it cannot run, so it costs nothing
         covered[path] = row.kind.leaf
-        if not row.kind.covers(module):
+        if not row.covers(module):
             self._handles.append(module.register_forward_hook(self._make_unknown_hook(path)))
             return
         if row.kind.read is not None:  # kinds without a reader do no arithmetic of their own
@@ -154,7 +155,7 @@ class HookCounter(AbstractContextManager):
             recomputing = backward_context()
             phase = RECOMPUTE if recomputing else self._phase
             self.result.add(key, kind.count(kind.read(module, args, kwargs, output)), SOURCE_SHAPES, phase)
-            collective = T.module_collective(module, output)  # a tensor-parallel layer's communication
+            collective = row.measured_collective(module, output, self._tp)  # a tensor-parallel rank's communication
             if collective is not None:
                 self.result.add_collective(key, collective, phase)
             if has_backward_hook and not recomputing:

@@ -24,7 +24,7 @@ Every op is in exactly one of four states, and nothing is ever counted as zero s
 
 Integer bookkeeping: the jit tracer records Python-int size arithmetic (``start_pos + seqlen``,
 ``n_heads * head_dim`` of traced sizes) as ``aten::add``/``aten::mul`` on 0-dim integer tensors,
-and ``Llama._check_inputs`` runs ``tokens.min()``/``tokens.max()`` on the integer token ids. For
+and the eager guard (``llama_ref.guards.check_call``) runs ``tokens.min()``/``tokens.max()`` on CPU token ids. For
 ops registered with ``integer_free=True`` (the element-wise and reduction registrations) a call
 whose tensors are *all* integer/bool is classified free with the reason
 :data:`INTEGER_BOOKKEEPING` (model FLOPs are floating-point arithmetic); a float operand anywhere

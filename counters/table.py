@@ -16,9 +16,11 @@ Everything that needs to know "what a forward computes" iterates this table:
 
 Adding a module to the model is one entry here (plus a kind, if it computes something new).
 
-**Tensor parallelism** (:mod:`llama_ref.parallel`). A rank of a ``TensorParallelLlama`` has the same rows
-(same names, same paths), with one rank's sizes: :class:`Dims` with ``tp=N`` gives them from
-``TPLayout(config, N)``. Every row is either ``split`` (its work divided evenly across the ranks: the
+**Tensor parallelism**. A rank of a tensor-parallel model (``llama_ref.parallel.parallelize``) has the same rows
+(same names, same paths), with one rank's sizes: :class:`Dims` with ``tp=N`` gives them from the shape
+algebra (``llama_ref.shapes.TPShares(config, N)``). What a rank's modules are and which collectives they send
+is this table's own *TP plan* (each row's ``tp``, ``tp_class`` and ``collective``), checked against the
+model that runs; the counting core never imports ``llama_ref.parallel``. Every row is either ``split`` (its work divided evenly across the ranks: the
 projections, RoPE, the attention core, the SwiGLU gate, the embedding's columns, the output head's
 vocabulary) or ``replicated`` (every rank does the whole of it: the RMSNorms, the residual adds, the
 model's own mask construction); summed over the ranks a split row equals the single-process row and a
@@ -35,14 +37,10 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from torch import nn
 
-from llama_ref.attention import Attention, AttentionCore
-from llama_ref.block import TransformerBlock
 from llama_ref.config import LlamaConfig
-from llama_ref.layers import FeedForward, GatedSiLU, Linear, RMSNorm
-from llama_ref.model import Llama
-from llama_ref.parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
-from llama_ref.parallel.layout import TPLayout
-from llama_ref.rope import RotaryEmbedding
+from llama_ref.model import (Attention, AttentionCore, FeedForward, GatedSiLU, Linear, Llama, RMSNorm, RotaryEmbedding,
+                             TransformerBlock)
+from llama_ref.shapes import FREQS_CIS_ENTRY_BYTES, TPShares
 
 from . import primitives as P
 from .collectives import ALL_GATHER, ALL_REDUCE, Collective
@@ -50,15 +48,14 @@ from .primitives import ZERO, Count
 
 __all__ = [
     "BLOCK_ROWS", "Bytes", "Dims", "Dtypes", "Kind", "Op", "REPLICATED", "Row", "RowKey", "RunShape", "SPLIT",
-    "TOP_ROWS_AFTER", "TOP_ROWS_BEFORE", "KINDS", "all_rows", "block_row_names", "module_collective",
-    "row_for_module", "row_order", "timed_block_paths", "TOKEN_ID_BYTES", "FREQS_CIS_ENTRY_BYTES",
+    "TOP_ROWS_AFTER", "TOP_ROWS_BEFORE", "KINDS", "all_rows", "block_row_names",
+    "row_for_module", "row_order", "timed_block_paths", "tp_world_size", "TOKEN_ID_BYTES", "FREQS_CIS_ENTRY_BYTES",
 ]
 
 RowKey = tuple[Optional[int], str]  # (schedule position or None for top-level rows, row name)
 
-# Bytes of one int64 token id, and of one complex64 entry of the RoPE table (fp32 real + fp32 imag).
+# Bytes of one int64 token id (the RoPE table's entry size, FREQS_CIS_ENTRY_BYTES, is the shape algebra's).
 TOKEN_ID_BYTES = 8
-FREQS_CIS_ENTRY_BYTES = 8
 
 
 # ====================================================================== building blocks
@@ -123,24 +120,24 @@ class Dtypes:
 @dataclass(frozen=True)
 class Dims:
     """The sizes one process's modules have: the whole model's (``tp=None``, a single-process ``Llama``) or
-    one rank's of a ``tp``-way ``TensorParallelLlama`` (Meta's layout, ``TPLayout``: query heads, kv heads,
+    one rank's of a ``tp``-way tensor-parallel model (Meta's layout, ``TPShares``: query heads, kv heads,
     FFN width, output-head vocabulary and embedding columns divided by ``tp``; the residual stream ``dim``
     whole on every rank). ``tp=1`` is a one-rank tensor-parallel model: the single-process sizes, plus its
     collectives (over one rank). Every rank of Meta's layout has the same sizes. Derived sizes are
-    properties (one rank's taken from its ``TPLayout``); a world size that does not divide the model raises
-    ``TPLayout``'s ValueError.
+    properties (one rank's taken from ``TPShares``); a world size that does not divide the model raises
+    ``TPShares``'s ValueError.
     """
 
     config: LlamaConfig
     tp: Optional[int] = None
-    # One rank's shares come from TPLayout (the model's own split), which checks every divisibility problem.
-    layout: Optional[TPLayout] = field(init=False, repr=False, compare=False)
+    # One rank's shares come from the shape algebra (TPShares), which checks every divisibility problem.
+    layout: Optional[TPShares] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "layout", None if self.tp is None else TPLayout(self.config, self.tp))
+        object.__setattr__(self, "layout", None if self.tp is None else TPShares(self.config, self.tp))
 
     def _share(self, name: str) -> int:
-        """This process's share of a split size: the rank's (``TPLayout``) or the whole model's."""
+        """This process's share of a split size: the rank's (``TPShares``) or the whole model's."""
         return getattr(self.config if self.layout is None else self.layout, name)
 
     @property
@@ -292,10 +289,6 @@ class Kind:
     Training: ``backward_ops(sizes)`` is what autograd runs for the module's backward (``None``: nothing,
     e.g. views and pass-through adds), and ``read_backward(module, grad_input, grad_output)`` the same
     sizes read from the real gradient tensors (full backward hooks).
-
-    ``variants``: subclasses of ``module`` whose own ``forward`` is also covered: the tensor-parallel layers,
-    whose forward is the base's arithmetic (on this rank's slice) plus a collective, which is communication
-    (:func:`module_collective`), not arithmetic.
     """
 
     name: str
@@ -307,7 +300,6 @@ class Kind:
     macs_causal: Optional[Callable[[Any], int]] = None
     backward_ops: Optional[Callable[[Any], tuple[Op, ...]]] = None
     read_backward: Optional[Callable[[nn.Module, tuple, tuple], Any]] = None
-    variants: tuple[type, ...] = ()
 
     def count(self, sizes: Any) -> Count:
         return sum_ops(self.ops(sizes))
@@ -316,12 +308,8 @@ class Kind:
         return ZERO if self.backward_ops is None else sum_ops(self.backward_ops(sizes))
 
     def covers(self, module: nn.Module) -> bool:
-        """``module`` is this kind's class (or one of its ``variants``) and runs that class's own ``forward``."""
-        if not isinstance(module, self.module):
-            return False
-        forward = type(module).forward
-        return forward is self.module.forward or any(isinstance(module, v) and forward is v.forward
-                                                      for v in self.variants)
+        """``module`` is this kind's class and runs that class's own ``forward``."""
+        return isinstance(module, self.module) and type(module).forward is self.module.forward
 
 
 # ---------------------------------------------------------------- linear (q, k, v, o, w1, w3, w2, output head)
@@ -330,16 +318,10 @@ def _linear_ops(s: Mat) -> tuple[Op, ...]:
 
 
 def _linear_read(module, args, kwargs, output) -> Mat:
+    # The product is (rows, k) @ (k, n) with n the weight's rows: the output's width, except for a tensor-parallel
+    # output head, whose rank computes vocab / N logits before gathering them (communication, not arithmetic).
     x = _arg(args, kwargs, 0, "x")
-    n = int(output.shape[-1])
-    if isinstance(module, ColumnParallelLinear) and module.gather_output:
-        # The output head of a tensor-parallel rank: its product makes this rank's logits, (rows, k) @ (k,
-        # vocab / N) with this rank's weight; the all-gather after it is communication.
-        n = int(module.weight.shape[0])
-        if int(output.shape[-1]) != n * module.group.world_size:
-            raise ValueError(f"{type(module).__name__}: gathered {output.shape[-1]} outputs from {n} per rank "
-                             f"over {module.group.world_size} ranks")
-    return Mat(_rows(output.shape), int(x.shape[-1]), n)
+    return Mat(_rows(output.shape), int(x.shape[-1]), int(module.weight.shape[0]))
 
 
 def _linear_bytes(s: Mat, dt: Dtypes) -> Bytes:
@@ -358,7 +340,7 @@ def _linear_read_backward(module, grad_input, grad_output) -> Mat:
 
 LINEAR = Kind("linear", Linear, True, _linear_ops, _linear_read, _linear_bytes,
               backward_ops=_linear_backward, read_backward=_linear_read_backward,
-              variants=(ColumnParallelLinear, RowParallelLinear))
+              )
 
 
 # ---------------------------------------------------------------- RMSNorm
@@ -549,9 +531,8 @@ def _no_ops(s: Any) -> tuple[Op, ...]:
 
 
 def _embedding_read(module, args, kwargs, output) -> Elems:
-    if isinstance(module, ParallelEmbedding):  # this rank's columns were looked up, then all-gathered
-        return Elems(_rows(output.shape), int(module.weight.shape[1]))
-    return _output_elems(module, args, kwargs, output)
+    # The weight's columns: the output's width, except on a tensor-parallel rank (its columns, then all-gathered).
+    return Elems(_rows(output.shape), int(module.weight.shape[1]))
 
 
 EMBEDDING = Kind("embedding", nn.Embedding, True, _no_ops, _embedding_read,  # a table lookup: 0 MACs
@@ -559,7 +540,7 @@ EMBEDDING = Kind("embedding", nn.Embedding, True, _no_ops, _embedding_read,  # a
                                      act=s.rows * TOKEN_ID_BYTES + s.rows * s.width * dt.act),
                  backward_ops=lambda s: (Op("embedding_backward", P.elementwise("embedding_backward",
                                                                                 s.rows * s.width)),),
-                 read_backward=_grad_elems, variants=(ParallelEmbedding,))
+                 read_backward=_grad_elems)
 # Own forward: views, dtype casts and the KV-cache write (data movement, no arithmetic).
 ATTENTION_OWN = Kind("attention_own", Attention, False, _no_ops, None,
                      lambda s, dt: Bytes(kv_write=2 * s.rows * s.kv_dim * dt.kv))
@@ -602,6 +583,13 @@ REPLICATED = "replicated"  # every rank does all of it: summed over the ranks, N
 CollectiveOf = Callable[["Dims", RunShape, Dtypes], Collective]
 
 
+# The TP plan of Meta's layout: the classes a rank holds at the projection rows (llama_ref.parallel.layers,
+# named here, never imported).
+COLUMN_PARALLEL = "llama_ref.parallel.layers.ColumnParallelLinear"
+ROW_PARALLEL = "llama_ref.parallel.layers.RowParallelLinear"
+PARALLEL_EMBEDDING = "llama_ref.parallel.layers.ParallelEmbedding"
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of the table. ``name`` is the row's name in every report; ``path`` the module's path
@@ -614,8 +602,10 @@ class Row:
     the graph, not to its kind: autograd adds the gradients of a tensor used twice, and the add runs in the
     backward of the use whose gradient arrives second (e.g. ``wq``: ``x`` also feeds ``wk`` and ``wv``).
 
-    Tensor parallelism: ``tp`` is :data:`SPLIT` or :data:`REPLICATED`; ``collective(dims, shape, dtypes)``
-    the collective this row's module runs on every rank of a tensor-parallel model (``None``: none)."""
+    Tensor parallelism, this table's own TP plan: ``tp`` is :data:`SPLIT` or :data:`REPLICATED`; ``tp_class``
+    the class a rank of a tensor-parallel model holds at this row (``None``: the single-process module), whose
+    own ``forward`` is the kind's arithmetic on the rank's slice plus ``collective_op``;
+    ``collective(dims, shape, dtypes)`` the collective this row's module runs on every rank (``None``: none)."""
 
     name: str
     path: str
@@ -625,6 +615,24 @@ class Row:
     backward_extra: Callable[[Any], tuple[Op, ...]] = _no_ops
     tp: str = SPLIT
     collective: Optional[CollectiveOf] = None
+    tp_class: Optional[str] = None
+    collective_op: Optional[str] = None
+
+    def covers(self, module: nn.Module) -> bool:
+        """``module`` runs the arithmetic this row's kind describes: the kind's own class, or exactly the
+        tensor-parallel class the plan names here, running that class's own ``forward``."""
+        if self.kind.covers(module):
+            return True
+        cls = type(module)
+        return (self.tp_class is not None and f"{cls.__module__}.{cls.__qualname__}" == self.tp_class
+                and isinstance(module, self.kind.module) and "forward" in vars(cls))
+
+    def measured_collective(self, module: nn.Module, output: Any, world_size: Optional[int]) -> Optional[Collective]:
+        """The collective this row's module sends on a ``world_size``-way rank (per the plan), with the payload
+        of the real ``output`` tensor; ``None`` in a single process or for a row that sends none."""
+        if world_size is None or self.collective_op is None:
+            return None
+        return Collective(self.collective_op, int(output.numel()), int(output.element_size()), int(world_size))
 
     def sizes(self, config: Any, shape: RunShape, tp: Optional[int] = None) -> Any:
         """The sizes this row's kind computes on: of the whole model (``config`` a LlamaConfig), or of one
@@ -661,10 +669,11 @@ def _residual_grad_add(s: Norm) -> tuple[Op, ...]:
 # The size functions below read a LlamaConfig (parameters, whole model) or Dims (one rank): same names.
 def _linear_row(name: str, k: Callable[[Any], int], n: Callable[[Any], int],
                 params: Optional[Callable[[LlamaConfig], int]] = None, *, shares_input: bool = False,
-                collective: Optional[CollectiveOf] = None) -> Row:
+                tp_class: str = COLUMN_PARALLEL, collective: Optional[CollectiveOf] = None,
+                collective_op: Optional[str] = None) -> Row:
     return Row(name, name, LINEAR, lambda d, s: Mat(s.rows, k(d), n(d)),
                params if params is not None else (lambda c: k(c) * n(c)),
-               _input_grad_add if shares_input else _no_ops, SPLIT, collective)
+               _input_grad_add if shares_input else _no_ops, SPLIT, collective, tp_class, collective_op)
 
 
 def _norm_row(name: str, *, on_residual: bool = False) -> Row:
@@ -689,7 +698,8 @@ def _output_params(c: LlamaConfig) -> int:
     return 0 if c.tie_word_embeddings else c.dim * c.vocab_size
 
 
-# The collectives of Meta's layout (llama_ref.parallel.layers), per rank and run.
+# The collectives of Meta's layout, per rank and run.
+
 def _gather_embedding(d: Dims, s: RunShape, dt: Dtypes) -> Collective:
     # This rank's looked-up columns, gathered to full vectors in the embedding's (weight) dtype, before the
     # model casts them to its compute dtype.
@@ -711,7 +721,8 @@ TOP_ROWS_BEFORE: tuple[Row, ...] = (
     # Own work: the causal mask and the RoPE-table slice, built whole on every rank.
     Row("(root)", "", MODEL_OWN, lambda d, s: Nothing(), tp=REPLICATED),
     Row("tok_embeddings", "tok_embeddings", EMBEDDING, lambda d, s: Elems(s.rows, d.embed_dim),
-        lambda c: c.vocab_size * c.dim, collective=_gather_embedding),
+        lambda c: c.vocab_size * c.dim, collective=_gather_embedding, tp_class=PARALLEL_EMBEDDING,
+        collective_op=ALL_GATHER),
 )
 # The rows of one decoder-layer run, in execution order.
 # Training: autograd runs the backward of the projections that share an input in reverse order of their
@@ -725,20 +736,23 @@ BLOCK_ROWS: tuple[Row, ...] = (
         lambda d, s: Rope(s.batch, s.n_tokens, d.n_heads, d.n_kv_heads, d.head_dim)),
     Row("attention.core", "attention.core", ATTENTION_CORE,
         lambda d, s: Attn(s.batch, s.n_tokens, s.kvlen, d.n_heads, d.n_kv_heads, d.head_dim, s.n_tokens > 1)),
-    _linear_row("attention.wo", _q_width, _dim, collective=_reduce_residual),
+    _linear_row("attention.wo", _q_width, _dim, tp_class=ROW_PARALLEL, collective=_reduce_residual,
+                collective_op=ALL_REDUCE),
     Row("attention", "attention", ATTENTION_OWN, lambda d, s: KvWrite(s.rows, d.kv_dim)),
     _norm_row("ffn_norm", on_residual=True),
     _linear_row("feed_forward.w1", _dim, _hidden, shares_input=True),
     _linear_row("feed_forward.w3", _dim, _hidden),
     Row("feed_forward.act", "feed_forward.act", GATED_SILU, lambda d, s: Elems(s.rows, d.hidden_dim)),
-    _linear_row("feed_forward.w2", _hidden, _dim, collective=_reduce_residual),
+    _linear_row("feed_forward.w2", _hidden, _dim, tp_class=ROW_PARALLEL, collective=_reduce_residual,
+                collective_op=ALL_REDUCE),
     Row("feed_forward", "feed_forward", FEED_FORWARD_OWN, lambda d, s: Nothing()),
     Row("residual", "", RESIDUAL, lambda d, s: Elems(s.rows, d.dim), tp=REPLICATED),
 )
 # Top-level rows after the decoder layers.
 TOP_ROWS_AFTER: tuple[Row, ...] = (
     _norm_row("norm"),
-    _linear_row("output", _dim, lambda c: c.vocab_size, _output_params, collective=_gather_logits),
+    _linear_row("output", _dim, lambda c: c.vocab_size, _output_params, collective=_gather_logits,
+                collective_op=ALL_GATHER),
 )
 #: A training step's loss: the logits' cross-entropy (or sum), computed after the model.
 LOSS_ROW_NAME = "(loss)"
@@ -756,16 +770,11 @@ def all_rows() -> tuple[Row, ...]:
     return TOP_ROWS_BEFORE + BLOCK_ROWS + TOP_ROWS_AFTER
 
 
-def module_collective(module: nn.Module, output: Any) -> Optional[Collective]:
-    """The collective a tensor-parallel layer ran to produce ``output`` (read from the real tensor and the
-    module's process group), or ``None`` for a module that communicates nothing."""
-    if isinstance(module, RowParallelLinear):
-        op = ALL_REDUCE
-    elif isinstance(module, ParallelEmbedding) or (isinstance(module, ColumnParallelLinear) and module.gather_output):
-        op = ALL_GATHER
-    else:
-        return None
-    return Collective(op, int(output.numel()), int(output.element_size()), int(module.group.world_size))
+def tp_world_size(model: nn.Module) -> Optional[int]:
+    """The world size of a tensor-parallel rank (its ``tp_group``, set by ``llama_ref.parallel.parallelize``),
+    ``None`` for a single-process model."""
+    group = getattr(model, "tp_group", None)
+    return None if group is None else int(group.world_size)
 
 
 _BLOCK_BY_PATH = {r.path: r for r in BLOCK_ROWS}

@@ -54,7 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
-from llama_ref.attention import AttentionCore
+from llama_ref.model import AttentionCore
 
 from .ops import (
     INTEGER_BOOKKEEPING,

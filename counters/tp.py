@@ -1,6 +1,6 @@
 """Counting a tensor-parallel model: every rank counted by every counter, then the ranks checked together.
 
-A rank of ``llama_ref.parallel.TensorParallelLlama`` is counted like any model (:func:`count_rank`, the
+A rank of a tensor-parallel model (``llama_ref.parallel.parallelize``) is counted like any model (:func:`count_rank`, the
 counters of :mod:`counters.crosscheck`; the closed form takes one rank's sizes, ``analyze(..., tp=N)``)
 and gives a :class:`~counters.crosscheck.CrosscheckReport` of its own (:func:`rank_report`): every counter
 against the others, row by row, counts and collectives. :func:`combine` then checks the ranks together:
@@ -11,28 +11,28 @@ against the others, row by row, counts and collectives. :func:`combine` then che
 * every rank runs the same collectives (they are collective: each rank takes part in each).
 
 Ranks may be produced anywhere - in this process on the meta device with a fake process group
-(:func:`count_meta_ranks`: all N ranks of a 70B or 405B layout in seconds), on spawned gloo processes, or
-under ``torchrun`` - since a rank's result is plain data (``CounterResult``).
+(``counters.commands.count_tp.count_meta_ranks``: all N ranks of a 70B or 405B layout in seconds), on spawned
+gloo processes, or under ``torchrun`` - since a rank's result is plain data (``CounterResult``). This module
+builds no rank: it never imports ``llama_ref.parallel``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from llama_ref.config import LlamaConfig
-from llama_ref.parallel import TensorParallelLlama, TPLayout, fake_world
 
-from .analytic import AnalyticReport, analyze, param_count
+from .analytic import AnalyticReport, analyze
 from .collectives import Collective, collectives_total, format_collective
 from .crosscheck import CrosscheckReport, Mismatch, compare, crosscheck
 from .primitives import ZERO, Count
 from .result import COUNTER_NAMES, FORWARD, QUANTITIES, CounterResult, RowKey
-from .table import REPLICATED, all_rows, row_order
+from .table import REPLICATED, all_rows, row_order, tp_world_size
 
-__all__ = ["SINGLE_PROCESS", "TPReport", "combine", "count_meta_ranks", "count_rank", "rank_report", "row_tp"]
+__all__ = ["SINGLE_PROCESS", "TPReport", "combine", "count_rank", "rank_report", "row_tp"]
 
 #: The reference name of the cross-rank checks: the single-process closed form.
 SINGLE_PROCESS = "single-process analytic"
@@ -45,13 +45,14 @@ def row_tp(module: str) -> str:
 
 
 # ---------------------------------------------------------------- one rank
-def count_rank(model: TensorParallelLlama, tokens: torch.Tensor, *, n_cached: int = 0,
+def count_rank(model, tokens: torch.Tensor, *, n_cached: int = 0,
                counters: Optional[Sequence[str]] = None, strict: bool = False) -> dict[str, CounterResult]:
     """Run the model-running counters (``hooks``, ``fvcore``, ``torch``; ``analytic`` needs no model and is
     left to :func:`rank_report`) on this rank: one forward of ``tokens`` after ``n_cached`` cached
     positions, in lockstep with the other ranks (same tokens, same counters, same order)."""
-    if not isinstance(model, TensorParallelLlama):
-        raise ValueError(f"count_rank counts a rank of a TensorParallelLlama, got {type(model).__name__}")
+    if tp_world_size(model) is None:
+        raise ValueError(f"count_rank counts a rank of a tensor-parallel model (llama_ref.parallel.parallelize), "
+                         f"got a single-process {type(model).__name__}")
     names = [n for n in (COUNTER_NAMES if counters is None else counters) if n != "analytic"]
     if not names:
         return {}
@@ -232,45 +233,3 @@ def combine(reports: Sequence[CrosscheckReport], *, weight_dtype_bytes: Optional
                                                                     f"{n} on rank 0", x.get(c, 0), n, y.get(c, 0))))
     out.identical = identical
     return out
-
-
-# ---------------------------------------------------------------- every rank in this process, on meta
-def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: int, n_cached: int = 0,
-                     schedule=None, counters: Optional[Sequence[str]] = None, strict: bool = False,
-                     dtype: torch.dtype = torch.bfloat16, compute_dtype: Optional[torch.dtype] = None,
-                     attn_kernel: str = "math",
-                     build: Optional[Callable[[int], TensorParallelLlama]] = None) -> TPReport:
-    """Count all ``tp`` ranks of ``config`` one after another in this process, each as rank r of a fake
-    ``tp``-rank world on the meta device (shapes only: no weights, no data communicated), and combine them.
-
-    ``build(rank)``, called inside rank r's fake world, builds that rank's model (default: a random-free
-    meta ``TensorParallelLlama`` of ``config`` in ``dtype``); e.g. ``load_tp_pretrained(path,
-    device="meta")`` checks a checkpoint's files for that rank."""
-    TPLayout(config, tp)  # every divisibility problem, before any rank is built
-    names = list(COUNTER_NAMES if counters is None else counters)
-    reports = []
-    wb = ab = None
-    for rank in range(tp):
-        with fake_world(tp, rank=rank) as group:
-            if build is None:
-                model = TensorParallelLlama(config, group=group, device="meta", dtype=dtype, schedule=schedule,
-                                            attn_kernel=attn_kernel, compute_dtype=compute_dtype)
-            else:
-                model = build(rank)
-            wb, ab = model.tok_embeddings.weight.dtype.itemsize, model.compute_dtype.itemsize
-            tokens = torch.zeros((batch, n_tokens), dtype=torch.long, device="meta")
-            results = count_rank(model, tokens, n_cached=n_cached, counters=names, strict=strict)
-            reports.append(rank_report(results, config=model.config, tp=tp, rank=rank, schedule=tuple(model.schedule),
-                                       batch=batch, n_tokens=n_tokens, n_cached=n_cached, counters=names,
-                                       weight_dtype_bytes=wb, act_dtype_bytes=ab))
-            del model
-    out = combine(reports, weight_dtype_bytes=wb, act_dtype_bytes=ab)
-    out.device, out.mode = "meta", f"{tp} ranks counted one after another in this process (fake process group, meta device)"
-    return out
-
-
-def params_per_rank(config: LlamaConfig, tp: int) -> int:
-    """Parameters one rank holds: every split tensor's 1/N, the norms whole."""
-    full = param_count(config)
-    norms = (2 * config.n_layers + 1) * config.dim
-    return (full - norms) // tp + norms

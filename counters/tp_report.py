@@ -13,12 +13,13 @@ import io
 from typing import Any, Optional
 
 from llama_ref.schedule import format_schedule
+from llama_ref.shapes import param_count
 
 from .collectives import Collective
 from .crosscheck import CrosscheckReport, CrosscheckRow
 from .report import CONVENTIONS, fmt
 from .result import QUANTITIES
-from .tp import TPReport, params_per_rank, row_tp
+from .tp import TPReport, row_tp
 
 __all__ = ["JSON_SCHEMA_TP", "TP_CONVENTIONS", "render_tp_csv", "render_tp_table", "tp_counted_line", "tp_to_json"]
 
@@ -150,7 +151,7 @@ def render_tp_table(report: TPReport, *, detail: bool = False, title: Optional[s
                  f"{fmt(rep['per_rank_nonmatmul_flops'])} non-matmul FLOPs per rank, {n} x = "
                  f"{fmt(rep['all_ranks_nonmatmul_flops'])} over the ranks ({fmt(rep['redundant_nonmatmul_flops'])} "
                  "more than one process).")
-    lines.append(f"params {fmt(params_per_rank(report.config, n))} per rank ({fmt(report.single.params)} in the model)"
+    lines.append(f"params {fmt(param_count(report.config, n))} per rank ({fmt(report.single.params)} in the model)"
                  f" | KV cache {fmt(report.per_rank.kv_cache_bytes)} bytes per rank")
     lines.append("")
     lines.extend(_collective_lines(report))
@@ -233,7 +234,7 @@ def tp_to_json(report: TPReport, *, extra: Optional[dict] = None) -> dict:
         "conventions": CONVENTIONS + " " + TP_CONVENTIONS,
         "counted": tp_counted_line(report),
         "params": report.single.params,
-        "params_per_rank": params_per_rank(cfg, report.tp),
+        "params_per_rank": param_count(cfg, report.tp),
         "totals": report.totals(),
         "single_process": {"macs": s.macs, "flops": s.flops, "nonmatmul_flops": s.nonmatmul_flops,
                            "flops_exact": s.flops_exact, "macs_causal": s.macs_causal},

@@ -13,7 +13,7 @@ from .config_files import (MAX_SIZE, PathOrDict, hf_config_fields, meta_config_f
 from .hub import hub_config_path, is_hub_id
 from .rope_scaling import RopeScaling, positive_finite
 
-__all__ = ["LlamaConfig", "MAX_SIZE", "PRESETS", "RopeScaling", "meta_ffn_hidden_dim"]
+__all__ = ["FAMILIES", "Family", "LlamaConfig", "MAX_SIZE", "PRESETS", "RopeScaling", "family_of", "meta_ffn_hidden_dim"]
 
 
 
@@ -256,3 +256,39 @@ PRESETS: dict[str, LlamaConfig] = {
         name="tiny", dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=256, hidden_dim=176, max_seq_len=128
     ),
 }
+
+
+# ---------------------------------------------------------------- families of presets
+@dataclass(frozen=True)
+class Family:
+    """Presets released together under one name: ``key`` (for files and JSON), ``title``, preset names."""
+
+    key: str
+    title: str
+    presets: tuple[str, ...]
+
+
+#: Every preset in exactly one family (tests/test_family_counts.py checks it, so a new preset needs a family).
+FAMILIES: dict[str, Family] = {f.key: f for f in (
+    Family("llama-2", "Llama 2", ("llama-2-7b", "llama-2-13b", "llama-2-70b")),
+    Family("llama-3", "Llama 3 / 3.1 / 3.2 / 3.3", ("llama-3-8b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b",
+                                                    "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b")),
+    Family("code-llama", "Code Llama", ("code-llama-7b", "code-llama-13b", "code-llama-34b")),
+    Family("tinyllama", "TinyLlama", ("tinyllama-1.1b",)),
+    Family("test", "test preset", ("tiny",)),
+)}
+
+
+def family_of(config: LlamaConfig) -> Optional[tuple[Family, str]]:
+    """``(family, preset)`` of the preset ``config`` describes, else ``None``.
+
+    The shape decides first (``LlamaConfig`` equality ignores the name, so an HF directory or Hub id holding
+    a preset's config.json finds it; Llama 3.1-70B and 3.3-70B share a shape, and the first listed wins),
+    then the exact preset name (a preset whose file differs in a detail such as ``norm_eps``)."""
+    match = next((n for n, c in PRESETS.items() if c == config), None)
+    if match is None and config.name in PRESETS:
+        match = config.name
+    if match is None:
+        return None
+    family = next((f for f in FAMILIES.values() if match in f.presets), None)
+    return None if family is None else (family, match)

@@ -11,6 +11,7 @@ import torch
 
 from .errors import NonFiniteError
 from .finite import all_finite
+from .guards import check_forward_memory
 
 Prompts = Union[torch.Tensor, Sequence[Union[Sequence[int], torch.Tensor]]]
 
@@ -24,6 +25,11 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Genera
         raise ValueError(f"top_p must be in (0, 1], got {p!r}")
     if not all_finite(probs) or bool((probs < 0).any()):
         raise NonFiniteError("probs hold NaN, inf or negative values: not a probability distribution")
+    return _sample_top_p(probs, p, generator)
+
+
+def _sample_top_p(probs: torch.Tensor, p: float, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """:func:`sample_top_p` for probabilities known to be valid (no host sync: the decode loop's own)."""
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     # Drop a token when the mass *before* it already reaches p; the top token always survives.
@@ -139,7 +145,7 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
             # Shift by the max before dividing: logits / tiny temperature would overflow to inf and
             # softmax(inf - inf) is NaN; shifted values are <= 0 and a tiny temperature gives one-hot.
             shifted = logits - logits.amax(dim=-1, keepdim=True)  # (bsz, vocab)
-            return sample_top_p(torch.softmax(shifted / temperature, dim=-1), top_p, generator)
+            return _sample_top_p(torch.softmax(shifted / temperature, dim=-1), top_p, generator)
         return torch.argmax(logits, dim=-1)
 
     tokens = decode_loop(model, prompts, max_new_tokens, pick, eos_id=eos_id)
@@ -152,12 +158,13 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
     return out
 
 
-def _check_finite_logits(logits: torch.Tensor, cur_pos: int, min_len: int) -> None:
-    """Refuse to sample from NaN/inf logits, naming the step, position and batch rows."""
-    ok = torch.isfinite(logits).all(dim=-1)  # (bsz,)
-    if bool(ok.all()):
+def _raise_nonfinite(bad_pos: torch.Tensor, min_len: int) -> None:
+    """Refuse the whole generation when a step's logits held NaN or inf (``bad_pos``: per row, the first
+    position predicted from such logits, or -1), naming the step, position and batch rows."""
+    if not bool((bad_pos >= 0).any()):  # the loop's one host sync for this check
         return
-    rows = [int(r) for r in torch.nonzero(~ok).flatten().tolist()]
+    cur_pos = int(bad_pos[bad_pos >= 0].min())
+    rows = [int(r) for r in torch.nonzero(bad_pos == cur_pos).flatten().tolist()]
     shown = ", ".join(map(str, rows[:8])) + (", ..." if len(rows) > 8 else "")
     raise NonFiniteError(
         f"non-finite logits (NaN or inf) at generation step {cur_pos - min_len} (predicting position {cur_pos}) "
@@ -180,8 +187,9 @@ def decode_loop(model, prompts: list[list[int]], max_new_tokens: int, pick, *,
     total_len = max_len + max_new_tokens
     if device.type == "meta" and eos_id is not None:
         raise ValueError("eos_id needs token values, which a meta-device model does not have")
-    # Refuses (with the estimate) before anything is allocated when the batch's cache cannot fit;
-    # outside the try: a refused setup leaves the model as it was.
+    # Refuses (with the estimate) before anything is allocated when the prefill or the batch's cache cannot
+    # fit; outside the try: a refused setup leaves the model as it was.
+    check_forward_memory(model, bsz, min_len)
     model.setup_cache(bsz, total_len)
     try:
         pad = 0
@@ -195,11 +203,17 @@ def decode_loop(model, prompts: list[list[int]], max_new_tokens: int, pick, *,
         # Last position each row needs: rows with short prompts are done before total_len, and only
         # their first max_new_tokens are returned, so with an eos they need not hold up the batch.
         last_pos = torch.tensor([len(p) + max_new_tokens - 1 for p in prompts], device=device)  # (bsz,)
+        # Per row, the first position predicted from non-finite logits (-1: none). Tracked on the device and
+        # read once at the end, not with a host sync per step; such logits are replaced by zeros, so sampling
+        # never sees NaN, and no token of the run is returned.
+        bad_pos = torch.full((bsz,), -1, dtype=torch.long, device=device)
         prev_pos = 0
         for cur_pos in range(min_len, total_len):
             logits = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos)[:, -1]  # (bsz, vocab)
             if device.type != "meta":
-                _check_finite_logits(logits, cur_pos, min_len)
+                ok = torch.isfinite(logits).all(dim=-1)  # (bsz,)
+                bad_pos = torch.where(~ok & (bad_pos < 0), cur_pos, bad_pos)
+                logits = torch.where(ok[:, None], logits, 0.0)
             next_token = pick(logits)  # (bsz,)
             # Rows still inside their prompt keep the prompt token.
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
@@ -209,6 +223,8 @@ def decode_loop(model, prompts: list[list[int]], max_new_tokens: int, pick, *,
                 if bool(finished.all()):
                     break
             prev_pos = cur_pos
+        if device.type != "meta":
+            _raise_nonfinite(bad_pos, min_len)
     finally:
         model.clear_cache()
     return tokens

@@ -13,6 +13,7 @@ from typing import Mapping, Optional
 import torch
 
 from .config import LlamaConfig
+from .model import Llama
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attention.wq",
@@ -162,9 +163,8 @@ def to_hf_model(model, *, attn_implementation: str = "eager"):
 
 
 def from_hf_model(hf_model, *, device=None, dtype: Optional[torch.dtype] = None, **kwargs):
-    """Build a :class:`~llama_ref.model.Llama` from a live ``transformers`` ``LlamaForCausalLM``."""
-    from .model import Llama
-
+    """Build a :class:`~llama_ref.model.Llama` from a live ``transformers`` ``LlamaForCausalLM``
+    (``llama_ref.from_hf``): weights copied, q/k rows un-permuted."""
     hf_cfg = hf_model.config.to_dict()
     config = LlamaConfig.from_hf(hf_cfg)
     state = convert_hf_state_dict(hf_model.state_dict(), config)

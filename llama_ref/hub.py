@@ -24,6 +24,7 @@ revision or a repo without ``config.json`` is always an error.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
 import os
@@ -252,7 +253,7 @@ def hub_checkpoint_dir(repo_id: str, *, revision: Optional[str] = None, token: U
     Weights can be many GB: only call this when the user asked for weights. ``pytorch_model*.bin``
     files are fetched only with ``include_bin=True`` (for repos without safetensors);
     ``allow_patterns`` replaces the file patterns altogether. The directory returned is the snapshot
-    folder, ready for ``Llama.from_pretrained``. Raises as :func:`hub_config_path`, and
+    folder, ready for ``llama_ref.load``. Raises as :func:`hub_config_path`, and
     :class:`HubNotFoundError` when no weights came down (for instance a repo with only ``.bin`` files,
     or an offline cache holding only the config).
     """
@@ -287,11 +288,10 @@ def hub_checkpoint_dir(repo_id: str, *, revision: Optional[str] = None, token: U
         raise _translate(err, repo_id, revision, token, cache, endpoint, wanted="the checkpoint")[0] from None
     if problem is not None:
         logger.warning("%s; using the cached checkpoint (%s)", problem[0], folder)
-    from .loading.detect import find_checkpoint_files
-
-    try:
-        find_checkpoint_files(folder)
-    except (FileNotFoundError, ValueError):
+    # Only the weight files the patterns asked for came down, or none (the loader checks their layout).
+    weights = [name for name in os.listdir(folder) if not name.endswith(".json")
+               and any(fnmatch.fnmatch(name, p) for p in patterns)]
+    if not weights:
         hint = "" if include_bin or allow_patterns is not None else \
             " (if the repo has only pytorch_model*.bin weights, pass include_bin=True)"
         raise HubNotFoundError(f"{_what(repo_id, revision)}: no weights matching {', '.join(patterns)} in {folder}"

@@ -35,7 +35,7 @@ def positive_finite(value: Any) -> bool:
 @dataclass(frozen=True)
 class RopeScaling:
     """How the RoPE *frequencies* are rescaled for long context. Positions stay integers; only the
-    table ``e^{i * pos * inv_freq}`` changes (see :func:`llama_ref.rope.scaled_inv_freq`).
+    table ``e^{i * pos * inv_freq}`` changes (see :func:`llama_ref.model.scaled_inv_freq`).
 
     * ``"llama3"`` (Llama 3.1+; Meta's ``apply_scaling``, transformers' ``_compute_llama3_parameters``):
       wavelengths longer than ``original_max_position_embeddings / low_freq_factor`` are stretched by

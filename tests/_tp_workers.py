@@ -57,12 +57,12 @@ def generations(model) -> dict:
 # ---------------------------------------------------------------------------- rank functions
 def battery(rank: int, checkpoints: dict) -> dict:
     """Everything the 2-rank tests compare, computed in one spawn (process start-up dominates)."""
-    from llama_ref.parallel import TensorParallelLlama, load_tp_pretrained
+    from llama_ref.parallel import load_tp_pretrained, parallelize
 
     out: dict = {"rank": rank}
     toks = tokens(TINY)
     with torch.no_grad():
-        tp = TensorParallelLlama.from_single(build_single(TINY))
+        tp = parallelize(build_single(TINY))
         out["full"] = tp(toks)
         out["cached"] = cached_logits(tp, toks, prefill=5)
         out["local_shapes"] = {n: tuple(p.shape) for n, p in tp.named_parameters()}
@@ -72,16 +72,16 @@ def battery(rank: int, checkpoints: dict) -> dict:
         tp.set_schedule(None)
         out["generate"] = generations(tp)
 
-        sdpa = TensorParallelLlama.from_single(build_single(TINY, attn_kernel="sdpa"))
+        sdpa = parallelize(build_single(TINY, attn_kernel="sdpa"))
         out["sdpa_full"] = sdpa(toks)
         out["sdpa_cached"] = cached_logits(sdpa, toks, prefill=5)
 
-        mha = TensorParallelLlama.from_single(build_single(MHA, seed=3))
+        mha = parallelize(build_single(MHA, seed=3))
         out["mha_full"] = mha(tokens(MHA))
         out["mha_cached"] = cached_logits(mha, tokens(MHA), prefill=3)
 
     # Backward through every collective: gradients of this rank's shards.
-    tp = TensorParallelLlama.from_single(build_single(TINY)).requires_grad_(True)
+    tp = parallelize(build_single(TINY)).requires_grad_(True)
     logits = tp(toks)
     (logits * loss_weights(logits.shape)).sum().backward()
     out["grads"] = {n: p.grad.clone() for n, p in tp.named_parameters()}

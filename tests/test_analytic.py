@@ -125,13 +125,13 @@ def test_rows_follow_result_row_order():
 def test_param_count_presets(name, expected):
     cfg = PRESETS[name]
     assert param_count(cfg) == expected
-    assert Llama(cfg, device="meta").num_params() == expected
+    assert Llama(cfg, device="meta").param_count() == expected
     assert sum(param_breakdown(cfg).values()) == expected
 
 
 @pytest.mark.parametrize("cfg", [SMALL, DEEP, DEEP_MHA, SMALL.replace(n_kv_heads=1)])
 def test_param_count_equals_meta_model_numel(cfg):
-    assert param_count(cfg) == Llama(cfg, device="meta").num_params()
+    assert param_count(cfg) == Llama(cfg, device="meta").param_count()
 
 
 def test_llama2_7b_polynomial():

@@ -33,7 +33,8 @@ from typing import Callable, Optional, Union
 import pytest
 import torch
 
-from counters import cli, models
+from counters import cli
+from counters.commands import models
 from counters.commands import count as count_command
 from counters.commands import common as common_command
 from counters.commands import params as params_command
@@ -43,6 +44,7 @@ from counters.studies import roofline_command
 from counters.studies.hardware import available_cpus
 from llama_ref import PRESETS
 from llama_ref import memory as llama_memory
+from llama_ref import shapes as llama_shapes
 from llama_ref.config_files import MAX_JSON_BYTES
 from llama_ref.hf import hf_config_dict
 
@@ -752,13 +754,13 @@ def test_the_forward_memory_estimate_is_one_function():
     need = models.forward_need(config, "cpu", 4, batch=1, n_tokens=4)
     assert need.weights == 26_955_759_616 and need.kv_cache == 0
     assert factory.estimate_forward_memory(config, batch=1, n_tokens=4, n_cached=0, n_runs=32, dtype_bytes=4) == \
-        llama_memory.forward_memory(config, batch=1, n_tokens=4, n_runs=32, weight_dtype=torch.float32,
+        llama_shapes.forward_memory(config, batch=1, n_tokens=4, n_runs=32, weight_dtype=torch.float32,
                                     kv_cache=True).total
     # a KV cache for C + N positions, and the prefill of C tokens among the transients:
     # 2 x 1 x 2048 positions x 4096 x 4 bytes x 32 runs = 2,147,483,648 bytes
-    step = llama_memory.forward_memory(config, batch=1, n_tokens=1, n_cached=2047)
+    step = llama_shapes.forward_memory(config, batch=1, n_tokens=1, n_cached=2047)
     assert step.kv_cache == 2_147_483_648
-    assert step.activations == llama_memory.activation_bytes(config, bsz=1, seqlen=2047)
+    assert step.activations == llama_shapes.activation_bytes(config, bsz=1, seqlen=2047)
 
 
 # ---------------------------------------------------------------------------- the study scripts' commands
@@ -820,24 +822,28 @@ def test_bad_script_input(case, tmp_path, monkeypatch, capsys):
 
 
 def test_a_forward_too_large_for_memory_is_refused_before_it_runs(monkeypatch):
-    """The model API itself (what every command runs): activations estimated beyond the memory available are
-    refused before the first op, with the estimate and the memory named, instead of an allocator error or the
-    OOM killer. Simulated: 10,000,000 bytes available."""
-    from llama_ref import InsufficientMemoryError, Llama
+    """The entry points (check_inputs, generate; the commands estimate before building): activations estimated
+    beyond the memory available are refused before the first op, with the estimate and the memory named,
+    instead of an allocator error or the OOM killer. Simulated: 10,000,000 bytes available."""
+    from llama_ref import InsufficientMemoryError, Llama, check_inputs, generate
 
     monkeypatch.setattr(llama_memory, "available_memory_bytes", lambda device: 10_000_000)
     model = Llama(TINY).eval()
     tokens = torch.zeros(1024, 128, dtype=torch.long)
-    need = llama_memory.activation_bytes(TINY, bsz=1024, seqlen=128)
+    need = llama_shapes.activation_bytes(TINY, bsz=1024, seqlen=128)
     # the attention scores alone: 3 copies x 1024 x 4 heads x 128 x 128 x 4 bytes = 805,306,368 bytes
     assert need > 805_306_368
     with pytest.raises(InsufficientMemoryError) as info:
-        with torch.no_grad():
-            model(tokens)
+        check_inputs(model, tokens)
     message = str(info.value)
     assert "a forward of 1,024 sequence(s) x 128 tokens after 0 cached" in message
     assert llama_memory.format_bytes(need) in message and "10,000,000 bytes" in message
+    prefill = llama_shapes.activation_bytes(TINY, bsz=1024, seqlen=100)
+    with pytest.raises(InsufficientMemoryError, match="1,024 sequence\\(s\\) x 100 tokens") as info:
+        generate(model, [[1] * 100] * 1024, 4)
+    assert llama_memory.format_bytes(prefill) in str(info.value) and model.caches is None
     # a forward below the threshold is not even looked at: it runs
+    check_inputs(model, torch.zeros(2, 8, dtype=torch.long))
     with torch.no_grad():
         assert model(torch.zeros(2, 8, dtype=torch.long)).shape == (2, 8, 256)
 

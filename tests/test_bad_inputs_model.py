@@ -23,6 +23,7 @@ from typing import Any, Callable, Optional
 import pytest
 import torch
 
+import llama_ref
 from llama_ref import Llama, LlamaConfig, generate, parse_schedule, resolve_schedule, sample_top_p
 from llama_ref import memory as llama_memory
 from llama_ref.errors import DeviceUnavailableError, InsufficientMemoryError, NonFiniteError
@@ -130,6 +131,12 @@ def _set_schedule_then_cached_step(ctx):
     model(_tokens(1, 4))
     model.set_schedule("0,1")  # drops the cache
     model(_tokens(1, 1), start_pos=4)
+
+
+def _with_cache(ctx):
+    model = ctx.model()
+    model.setup_cache(1, 16)
+    return model
 
 
 def _nan_model(ctx):
@@ -356,8 +363,18 @@ CASES: list[Case] = [
     Case("cache-list-wrong-length", _cache_list_of_wrong_length, ValueError, "2 KV cache(s)", "3 layer runs"),
     Case("set-schedule-drops-cache", _set_schedule_then_cached_step, ValueError, "start_pos=4 needs a KV cache"),
     # --- forward arguments
-    Case("start-pos-tensor", lambda c: c.model()(_tokens(1, 2), start_pos=torch.tensor(0)), ValueError,
-         "start_pos must be a non-negative int", "tensor(0)"),
+    Case("start-pos-tensor-no-cache", lambda c: c.model()(_tokens(1, 2), start_pos=torch.tensor(0)), ValueError,
+         "start_pos=tensor(0)", "needs a KV cache"),
+    Case("start-pos-tensor-float", lambda c: _with_cache(c)(_tokens(1, 2), start_pos=torch.tensor(0.0)), ValueError,
+         "0-dim integer tensor", "torch.float32"),
+    Case("start-pos-tensor-1d", lambda c: _with_cache(c)(_tokens(1, 2), start_pos=torch.tensor([0])), ValueError,
+         "0-dim integer tensor", "(1,)"),
+    Case("start-pos-tensor-meta", lambda c: _with_cache(c)(_tokens(1, 2), start_pos=torch.tensor(0, device="meta")),
+         ValueError, "model's device cpu", "meta"),
+    Case("start-pos-tensor-past-fill", lambda c: _with_cache(c)(_tokens(1, 1), start_pos=torch.tensor(3)), ValueError,
+         "start_pos=3", "filled up to 0"),
+    Case("start-pos-tensor-negative", lambda c: _with_cache(c)(_tokens(1, 1), start_pos=torch.tensor(-2)), ValueError,
+         "start_pos must be a non-negative int, got -2"),
     Case("start-pos-float", lambda c: c.model()(_tokens(1, 2), start_pos=0.0), ValueError, "got 0.0 (float)"),
     Case("start-pos-bool", lambda c: c.model()(_tokens(1, 2), start_pos=False), ValueError, "got False (bool)"),
     Case("start-pos-negative", lambda c: c.model()(_tokens(1, 2), start_pos=-1), ValueError, "got -1"),
@@ -398,7 +415,7 @@ CASES: list[Case] = [
     Case("model-attn-kernel", lambda c: Llama(TINY, attn_kernel="flash"), ValueError, "'flash'"),
     Case("load-cuda", lambda c: load_pretrained(c.ckpts["hf-single"], device="cuda"), DeviceUnavailableError,
          "CUDA is not available", skip=_no_cuda),
-    Case("from-pretrained-cuda", lambda c: Llama.from_pretrained(c.ckpts["hf-single"], device="cuda:0"),
+    Case("from-pretrained-cuda", lambda c: llama_ref.load(c.ckpts["hf-single"], device="cuda:0"),
          DeviceUnavailableError, "cuda:0", skip=_no_cuda),
     # --- schedules (all refused from their bounds, before any list is built)
     Case("schedule-huge-range", lambda c: Llama(TINY, schedule="0-99999999999"), ValueError,
@@ -591,12 +608,12 @@ def test_bad_input(case: Case, ckpts, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a training step's memory
 def test_training_memory_adds_gradients_and_kept_activations():
     from llama_ref import LlamaConfig
-    from llama_ref.memory import forward_memory, parameter_count, training_memory
+    from llama_ref.shapes import forward_memory, param_count, training_memory
 
     cfg = LlamaConfig.from_preset("tiny")
     fwd = forward_memory(cfg, batch=4, n_tokens=32)
     step = training_memory(cfg, batch=4, n_tokens=32)
-    assert step.gradients == parameter_count(cfg) * 4 == 217_664 * 4  # fp32 gradients, one per parameter
+    assert step.gradients == param_count(cfg) * 4 == 217_664 * 4  # fp32 gradients, one per parameter
     assert step.weights == fwd.weights and step.kv_cache == 0
     assert step.activations > fwd.activations  # what the backward needs is kept on top of the transients
     # Checkpointing keeps each layer run's input instead of its activations: less, for more than one layer.
@@ -609,7 +626,7 @@ def test_training_memory_adds_gradients_and_kept_activations():
 def test_count_train_chooses_meta_when_the_step_does_not_fit(capsys, monkeypatch):
     import json
 
-    import counters.models as models
+    import counters.commands.models as models
     import llama_ref.memory as llama_memory
     from counters.cli import main
 

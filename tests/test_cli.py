@@ -242,9 +242,9 @@ def _sabotage(monkeypatch, change):
 
 def test_disagreement_exits_1(capsys, monkeypatch):
     # The model's SwiGLU gate loses its SiLU: the op-level counters see the work that really runs.
-    import llama_ref.layers
+    import llama_ref.model
 
-    monkeypatch.setattr(llama_ref.layers.F, "silu", lambda x: x)
+    monkeypatch.setattr(llama_ref.model.F, "silu", lambda x: x)
     code, out, err = _run(capsys, "count", "tiny", "--tokens", "3")
     assert code == EXIT_DISAGREE
     assert "counters disagree" in err and "feed_forward.act" in err and "Traceback" not in err

@@ -37,7 +37,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from counters import cli, models
+from counters import cli
+from counters.commands import models
 from counters.studies import factory, roofline_command
 from counters.studies.hardware import Hardware
 from llama_ref import PRESETS

@@ -102,7 +102,7 @@ def test_preset_names_are_exact():
 )
 def test_preset_parameter_counts_exact_on_meta(name, expected):
     model = Llama.from_preset(name, device="meta")
-    assert model.num_params() == expected
+    assert model.param_count() == expected
     # The buffers (RoPE table) and absent caches must not count as parameters.
     assert sum(p.numel() for p in model.parameters()) == expected
 
@@ -111,7 +111,7 @@ def test_tiny_parameter_count_by_formula(tiny_config):
     c = tiny_config
     per_layer = c.dim * c.dim * 2 + c.dim * c.kv_dim * 2 + 3 * c.dim * c.hidden_dim + 2 * c.dim
     expected = 2 * c.vocab_size * c.dim + c.n_layers * per_layer + c.dim
-    assert Llama(c, device="meta").num_params() == expected
+    assert Llama(c, device="meta").param_count() == expected
 
 
 # ---------------------------------------------------------------- Meta params.json
@@ -283,7 +283,7 @@ def test_family_preset_parameter_counts_exact_on_meta(name, expected):
     t0 = time.perf_counter()
     model = Llama.from_preset(name, device="meta")
     assert time.perf_counter() - t0 < 30  # 405B builds in well under a second here; no storage at all
-    assert model.num_params() == expected
+    assert model.param_count() == expected
     assert all(p.is_meta for p in model.parameters())
 
 
@@ -392,7 +392,7 @@ def test_model_with_explicit_head_dim_has_the_right_shapes(tiny_config):
     attn = model.layers[0].attention
     assert tuple(attn.wq.weight.shape) == (96, 64) and tuple(attn.wo.weight.shape) == (64, 96)
     assert tuple(attn.wk.weight.shape) == (48, 64) and tuple(attn.wv.weight.shape) == (48, 64)
-    assert model.num_params() == _by_formula(c)
+    assert model.param_count() == _by_formula(c)
     model.setup_cache(2, 16)
     assert tuple(model.caches[0].cache_k.shape) == (2, 16, 2, 24)
     assert model.freqs_cis.shape[1] == 12  # head_dim // 2 rotated pairs

@@ -32,7 +32,7 @@ def test_all_available_counters_agree_on_cpu(cfg, cached):
     assert report.counters == ALL
     assert report.agree, [str(m) for m in report.mismatches]
     assert report.complete
-    assert report.params == model.num_params()
+    assert report.params == model.param_count()
     assert [r.key for r in report.rows] == row_order(4)  # runs 0, 1, 1, 3
     macs = {t["macs"] for t in report.totals.values()}
     assert len(macs) == 1

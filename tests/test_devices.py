@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import llama_ref
 from llama_ref import Llama, generate
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -157,7 +158,7 @@ def test_cuda_bf16_computes_in_bf16(tiny_config, make_model):
 @requires_cuda
 def test_cuda_hf_parity(hf_llama_factory, no_tf32):
     hf = hf_llama_factory(rope_theta=2500.0, rms_norm_eps=1e-5).to("cuda")
-    ours = Llama.from_hf(hf)
+    ours = llama_ref.from_hf(hf)
     assert ours.device.type == "cuda"
     tokens = _tokens(2, 16, 256, device="cuda")
     with torch.no_grad():

@@ -49,7 +49,7 @@ def test_the_tables_agree():
 
 
 def test_the_commands_use_it():
-    from counters.models import DTYPES as COMMAND_DTYPES
+    from counters.commands.models import DTYPES as COMMAND_DTYPES
     from counters.studies.hardware import DTYPE_BYTES, DTYPE_NAMES
 
     assert all(DTYPES[n] is d for n, d in COMMAND_DTYPES.items())

@@ -118,7 +118,7 @@ def test_reference_001_arithmetic_as_printed():
 
 def test_reference_001_corrections_reach_the_true_count():
     true = param_count(L70)
-    assert true == 68_976_648_192 == Llama(L70, device="meta").num_params()
+    assert true == 68_976_648_192 == Llama(L70, device="meta").param_count()
     parts = param_breakdown(L70)
     assert parts["layers.*.attention.wk"] == 80 * 8192 * 1024
     gqa = 80 * 2 * (8192 * 8192 - 8192 * 1024)
@@ -358,7 +358,7 @@ def test_l3x_parameter_totals_and_vocabulary_share():
                 "llama-3.2-3b": (3_212_749_824, 394_002_432)}
     for name, (total, vocab) in expected.items():
         config = PRESETS[name]
-        assert param_count(config) == total == Llama(config, device="meta").num_params(), name
+        assert param_count(config) == total == Llama(config, device="meta").param_count(), name
         tied = 1 if config.tie_word_embeddings else 2
         assert _vocab_params(config) == vocab == tied * V3 * config.dim, name
         assert f"{100 * vocab / total:.2f}%" in L3X, name
@@ -400,7 +400,7 @@ def test_l3x_405b_total():
 def test_l3x_tied_head_counted_twice(config, total, twice):
     model = Llama(config, device="meta")
     assert model.output.weight is model.tok_embeddings.weight
-    assert model.num_params() == sum(p.numel() for p in model.parameters()) == total
+    assert model.param_count() == sum(p.numel() for p in model.parameters()) == total
     # a state dict lists the shared tensor under both names: summing it counts the head twice
     state = model.state_dict(keep_vars=True)
     assert state["output.weight"] is state["tok_embeddings.weight"]

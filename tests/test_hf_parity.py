@@ -20,6 +20,7 @@ import os
 import pytest
 import torch
 
+import llama_ref
 from llama_ref import Llama, generate
 from llama_ref.hf import permute_qk
 
@@ -108,7 +109,7 @@ def test_logits_are_not_trivially_small(hf_model):
 # ---------------------------------------------------------------- parity, converted in memory
 @pytest.mark.parametrize("kernel", ["math", "sdpa"])
 def test_full_forward_parity(hf_model, kernel):
-    ours = Llama.from_hf(hf_model, attn_kernel=kernel)
+    ours = llama_ref.from_hf(hf_model, attn_kernel=kernel)
     hf_rope = hf_model.config.rope_parameters
     assert ours.config.rope_theta == hf_rope["rope_theta"]
     assert ours.config.norm_eps == hf_model.config.rms_norm_eps
@@ -126,7 +127,7 @@ def test_full_forward_parity(hf_model, kernel):
 
 @pytest.mark.parametrize("kernel", ["math", "sdpa"])
 def test_cached_decoding_parity(hf_model, kernel):
-    ours = Llama.from_hf(hf_model, attn_kernel=kernel)
+    ours = llama_ref.from_hf(hf_model, attn_kernel=kernel)
     tokens = _tokens(2, 24, ours.config.vocab_size, seed=2)
     expected = _hf_logits(hf_model, tokens)
     for prefill in (1, 10):
@@ -136,7 +137,7 @@ def test_cached_decoding_parity(hf_model, kernel):
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_greedy_generation_matches_hf(hf_model, attn):
     hf_model.set_attn_implementation(attn)
-    ours = Llama.from_hf(hf_model)
+    ours = llama_ref.from_hf(hf_model)
     prompts = _tokens(2, 8, ours.config.vocab_size, seed=3)
     with torch.no_grad():
         # eos_token_id=None: nothing may stop HF early; min_new_tokens makes the length explicit.
@@ -163,14 +164,14 @@ def _rounded_hf(name: str, dtype: torch.dtype):
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_from_pretrained_parity(name, tmp_path, dtype):
-    """save_pretrained (safetensors, in ``dtype``) -> Llama.from_pretrained(path, device=, dtype=) -> same logits."""
+    """save_pretrained (safetensors, in ``dtype``) -> llama_ref.load(path, device=, dtype=) -> same logits."""
     # A separate copy is cast and saved: Module.to(bf16) would also round HF's RoPE inv_freq buffer,
     # and the reference must stay exact.
     _rounded_hf(name, dtype).to(dtype).save_pretrained(tmp_path)
     files = os.listdir(tmp_path)
     assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
     hf = _rounded_hf(name, dtype)
-    ours = Llama.from_pretrained(tmp_path, device="cpu", dtype=dtype)
+    ours = llama_ref.load(tmp_path, device="cpu", dtype=dtype)
     assert ours.tok_embeddings.weight.dtype == dtype and ours.compute_dtype == torch.float32
     tokens = _tokens(2, 24, ours.config.vocab_size, seed=4)
     expected = _hf_logits(hf, tokens)
@@ -202,7 +203,7 @@ def _mutated(ours: Llama, mutation: str) -> Llama:
 @pytest.mark.parametrize("mutation", ["no q/k un-permutation", "default rope_theta", "default rms_norm_eps",
                                       "swapped norms"])
 def test_parity_check_detects_wrong_conversion(hf_model, mutation):
-    ours = Llama.from_hf(hf_model)
+    ours = llama_ref.from_hf(hf_model)
     tokens = _tokens(2, 24, ours.config.vocab_size, seed=5)
     expected = _hf_logits(hf_model, tokens)
     assert _max_diff(ours(tokens), expected) <= ATOL
@@ -234,7 +235,7 @@ def test_compare_hf_script_via_disk_bf16_and_checkpoint_dir(tmp_path):
     out = tmp_path / "bf16.json"
     assert compare_hf.main(["tiny", "--dtype", "bf16", "--via-disk", "--layers", "2", "--seqlen", "16",
                             "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["ours_from"] == "save_pretrained + Llama.from_pretrained"
+    assert json.loads(out.read_text())["ours_from"] == "save_pretrained + llama_ref.load"
     # A checkpoint directory, truncated to one layer on both sides.
     from conftest import build_hf_llama
 

@@ -29,7 +29,8 @@ import torch
 huggingface_hub = pytest.importorskip("huggingface_hub")
 import huggingface_hub.constants  # noqa: E402  (a lazy submodule: import it so monkeypatch can reach it)
 
-from llama_ref import Llama, LlamaConfig  # noqa: E402
+import llama_ref
+from llama_ref import LlamaConfig  # noqa: E402
 from llama_ref.hub import (  # noqa: E402
     HubAccessError, HubError, HubNotCachedError, HubNotFoundError, hub_cache_dir, hub_checkpoint_dir,
     hub_config_path, hub_offline, is_hub_id,
@@ -628,7 +629,7 @@ def test_checkpoint_downloads_safetensors_not_bin_and_loads(hub_env, fake_hub, t
     names = sorted(os.listdir(folder))
     assert names == sorted(n for n in files if n == "config.json" or n.startswith("model"))
     assert not any("pytorch_model" in p or "README" in p for p in fake_hub.paths())
-    model = Llama.from_pretrained(folder)
+    model = llama_ref.load(folder)
     ref = reference_model(model.config)
     assert torch.equal(logits(model, tokens(model.config)), logits(ref, tokens(model.config)))
     # The same directory offline, with no request.
@@ -646,7 +647,7 @@ def test_checkpoint_with_only_bin_weights_needs_include_bin(hub_env, fake_hub, t
     assert "include_bin=True" in one_line(info.value)
     folder = hub_checkpoint_dir(REPO_ID, include_bin=True)
     assert "pytorch_model.bin" in os.listdir(folder)
-    model = Llama.from_pretrained(folder)
+    model = llama_ref.load(folder)
     assert torch.equal(logits(model, tokens(model.config)), logits(reference_model(model.config), tokens(model.config)))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_ref import Llama
+import llama_ref
 from llama_ref.loading import CheckpointError, detect_format, load_pretrained
 from llama_ref.loading import api as loading_api
 from llama_ref.loading.readers import OpenFiles
@@ -87,7 +87,7 @@ def test_layouts_agree_with_each_other(layout_logits, a, b):
 
 def test_from_pretrained_is_load_pretrained(ckpts, reference):
     _, toks, want = reference
-    model = Llama.from_pretrained(ckpts["meta-2-shards"], device="cpu", attn_kernel="sdpa", schedule="0-1,3")
+    model = llama_ref.load(ckpts["meta-2-shards"], device="cpu", attn_kernel="sdpa", schedule="0-1,3")
     assert model.schedule == (0, 1, 3)
     assert model.layers[0].attention.core.kernel == "sdpa"
     assert not torch.equal(logits(model, toks), want)  # a skipped layer must change the output

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llama_ref import Llama, LlamaConfig, apply_rotary_emb, precompute_freqs_cis, repeat_kv
-from llama_ref.attention import KVCache
+from llama_ref import guards, mark_cache_filled
+from llama_ref.model import KVCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -215,33 +216,49 @@ def test_bad_setup_cache(tiny_model, kwargs, match):
 
 
 # ---------------------------------------------------------------- KV cache fill tracking
-def test_kv_cache_fill_marks_follow_writes():
-    cache = KVCache(max_batch_size=4, max_seq_len=16, n_kv_heads=2, head_dim=4)
-    kv = lambda bsz, n: (torch.ones(bsz, n, 2, 4), torch.ones(bsz, n, 2, 4))  # noqa: E731
-    assert cache.fill_marks == ((4, 0),) and cache.filled_len() == 0
-    cache.update(0, *kv(4, 6))  # every row holds 0..5
-    assert cache.fill_marks == ((4, 6),)
-    cache.update(6, *kv(2, 3))  # rows 0-1 now hold 0..8, rows 2-3 still 0..5
-    assert cache.fill_marks == ((2, 9), (4, 6))
-    assert (cache.filled_len(1), cache.filled_len(2), cache.filled_len(3), cache.filled_len()) == (9, 9, 6, 6)
-    cache.update(9, *kv(1, 1))  # row 0 holds 0..9
-    assert cache.fill_marks == ((1, 10), (2, 9), (4, 6))
+def test_kv_cache_fill_marks_follow_writes(tiny_config, make_model):
+    model = make_model(tiny_config)
+    model.setup_cache(4, 16)
+    fill = model.caches[0].fill
+    tok = lambda bsz, n: _tokens(bsz, n, tiny_config.vocab_size)  # noqa: E731
+    assert fill.marks == ((4, 0),) and fill.filled() == 0
+    model(tok(4, 6))  # every row holds 0..5
+    assert fill.marks == ((4, 6),)
+    model(tok(2, 3), 6)  # rows 0-1 now hold 0..8, rows 2-3 still 0..5
+    assert fill.marks == ((2, 9), (4, 6))
+    assert (fill.filled(1), fill.filled(2), fill.filled(3), fill.filled()) == (9, 9, 6, 6)
+    model(tok(1, 1), 9)  # row 0 holds 0..9
+    assert fill.marks == ((1, 10), (2, 9), (4, 6))
     # Re-writing earlier positions of every row makes what lies beyond stale: the mark moves back.
-    cache.update(2, *kv(4, 1))
-    assert cache.fill_marks == ((4, 3),)
-    cache.reset()
-    assert cache.filled_len() == 0 and cache.cache_k.abs().sum() > 0  # reset does no tensor work
+    model(tok(4, 1), 2)
+    assert fill.marks == ((4, 3),) and all(c.fill.marks == ((4, 3),) for c in model.caches)
+    model.reset_cache()
+    assert model.cache_filled() == 0 and model.caches[0].cache_k.abs().sum() > 0  # reset does no tensor work
 
 
-def test_kv_cache_refused_write_changes_nothing():
-    cache = KVCache(max_batch_size=2, max_seq_len=8, n_kv_heads=1, head_dim=2)
-    cache.update(0, torch.ones(2, 3, 1, 2), torch.ones(2, 3, 1, 2))
-    before = cache.cache_k.clone()
+def test_kv_cache_refused_write_changes_nothing(tiny_config, make_model):
+    model = make_model(tiny_config)
+    model.setup_cache(2, 8)
+    model(_tokens(2, 3, tiny_config.vocab_size))
+    before = [c.cache_k.clone() for c in model.caches]
     with pytest.raises(ValueError, match="start_pos=5 is beyond the filled part of the KV cache: rows 0-1 hold positions"):
-        cache.update(5, torch.full((2, 1, 1, 2), 7.0), torch.full((2, 1, 1, 2), 7.0))
+        model(_tokens(2, 1, tiny_config.vocab_size), 5)
     with pytest.raises(ValueError, match="batch size 3 exceeds the cache's max_batch_size=2"):
-        cache.update(0, torch.ones(3, 1, 1, 2), torch.ones(3, 1, 1, 2))
-    assert cache.fill_marks == ((2, 3),) and torch.equal(cache.cache_k, before)
+        model(_tokens(3, 1, tiny_config.vocab_size), 0)
+    assert model.caches[0].fill.marks == ((2, 3),)
+    assert all(torch.equal(c.cache_k, b) for c, b in zip(model.caches, before))
+
+
+def test_kv_cache_update_is_a_tensor_program():
+    # The cache itself only writes and reads (no bookkeeping): an int start_pos returns the prefix, a tensor
+    # start_pos (static shapes, compiled decoding) the whole cache.
+    cache = KVCache(max_batch_size=2, max_seq_len=6, n_kv_heads=1, head_dim=2)
+    keys, _ = cache.update(0, torch.ones(2, 3, 1, 2), torch.ones(2, 3, 1, 2))
+    assert keys.shape == (2, 3, 1, 2)
+    keys, values = cache.update(torch.tensor(3), 2 * torch.ones(1, 1, 1, 2), 3 * torch.ones(1, 1, 1, 2))
+    assert keys.shape == (1, 6, 1, 2) and torch.equal(keys[0, 3], 2 * torch.ones(1, 2))
+    assert torch.equal(values[0, :3], torch.ones(3, 1, 2)) and values[0, 4:].abs().sum() == 0
+    assert cache.fill.marks == ((2, 0),)  # the eager guards keep the marks, not the cache
 
 
 @pytest.mark.parametrize("value, match", [(0, "max_batch_size must be a positive int, got 0"),
@@ -289,7 +306,7 @@ def test_cache_filled_and_reset(tiny_model, tiny_config):
     tiny_model.setup_cache(2, 16)
     assert tiny_model.cache_filled() == 0
     tiny_model(_tokens(2, 3, tiny_config.vocab_size))
-    assert tiny_model.cache_filled() == 3 and all(c.filled_len() == 3 for c in tiny_model.caches)
+    assert tiny_model.cache_filled() == 3 and all(c.fill.filled() == 3 for c in tiny_model.caches)
     tiny_model.reset_cache()
     assert tiny_model.cache_filled() == 0
     with pytest.raises(ValueError, match="filled up to 0"):
@@ -305,7 +322,7 @@ def test_fill_tracking_on_the_meta_device():
     model.setup_cache(max_batch_size=10**9, max_seq_len=64)
     tokens = torch.zeros(2, 8, dtype=torch.long, device="meta")
     model(tokens)
-    assert model.caches[0].fill_marks == ((2, 8), (10**9, 0))
+    assert model.caches[0].fill.marks == ((2, 8), (10**9, 0))
     assert model(tokens[:, :1], start_pos=8).shape == (2, 1, 32000)
     with pytest.raises(ValueError, match="start_pos=20 .*filled up to 9"):
         model(tokens[:, :1], start_pos=20)
@@ -337,9 +354,9 @@ def test_fill_tracking_adds_no_tensor_ops(tiny_config, make_model, monkeypatch):
         return _dispatched_ops(lambda: model(tokens[:, 4:6], start_pos=4))
 
     with_tracking = cached_step(make_model(tiny_config, schedule="0,1x2"))
-    monkeypatch.setattr(KVCache, "check_write", lambda self, *a: None)
-    monkeypatch.setattr(KVCache, "mark_written", lambda self, *a: None)
-    monkeypatch.setattr(Llama, "_check_caches", lambda self, *a: None)
+    monkeypatch.setattr(guards.FillMarks, "check_write", lambda self, *a: None)
+    monkeypatch.setattr(guards, "mark_written", lambda *a: None)
+    monkeypatch.setattr(guards, "_check_caches", lambda *a: None)
     without = cached_step(make_model(tiny_config, schedule="0,1x2"))
     assert with_tracking == without and len(with_tracking) > 50
 
@@ -364,7 +381,7 @@ def test_fill_marks_stay_ints_under_jit_trace(tiny_model, tiny_config):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.jit.trace(Step(tiny_model), tokens[:, 3:5], check_trace=False)
-    marks = [m for cache in tiny_model.caches for seg in cache.fill_marks for m in seg]
+    marks = [m for cache in tiny_model.caches for seg in cache.fill.marks for m in seg]
     assert marks and all(type(m) is int for m in marks)
     assert tiny_model.cache_filled() == 5
 
@@ -381,13 +398,13 @@ def test_start_pos_accepts_numpy_ints(tiny_model, tiny_config):
 # ---------------------------------------------------------------- memory and finiteness
 @pytest.mark.parametrize("preset", ["tiny", "llama-2-7b", "llama-2-70b", "llama-3-8b"])
 def test_parameter_count_matches_the_model(preset):
-    from llama_ref.memory import parameter_count, weight_bytes
+    from llama_ref.shapes import param_count, weight_bytes
 
     config = LlamaConfig.from_preset(preset)
     model = Llama(config, device="meta")
-    assert parameter_count(config) == model.num_params()
+    assert param_count(config) == model.param_count()
     # RoPE table: max_seq_len x head_dim/2 complex64 (8 bytes)
-    assert weight_bytes(config, torch.bfloat16) == 2 * model.num_params() + model.rope_positions * config.head_dim // 2 * 8
+    assert weight_bytes(config, torch.bfloat16) == 2 * model.param_count() + model.rope_positions * config.head_dim // 2 * 8
 
 
 def test_memory_checks_refuse_before_allocating(tiny_config, monkeypatch):
@@ -444,15 +461,15 @@ def test_available_memory_and_devices():
 def test_mark_cache_filled_is_explicit_and_checked(tiny_model, tiny_config):
     # For timing/counting a decode step after C positions without computing them (values meaningless).
     with pytest.raises(ValueError, match="needs a KV cache"):
-        tiny_model.mark_cache_filled(4)
+        mark_cache_filled(tiny_model, 4)
     tiny_model.setup_cache(2, 16)
-    tiny_model.mark_cache_filled(10, bsz=1)
+    mark_cache_filled(tiny_model, 10, bsz=1)
     assert (tiny_model.cache_filled(1), tiny_model.cache_filled(2)) == (10, 0)
     assert tiny_model(_tokens(1, 1, tiny_config.vocab_size), start_pos=10).shape == (1, 1, tiny_config.vocab_size)
     with pytest.raises(ValueError, match="n_positions must be an int in \\[0, 16\\]"):
-        tiny_model.mark_cache_filled(17)
+        mark_cache_filled(tiny_model, 17)
     with pytest.raises(ValueError, match="bsz must be an int in \\[1, 2\\]"):
-        tiny_model.mark_cache_filled(3, bsz=3)
+        mark_cache_filled(tiny_model, 3, bsz=3)
 
 
 def test_cuda_index_beyond_the_device_count(monkeypatch):

@@ -11,7 +11,7 @@ import torch
 
 import llama_ref.model as model_module
 from llama_ref import Llama, LlamaConfig, RopeScaling, precompute_freqs_cis, rope_inv_freq
-from llama_ref.rope import ROPE_EAGER_POSITIONS
+from llama_ref.shapes import ROPE_EAGER_POSITIONS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

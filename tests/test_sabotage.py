@@ -10,12 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import llama_ref.layers
-import llama_ref.rope
+import llama_ref.model
 from counters.crosscheck import crosscheck
 from llama_ref import Llama, LlamaConfig
-from llama_ref.attention import AttentionCore
-from llama_ref.layers import Linear, RMSNorm
+from llama_ref.model import AttentionCore
+from llama_ref.model import Linear, RMSNorm
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -42,7 +41,7 @@ def test_the_unsabotaged_model_agrees(device):
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 def test_silu_replaced_by_identity(monkeypatch, device):
-    monkeypatch.setattr(llama_ref.layers.F, "silu", lambda x: x)
+    monkeypatch.setattr(llama_ref.model.F, "silu", lambda x: x)
     report = _report(device)
     assert not report.agree
     # analytic (the reference) and hooks still count SiLU; the op counters see only the gate's multiply
@@ -78,7 +77,7 @@ def test_an_extra_matmul(monkeypatch):
 
 @pytest.mark.parametrize("kernel", ["math", "sdpa"])
 def test_rope_skipped(monkeypatch, kernel):
-    monkeypatch.setattr(llama_ref.rope, "apply_rotary_emb", lambda xq, xk, freqs: (xq, xk))
+    monkeypatch.setattr(llama_ref.model, "apply_rotary_emb", lambda xq, xk, freqs: (xq, xk))
     report = _report(kernel=kernel)
     assert {(row, q) for row, q, _ in _disagreeing(report)} == {("attention.rope", "nonmatmul_flops")}
 
@@ -98,7 +97,7 @@ def test_softmax_twice(monkeypatch):
 def test_attention_over_the_wrong_length_in_hooks_and_ops_but_not_in_the_formula(monkeypatch):
     """A cache that drops the newest position: every counter that reads real sizes sees the shorter
     attention, the closed form does not."""
-    from llama_ref.attention import KVCache
+    from llama_ref.model import KVCache
 
     real = KVCache.update
 

@@ -148,7 +148,7 @@ def test_set_schedule_switches_and_drops_cache(tiny_config, make_model):
     tokens = _tokens(1, 5, tiny_config.vocab_size)
     model.setup_cache(1, 8)
     model.set_schedule("0,2")
-    assert model.caches is None and model.schedule == (0, 2) and model.schedule_str == "0,2"
+    assert model.caches is None and model.schedule == (0, 2) and format_schedule(model.schedule) == "0,2"
     torch.testing.assert_close(model(tokens), _manual_forward(model, tokens, [0, 2]), atol=ATOL, rtol=0)
 
 

@@ -9,10 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("llama_ref", "counters")
-# The counting core: everything that produces or compares counts. The studies build on it, never under it.
-CORE = {"counters.primitives", "counters.ops", "counters.table", "counters.result", "counters.analytic",
-        "counters.hooks", "counters.fvcore_counter", "counters.torch_counter", "counters.crosscheck",
-        "counters.report", "counters.published", "counters.estimates"}
+# Outside the counting core: the command line, its commands and the studies built on the counts.
+UPPER = ("counters.cli", "counters.commands", "counters.studies")
 
 
 def _module_name(path: Path) -> str:
@@ -27,8 +25,13 @@ def _modules() -> dict[str, Path]:
     return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
 
 
+MODULES = _modules()
+
+
 def _imports(name: str, path: Path) -> set[str]:
-    """Every module of ours that ``path`` imports, anywhere in the file (function-level imports included)."""
+    """Every module of ours that importing ``name`` runs, anywhere in the file (function-level imports
+    included): importing ``a.b.c`` runs ``a/__init__``, ``a.b/__init__`` and ``a.b.c`` (a module's own parent
+    packages are running already)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
@@ -44,11 +47,18 @@ def _imports(name: str, path: Path) -> set[str]:
                 target = node.module or ""
             found.add(target)
             found.update(f"{target}.{a.name}" for a in node.names)  # "from . import table" imports a module
-    modules = _modules()
-    return {m for m in found if m in modules and m != name}
+    out: set[str] = set()
+    for m in found:
+        parts = m.split(".")
+        for k in range(1, len(parts) + 1):
+            mod = ".".join(parts[:k])
+            if mod in MODULES and mod != name and not name.startswith(mod + "."):
+                out.add(mod)
+    return out
 
 
-GRAPH = {name: _imports(name, path) for name, path in _modules().items()}
+GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
+CORE = sorted(m for m in GRAPH if m.startswith("counters") and not m.startswith(UPPER) and m != "counters")
 
 
 def test_llama_ref_never_imports_counters():
@@ -57,37 +67,61 @@ def test_llama_ref_never_imports_counters():
     assert not {m: d for m, d in bad.items() if d}
 
 
-def test_the_counting_core_never_imports_the_studies_or_the_cli():
-    assert CORE <= set(GRAPH)
-    bad = {m: sorted(d for d in GRAPH[m] if d.startswith(("counters.studies", "counters.cli", "counters.commands",
-                                                            "counters.models")))
-           for m in CORE}
+def test_the_counting_core_never_imports_the_studies_the_commands_or_the_cli():
+    assert {"counters.table", "counters.analytic", "counters.crosscheck", "counters.tp"} <= set(CORE)
+    bad = {m: sorted(d for d in GRAPH[m] if d.startswith(UPPER)) for m in CORE}
     assert not {m: d for m, d in bad.items() if d}
 
 
-def test_no_import_cycles_in_counters():
-    """Among the counters modules, every import counted, lazy ones included. (llama_ref keeps two lazy
-    back-references on purpose: ``Llama.from_pretrained`` and ``Llama.from_hf`` construct through
-    ``llama_ref.loading`` and ``llama_ref.hf``, which build ``Llama`` objects.)"""
-    graph = {m: {d for d in deps if d.startswith("counters")} for m, deps in GRAPH.items() if m.startswith("counters")}
+def test_the_counting_core_learns_tensor_parallelism_from_its_own_plan():
+    """No core module imports llama_ref.parallel: which rows split and which collectives they send is the
+    table's own TP plan; ranks are built by the commands."""
+    bad = {m: sorted(d for d in GRAPH[m] if d.startswith("llama_ref.parallel")) for m in CORE}
+    assert not {m: d for m, d in bad.items() if d}
+
+
+def test_the_model_file_reads_alone():
+    """The forward's code: one file of at most 600 lines that imports no loader, no parallelism, no counter."""
+    assert len(MODULES["llama_ref.model"].read_text().splitlines()) <= 600
+    assert GRAPH["llama_ref.model"] == {"llama_ref.config", "llama_ref.guards", "llama_ref.rope_scaling",
+                                        "llama_ref.shapes"}
+
+
+def _cycle(graph: dict[str, set[str]]):
     state: dict[str, int] = {}  # 1 visiting, 2 done
     stack: list[str] = []
 
-    def visit(m: str) -> None:
+    def visit(m: str):
         state[m] = 1
         stack.append(m)
         for d in sorted(graph[m]):
-            # a package's __init__ importing its own submodules is not a cycle back into the package
-            if state.get(d) == 1 and not m.startswith(d + "."):
-                pytest.fail("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if state.get(d) == 1:
+                return stack[stack.index(d):] + [d]
             if d not in state:
-                visit(d)
+                found = visit(d)
+                if found:
+                    return found
         stack.pop()
         state[m] = 2
+        return None
 
     for m in sorted(graph):
         if m not in state:
-            visit(m)
+            found = visit(m)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycles_anywhere():
+    """Every module of both packages, every import counted (lazy ones and package __init__s included)."""
+    cycle = _cycle(GRAPH)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
 
 
 @pytest.mark.parametrize("pkg", PACKAGES)

@@ -10,6 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+import llama_ref
 from llama_ref import Llama
 from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict, to_hf_model
 from llama_ref.loading import CheckpointError, load_pretrained
@@ -54,9 +55,9 @@ def _write_hf(directory, model, state) -> None:
 def test_one_parameter_counted_once(tied_config, tiny_config):
     model = Llama(tied_config, device="meta")
     assert model.output.weight is model.tok_embeddings.weight
-    untied = Llama(tiny_config, device="meta").num_params()
+    untied = Llama(tiny_config, device="meta").param_count()
     # 256 x 64 = 16,384 fewer parameters than the untied tiny model.
-    assert model.num_params() == untied - tied_config.vocab_size * tied_config.dim
+    assert model.param_count() == untied - tied_config.vocab_size * tied_config.dim
     assert [n for n, _ in model.named_parameters()].count("tok_embeddings.weight") == 1
     assert "output.weight" not in dict(model.named_parameters())
     assert {"tok_embeddings.weight", "output.weight"} <= set(model.state_dict())  # as transformers' state_dict
@@ -123,7 +124,7 @@ def test_save_pretrained_stores_the_embedding_only_and_loads_tied(tmp_path, hf_l
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
         keys = set(f.keys())
     assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys
-    ours = Llama.from_pretrained(tmp_path)
+    ours = llama_ref.load(tmp_path)
     assert ours.config.tie_word_embeddings and ours.output.weight is ours.tok_embeddings.weight
     tokens = _tokens(ours.config, seqlen=20)
     with torch.no_grad():
@@ -138,7 +139,7 @@ def test_hf_checkpoint_with_both_copies(tmp_path, tied_config, make_model):
     _write_hf(tmp_path / "equal", ref, state)
     model = load_pretrained(tmp_path / "equal")
     assert model.output.weight is model.tok_embeddings.weight
-    assert model.num_params() == ref.num_params()
+    assert model.param_count() == ref.param_count()
     assert torch.equal(_logits(model, tokens), _logits(ref, tokens))
     # Different copies: refused, naming the tensor and the file; also on the meta device.
     _write_hf(tmp_path / "differ", ref, dict(state, **{"lm_head.weight": state["lm_head.weight"] * 2}))
@@ -212,6 +213,6 @@ def test_to_hf_model_round_trip(tied_config, make_model, attn):
     tokens = _tokens(config, seqlen=40)
     with torch.no_grad():
         assert (hf(tokens).logits - ours(tokens)).abs().max().item() <= 1e-4
-    back = Llama.from_hf(hf)
+    back = llama_ref.from_hf(hf)
     assert back.config == config and back.output.weight is back.tok_embeddings.weight
     assert torch.equal(_logits(back, tokens), _logits(ours, tokens))

@@ -24,13 +24,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import _tp_workers as W
 from _ckpt_helpers import REPO, edit_torch_file, synth
+import llama_ref
 from llama_ref import Llama, LlamaConfig
 from llama_ref.loading import CheckpointError, find_checkpoint_files
 from llama_ref.loading.readers import OpenFiles
 from llama_ref.parallel import (
     SHARD_PER_RANK,
     SLICED,
-    TensorParallelLlama,
+    tensor_parallel_llama,
     TPGroup,
     TPLayout,
     fake_world,
@@ -192,7 +193,7 @@ def test_backward_through_collectives_gives_sharded_single_process_grads(battery
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_loaded_checkpoint_logits_match_single_process(battery, ckpt_dirs, name):
     config, fmt, shards, dtype = CHECKPOINTS[name]
-    ref_model = Llama.from_pretrained(ckpt_dirs[name])
+    ref_model = llama_ref.load(ckpt_dirs[name])
     with torch.no_grad():
         ref = ref_model(W.tokens(config))
     for rank in (0, 1):
@@ -251,7 +252,7 @@ def test_tp_check_script_two_ranks_meta_shards(ckpt_dirs, tmp_path):
     saved = torch.load(tmp_path / "logits.pt")
     assert saved.dtype == torch.float32 and saved.shape == (2, 7, W.TINY.vocab_size)
     with torch.no_grad():
-        want = Llama.from_pretrained(ckpt_dirs["meta-2-shards"])(toks)
+        want = llama_ref.load(ckpt_dirs["meta-2-shards"])(toks)
     assert _max_diff(saved, want) <= ATOL
 
 
@@ -317,7 +318,7 @@ def test_layout_sizes_and_shards():
 def test_group_without_a_world_is_a_clear_error():
     assert not torch.distributed.is_initialized()
     with pytest.raises(ValueError, match="torch.distributed is not initialized"):
-        TensorParallelLlama(W.TINY, device="meta")
+        tensor_parallel_llama(W.TINY, device="meta")
     with pytest.raises(ValueError, match="outside a tensor-parallel world of size 2"):
         TPGroup("g", 2, 2)
 
@@ -337,15 +338,15 @@ def test_meta_device_with_fake_world_runs_a_70b_layout():
     config = LlamaConfig.from_preset("llama-2-70b")
     with fake_world(8, rank=3) as group:
         assert (group.rank, group.world_size) == (3, 8)
-        model = TensorParallelLlama(config, device="meta", dtype=torch.bfloat16)
+        model = tensor_parallel_llama(config, device="meta", dtype=torch.bfloat16)
         toks = torch.zeros(1, 4, dtype=torch.long, device="meta")
         logits = model(toks)
         assert logits.shape == (1, 4, 32000) and logits.device.type == "meta"
         model.setup_cache(1, 16)
         assert model.caches[0].cache_k.shape == (1, 16, 1, 128)  # 8 kv heads / 8 ranks
         assert model(toks[:, :1], start_pos=0).shape == (1, 1, 32000)
-        per_rank = model.num_params()
-    full = Llama(config, device="meta").num_params()
+        per_rank = model.param_count()
+    full = Llama(config, device="meta").param_count()
     norms = (2 * config.n_layers + 1) * config.dim  # replicated on every rank
     # Every split weight is divided exactly by 8; the norms are held 8 times.
     assert 8 * per_rank == full + 7 * norms
@@ -362,7 +363,7 @@ def _python_ops(model, toks) -> Counter:
 
 def test_collectives_are_visible_to_dispatch_modes_and_jit():
     with fake_world(2):
-        model = TensorParallelLlama(W.TINY, device="meta").requires_grad_(False)
+        model = tensor_parallel_llama(W.TINY, device="meta").requires_grad_(False)
         toks = torch.zeros(2, 5, dtype=torch.long, device="meta")
         with _OpLog() as log:
             model(toks)
@@ -396,7 +397,7 @@ def _load_rank(path, rank, world_size=2, **kwargs):
 @pytest.mark.parametrize("name", list(CHECKPOINTS))
 def test_each_rank_loads_exactly_its_slice(ckpt_dirs, name):
     config, fmt, shards, dtype = CHECKPOINTS[name]
-    full = Llama.from_pretrained(ckpt_dirs[name]).state_dict()
+    full = llama_ref.load(ckpt_dirs[name]).state_dict()
     layout = TPLayout(config, 2)
     for rank in (0, 1):
         state = _load_rank(ckpt_dirs[name], rank).state_dict()
@@ -442,14 +443,14 @@ def test_load_refuses_a_shard_that_does_not_fit(ckpt_dirs, monkeypatch):
 def test_building_refuses_a_shard_that_does_not_fit():
     # 70B in fp32 split 2 ways: about 69e9 / 2 * 4 bytes = 128 GiB per rank; this machine has less.
     with pytest.raises(ValueError, match=r"rank 0: its share of the weights needs about 12\d\.\d\d GiB"):
-        TensorParallelLlama(LlamaConfig.from_preset("llama-2-70b"), group=TPGroup("unused", 0, 2), device="cpu")
+        tensor_parallel_llama(LlamaConfig.from_preset("llama-2-70b"), group=TPGroup("unused", 0, 2), device="cpu")
 
 
 def test_a_missing_cuda_device_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(ValueError, match="CUDA is not available"):
-        TensorParallelLlama(W.TINY, group=TPGroup("unused", 0, 2), device="cuda")
+        tensor_parallel_llama(W.TINY, group=TPGroup("unused", 0, 2), device="cuda")
 
 
 def test_load_on_meta_checks_files_without_reading_weights(ckpt_dirs):

@@ -22,9 +22,11 @@ from counters.crosscheck import crosscheck
 from counters.studies import roofline as rl
 from counters.studies.hardware import Hardware, Link, get_link
 from counters.table import REPLICATED, SPLIT, Dims, all_rows
-from counters.tp import count_meta_ranks, params_per_rank, row_tp
+from counters.commands.count_tp import count_meta_ranks
+from counters.tp import row_tp
+from llama_ref.shapes import param_count
 from llama_ref import Llama, LlamaConfig
-from llama_ref.parallel import RowParallelLinear, ColumnParallelLinear, TensorParallelLlama, fake_world, spawn
+from llama_ref.parallel import ColumnParallelLinear, RowParallelLinear, fake_world, spawn, tensor_parallel_llama
 from llama_ref.parallel.collectives import all_reduce_sum
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -77,8 +79,8 @@ def test_closed_form_per_rank_sums_to_the_single_process(name, tp):
 def test_params_per_rank_match_a_meta_rank():
     config = LlamaConfig.from_preset("llama-2-70b")
     with fake_world(8, rank=5):
-        model = TensorParallelLlama(config, device="meta")
-        assert model.num_params() == params_per_rank(config, 8)
+        model = tensor_parallel_llama(config, device="meta")
+        assert model.param_count() == param_count(config, 8)
 
 
 # ================================================================ collectives and their bytes
@@ -158,7 +160,7 @@ def test_crosscheck_refuses_what_it_cannot_count_for_a_rank():
     from counters.training import Training
 
     with fake_world(2):
-        model = TensorParallelLlama(TINY, device="meta")
+        model = tensor_parallel_llama(TINY, device="meta")
         toks = torch.zeros(1, 3, dtype=torch.long, device="meta")
         with pytest.raises(ValueError, match="training step of a tensor-parallel rank"):
             crosscheck(model, toks, training=Training())
@@ -213,9 +215,9 @@ def test_an_uncovered_parallel_layer_is_listed_not_dropped():
             return super().forward(x) * 2
 
     with fake_world(2):
-        model = TensorParallelLlama(TINY, device="meta")
+        model = tensor_parallel_llama(TINY, device="meta")
         old = model.layers[0].attention.wo
-        model.layers[0].attention.wo = Doubling(TINY.q_dim, TINY.dim, model.group, device="meta")
+        model.layers[0].attention.wo = Doubling(TINY.q_dim, TINY.dim, model.tp_group, device="meta")
         del old
         rep = crosscheck(model, torch.zeros(1, 3, dtype=torch.long, device="meta"), counters=["analytic", "hooks"])
     assert any(k.endswith("Doubling (layers.0.attention.wo)") for k in rep.unknown_ops["hooks"])

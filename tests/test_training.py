@@ -19,6 +19,7 @@ from counters.primitives import Count
 from counters.result import BACKWARD, FORWARD, KERNEL_RECOMPUTE, RECOMPUTE
 from counters.torch_counter import count_torch
 from counters.training import Training
+import llama_ref
 from llama_ref import Llama, LlamaConfig, PRESETS
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -77,7 +78,7 @@ def test_total_equals_flop_counter_mode_on_transformers_eager(hf_llama_factory, 
         p.requires_grad_(True)
     with FlopCounterMode(display=False) as fcm:
         hf(input_ids=tokens).logits.sum().backward()
-    ours = Llama.from_hf(hf)
+    ours = llama_ref.from_hf(hf)
     report = crosscheck(ours, tokens, training=Training(loss="sum"))
     assert report.agree, [str(m) for m in report.mismatches[:5]]
     assert fcm.get_total_flops() == 2 * report.totals["analytic"]["macs"] == 2 * report.totals["torch"]["macs"]
@@ -93,7 +94,7 @@ def test_forward_equals_flop_counter_mode_on_transformers_eager(hf_llama_factory
     tokens = torch.randint(0, hf.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), FlopCounterMode(display=False) as fcm:
         hf(input_ids=tokens)
-    report = crosscheck(Llama.from_hf(hf), tokens)
+    report = crosscheck(llama_ref.from_hf(hf), tokens)
     assert report.agree, [str(m) for m in report.mismatches[:5]]
     assert fcm.get_total_flops() == 2 * report.totals["analytic"]["macs"] == 2 * report.totals["fvcore"]["macs"]
 
@@ -201,7 +202,7 @@ def test_the_cpu_sdpa_backward_recomputes_the_scores():
 
 # ---------------------------------------------------------------- the counters would notice
 def test_extra_backward_work_makes_the_counters_disagree(monkeypatch):
-    import llama_ref.layers
+    import llama_ref.model
 
     silu = torch.nn.functional.silu
 
@@ -217,7 +218,7 @@ def test_extra_backward_work_makes_the_counters_disagree(monkeypatch):
             s = torch.sigmoid(x)
             return g * s * (1 + x * (1 - s)) * 1.0  # one multiply per element more than silu_backward
 
-    monkeypatch.setattr(llama_ref.layers.F, "silu", lambda x, inplace=False: LoudSiLU.apply(x))
+    monkeypatch.setattr(llama_ref.model.F, "silu", lambda x, inplace=False: LoudSiLU.apply(x))
     report = _report()
     rows = {(m.key[1], m.phase, m.counter) for m in report.mismatches if m.key[1] != "TOTAL"}
     assert ("feed_forward.act", BACKWARD, "torch") in rows
@@ -285,9 +286,9 @@ def test_count_train_bad_input(capsys, argv, needle):
 
 
 def test_disagreement_in_training_exits_1(capsys, monkeypatch):
-    import llama_ref.layers
+    import llama_ref.model
 
-    monkeypatch.setattr(llama_ref.layers.F, "silu", lambda x: x * torch.sigmoid(x))  # other ops than silu
+    monkeypatch.setattr(llama_ref.model.F, "silu", lambda x: x * torch.sigmoid(x))  # other ops than silu
     code = main(["count", "tiny", "--tokens", "3", "--train"])
     _, err = capsys.readouterr()
     assert code == EXIT_DISAGREE and "feed_forward.act" in err

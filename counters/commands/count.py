@@ -13,7 +13,7 @@ from llama_ref.schedule import format_schedule, resolve_schedule
 
 from ..crosscheck import crosscheck, crosscheck_generation
 from ..generation import Generation
-from ..models import DTYPES, build_model, choose_device, resolve_model
+from .models import DTYPES, build_model, choose_device, resolve_model
 from ..report import render_csv, render_table, to_json
 from ..result import COUNTER_NAMES
 from ..training import LOSSES, Training

@@ -4,7 +4,7 @@ Where the ranks run:
 
 * **meta** (the default for models too large for random weights here, or ``--device meta``): all N ranks
   in this process, one after another, each as rank r of a fake N-rank world (no data to communicate;
-  ``counters.tp.count_meta_ranks``). A checkpoint is checked per rank (each rank's files and shapes) but
+  :func:`count_meta_ranks`). A checkpoint is checked per rank (each rank's files and shapes) but
   not loaded.
 * **cpu / cuda**, outside ``torchrun``: N local processes are spawned (gloo on CPU, NCCL on CUDA,
   ``llama_ref.parallel.spawn``); each builds its rank - loads only its part of a checkpoint
@@ -27,27 +27,30 @@ import logging
 import os
 import pickle
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from llama_ref.config import LlamaConfig
 from llama_ref.parallel import (
-    TensorParallelLlama,
     TPGroup,
     TPLayout,
     default_backend,
+    fake_world,
     in_torchrun,
     init_torchrun,
     load_tp_pretrained,
     spawn,
+    tensor_parallel_llama,
 )
 from llama_ref.schedule import format_schedule, resolve_schedule
 
 from ..hooks import UncountedModuleError
-from ..models import DTYPES, choose_device, resolve_model
+from .models import DTYPES, choose_device, resolve_model
 from ..ops import UncountedOpError
-from ..tp import TPReport, combine, count_meta_ranks, count_rank, rank_report
+from ..result import COUNTER_NAMES
+from ..tp import TPReport, combine, count_rank, rank_report
 from ..tp_report import render_tp_csv, render_tp_table, tp_to_json
 from .common import (
     EXIT_BAD_INPUT,
@@ -73,6 +76,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "process on meta, or the torchrun world) and check them against one process")
 
 
+# ---------------------------------------------------------------- every rank in this process, on meta
+def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: int, n_cached: int = 0,
+                     schedule=None, counters: Optional[Sequence[str]] = None, strict: bool = False,
+                     dtype: torch.dtype = torch.bfloat16, compute_dtype: Optional[torch.dtype] = None,
+                     attn_kernel: str = "math",
+                     build: Optional[Callable[[int], Any]] = None) -> TPReport:
+    """Count all ``tp`` ranks of ``config`` one after another in this process, each as rank r of a fake
+    ``tp``-rank world on the meta device (shapes only: no weights, no data communicated), and combine them.
+
+    ``build(rank)``, called inside rank r's fake world, builds that rank's model (default: a random-free
+    meta ``tensor_parallel_llama`` of ``config`` in ``dtype``); e.g. ``load_tp_pretrained(path,
+    device="meta")`` checks a checkpoint's files for that rank."""
+    TPLayout(config, tp)  # every divisibility problem, before any rank is built
+    names = list(COUNTER_NAMES if counters is None else counters)
+    reports = []
+    wb = ab = None
+    for rank in range(tp):
+        with fake_world(tp, rank=rank) as group:
+            if build is None:
+                model = tensor_parallel_llama(config, group=group, device="meta", dtype=dtype, schedule=schedule,
+                                              attn_kernel=attn_kernel, compute_dtype=compute_dtype)
+            else:
+                model = build(rank)
+            wb, ab = model.tok_embeddings.weight.dtype.itemsize, model.compute_dtype.itemsize
+            tokens = torch.zeros((batch, n_tokens), dtype=torch.long, device="meta")
+            results = count_rank(model, tokens, n_cached=n_cached, counters=names, strict=strict)
+            reports.append(rank_report(results, config=model.config, tp=tp, rank=rank, schedule=tuple(model.schedule),
+                                       batch=batch, n_tokens=n_tokens, n_cached=n_cached, counters=names,
+                                       weight_dtype_bytes=wb, act_dtype_bytes=ab))
+            del model
+    out = combine(reports, weight_dtype_bytes=wb, act_dtype_bytes=ab)
+    out.device, out.mode = "meta", f"{tp} ranks counted one after another in this process (fake process group, meta device)"
+    return out
+
+
 # ---------------------------------------------------------------- one rank's work (any process)
 def _job(args, source, config, schedule, names, device: str, dtype: Optional[torch.dtype]) -> dict:
     """Everything a rank needs, as plain picklable data."""
@@ -81,14 +119,14 @@ def _job(args, source, config, schedule, names, device: str, dtype: Optional[tor
             "tokens": args.tokens, "cached": args.cached, "counters": list(names), "strict": args.strict}
 
 
-def _build_rank(job: dict, group: TPGroup, device: torch.device) -> TensorParallelLlama:
+def _build_rank(job: dict, group: TPGroup, device: torch.device):
     if job["checkpoint_dir"] is not None:
         return load_tp_pretrained(job["checkpoint_dir"], group=group, device=device, dtype=job["dtype"],
                                   attn_kernel=job["kernel"], schedule=job["schedule"])
     # Random weights (counts do not depend on values): the layers' own init, seeded per rank.
     torch.manual_seed(job["seed"] + group.rank)
-    model = TensorParallelLlama(job["config"], group=group, device=device, dtype=job["dtype"] or torch.float32,
-                                schedule=job["schedule"], attn_kernel=job["kernel"])
+    model = tensor_parallel_llama(job["config"], group=group, device=device, dtype=job["dtype"] or torch.float32,
+                                  schedule=job["schedule"], attn_kernel=job["kernel"])
     return model.requires_grad_(False).eval()
 
 
@@ -241,7 +279,7 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
                            "(under torchrun, give --device cpu or cuda to count the real ranks)")
         build = None
         if source.has_weights:
-            def build(rank: int) -> TensorParallelLlama:
+            def build(rank: int):
                 return load_tp_pretrained(source.checkpoint_dir, device="meta", dtype=dtype, attn_kernel=args.kernel,
                                           schedule=schedule)
         report = count_meta_ranks(config, n, batch=args.batch, n_tokens=args.tokens, n_cached=args.cached,

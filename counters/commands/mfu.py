@@ -27,7 +27,7 @@ from llama_ref.schedule import format_schedule, resolve_schedule
 from ..analytic import analyze, macs_polynomial
 from ..estimates import (ESTIMATES, FORWARD_ESTIMATES, Exact, exact_executed_flops_per_token,
                          exact_model_flops_per_token, mfu, relative_error)
-from ..models import resolve_model
+from .models import resolve_model
 from ..studies.hardware import DTYPE_NAMES, HARDWARE_NAMES, Hardware, get_hardware
 from .common import EXIT_OK, BadInput, add_model_arguments, check_int
 

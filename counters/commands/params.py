@@ -10,12 +10,11 @@ from typing import Optional
 
 import torch
 
-from llama_ref.config import PRESETS, LlamaConfig
+from llama_ref.config import FAMILIES, PRESETS, LlamaConfig
 from llama_ref.model import Llama
 
 from ..analytic import param_breakdown, param_count
-from ..models import resolve_model
-from ..studies.plots import FAMILIES
+from .models import resolve_model
 from .common import EXIT_DISAGREE, EXIT_OK, BadInput, add_model_arguments
 
 HELP = "exact parameter count breakdown (--list: every preset)"
@@ -74,13 +73,13 @@ def preset_rows() -> list[dict]:
         sharing = head_sharing(config, model)
         rows.append({
             "name": name, "family": _FAMILY_OF.get(name), "params": total,
-            "model_card": MODEL_CARD_PARAMS.get(name), "meta_model_numel": model.num_params(),
+            "model_card": MODEL_CARD_PARAMS.get(name), "meta_model_numel": model.param_count(),
             "dim": config.dim, "n_layers": config.n_layers, "n_heads": config.n_heads,
             "n_kv_heads": config.n_kv_heads, "head_dim": config.head_dim, "hidden_dim": config.hidden_dim,
             "vocab_size": config.vocab_size, "max_seq_len": config.max_seq_len, "rope_theta": config.rope_theta,
             "rope_scaling": config.to_dict()["rope_scaling"], "tie_word_embeddings": config.tie_word_embeddings,
             "params_if_head_counted_twice": None if sharing is None else sharing["params_if_counted_twice"],
-            "agree": model.num_params() == total and (sharing is None or sharing["shared_in_meta_model"]),
+            "agree": model.param_count() == total and (sharing is None or sharing["shared_in_meta_model"]),
         })
     return rows
 
@@ -143,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     parts = param_breakdown(config)
     total = param_count(config)
     model = meta_model(config)
-    numel = model.num_params()
+    numel = model.param_count()
     sharing = head_sharing(config, model)
     agree = numel == total and (sharing is None or sharing["shared_in_meta_model"])
     if args.format == "json":

@@ -15,7 +15,7 @@ from llama_ref.schedule import SCHEDULE_NAMES, format_schedule, resolve_schedule
 
 from ..analytic import macs_polynomial
 from ..hooks import count_hooks
-from ..models import resolve_model
+from .models import resolve_model
 from ..published import REF000_MACS, REF000_SOURCE
 from .common import EXIT_DISAGREE, EXIT_OK, BadInput, add_model_arguments
 

@@ -373,7 +373,7 @@ def meta_count_child(model_name: str, n_tokens: int, counters: Sequence[str]) ->
     t0 = time.perf_counter()
     expected = analyze(config, n_tokens=n_tokens).as_counter_result()
     analytic_s = time.perf_counter() - t0
-    out = {"model": model_name, "n_tokens": n_tokens, "params": model.num_params(), "build_s": build_s,
+    out = {"model": model_name, "n_tokens": n_tokens, "params": model.param_count(), "build_s": build_s,
            "analytic_s": analytic_s, "analytic_macs": expected.total.macs, "counters": {}}
     for name in counters:
         fn = COUNTER_FUNCTIONS[name]

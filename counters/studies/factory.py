@@ -7,9 +7,10 @@ from typing import Optional
 import torch
 
 from llama_ref.config import LlamaConfig
-from llama_ref.memory import available_memory_bytes, forward_memory
+from llama_ref.memory import available_memory_bytes
 from llama_ref.model import Llama
 from llama_ref.schedule import resolve_schedule
+from llama_ref.shapes import forward_memory
 
 from .timing import Timing, time_forward
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
 
-from llama_ref.config import PRESETS, LlamaConfig
+from llama_ref.config import FAMILIES, PRESETS, Family, LlamaConfig, family_of  # noqa: F401  (re-exported)
 from llama_ref.schedule import PRESET_N_LAYERS, SCHEDULE_NAMES, resolve_schedule
 
 from ..analytic import analyze, macs_polynomial
@@ -143,41 +142,6 @@ def plot_macs_vs_context(config: LlamaConfig, path: Union[str, os.PathLike], *, 
 
 
 # ---------------------------------------------------------------- the family view
-@dataclass(frozen=True)
-class Family:
-    """Presets released together under one name: ``key`` (for files and JSON), ``title``, preset names."""
-
-    key: str
-    title: str
-    presets: tuple[str, ...]
-
-
-#: Every preset in exactly one family (tests/test_family_counts.py checks it, so a new preset needs a family).
-FAMILIES: dict[str, Family] = {f.key: f for f in (
-    Family("llama-2", "Llama 2", ("llama-2-7b", "llama-2-13b", "llama-2-70b")),
-    Family("llama-3", "Llama 3 / 3.1 / 3.2 / 3.3", ("llama-3-8b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.1-405b",
-                                                    "llama-3.2-1b", "llama-3.2-3b", "llama-3.3-70b")),
-    Family("code-llama", "Code Llama", ("code-llama-7b", "code-llama-13b", "code-llama-34b")),
-    Family("tinyllama", "TinyLlama", ("tinyllama-1.1b",)),
-    Family("test", "test preset", ("tiny",)),
-)}
-
-
-def family_of(config: LlamaConfig) -> Optional[tuple[Family, str]]:
-    """``(family, preset)`` of the preset ``config`` describes, else ``None``.
-
-    The shape decides first (``LlamaConfig`` equality ignores the name, so an HF directory or Hub id holding
-    a preset's config.json finds it; Llama 3.1-70B and 3.3-70B share a shape, and the first listed wins),
-    then the exact preset name (a preset whose file differs in a detail such as ``norm_eps``)."""
-    match = next((n for n, c in PRESETS.items() if c == config), None)
-    if match is None and config.name in PRESETS:
-        match = config.name
-    if match is None:
-        return None
-    family = next((f for f in FAMILIES.values() if match in f.presets), None)
-    return None if family is None else (family, match)
-
-
 class ContextCurve(NamedTuple):
     """MACs to decode one token at each context length ``L`` (``n_cached = L - 1``), and the exact line
     ``macs = a + b * L`` they lie on (``a``, ``b`` the coefficients of :func:`counters.analytic.macs_polynomial`:

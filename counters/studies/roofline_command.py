@@ -24,7 +24,7 @@ from llama_ref.config_files import load_json_file
 from ..analytic import analyze
 from ..commands.common import (EXIT_OK, BadInput, add_model_arguments, check_input_file, check_int, check_output_dir,
                                write_output)
-from ..models import resolve_model
+from ..commands.models import resolve_model
 from ..table import BLOCK_ROWS, TOP_ROWS_AFTER, TOP_ROWS_BEFORE, RowKey
 from .factory import check_measure_memory, measure
 from .hardware import (DTYPE_BYTES, DTYPE_NAMES, HARDWARE_NAMES, LINK_NAMES, available_cpus, get_hardware,

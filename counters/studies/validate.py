@@ -42,13 +42,15 @@ import torch
 from llama_ref.config import LlamaConfig
 from llama_ref.dtypes import short_name
 from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict
-from llama_ref.memory import check_memory, training_memory
-from llama_ref.model import Llama
+from llama_ref.loading import load_pretrained
+from llama_ref.memory import check_memory
+from llama_ref.schedule import format_schedule
+from llama_ref.shapes import training_memory
 
 from ..analytic import analyze
 from ..crosscheck import COUNTER_FUNCTIONS, crosscheck
 from ..commands.common import BadInput, check_int, check_output_dir
-from ..models import resolve_model
+from ..commands.models import resolve_model
 from .factory import check_measure_memory, random_model
 from .hardware import HARDWARE_NAMES, Hardware, detect_table_name, device_name, measure_device, table_hardware
 from .plots import plot_roofline, save_figure
@@ -97,7 +99,7 @@ def build_model(config: LlamaConfig, *, device, dtype: torch.dtype, checkpoint: 
                 seed: int = 0, attn_kernel: str = "math"):
     """Synthetic random weights made directly on ``device``, or a checkpoint loaded onto it."""
     if checkpoint:
-        return Llama.from_pretrained(checkpoint, device=device, dtype=dtype, attn_kernel=attn_kernel,
+        return load_pretrained(checkpoint, device=device, dtype=dtype, attn_kernel=attn_kernel,
                                      compute_dtype=dtype)
     return random_model(config, device=device, dtype=dtype, seed=seed, attn_kernel=attn_kernel,
                         compute_dtype=dtype)
@@ -246,7 +248,7 @@ def logits_ok(metrics: dict, dtype: torch.dtype) -> tuple[bool, list[str]]:
 def compare_with_hf(model, hf, phase: Phase, *, batch: int, seed: int = 0) -> dict:
     """Logits of the phase's new tokens, ours vs HF; the cached prefix is prefilled on both sides."""
     if tuple(model.schedule) != tuple(range(model.config.n_layers)):
-        raise ValueError(f"cannot compare schedule {model.schedule_str} with transformers, which runs every layer once")
+        raise ValueError(f"cannot compare schedule {format_schedule(model.schedule)} with transformers, which runs every layer once")
     model.set_attn_kernel("sdpa")
     c, n = phase.n_cached, phase.n_tokens
     tokens = make_tokens(model.config, batch, c + n, seed=seed + 7, device=model.device)
@@ -600,7 +602,7 @@ def _checkpoint_config(path: str) -> LlamaConfig:
         return LlamaConfig.from_hf(p)
     if (p / "params.json").is_file():
         # vocab_size may be -1 in params.json; the loader reads it off the weights. A shape-only load does it cheaply.
-        return Llama.from_pretrained(p, device="meta").config
+        return load_pretrained(p, device="meta").config
     raise FileNotFoundError(f"{path}: no config.json (HF) or params.json (Meta) checkpoint there")
 
 

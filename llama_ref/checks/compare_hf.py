@@ -6,8 +6,8 @@
 
 MODEL is either a preset name (``tiny``, ``llama-2-7b``, ...): a random-init ``LlamaForCausalLM``
 of that shape is built (optionally truncated to ``--layers K``) and converted to ours in memory, or
-through ``save_pretrained`` + ``Llama.from_pretrained`` with ``--via-disk``; or a Hugging Face
-checkpoint directory: HF loads it with ``from_pretrained`` and ours with ``Llama.from_pretrained``.
+through ``save_pretrained`` + ``llama_ref.load`` with ``--via-disk``; or a Hugging Face
+checkpoint directory: HF loads it with ``from_pretrained`` and ours with ``llama_ref.load``.
 
 Both models see the same random token batch. Reported, for our full forward and for our cached
 decoding (prefill half the sequence, then one token per step) against HF's full forward: max and
@@ -36,7 +36,8 @@ import torch
 
 from ..config import PRESETS, LlamaConfig
 from ..dtypes import short_name
-from ..hf import hf_config_dict
+from ..hf import from_hf_model, hf_config_dict
+from ..loading import load_pretrained
 from ..memory import available_memory_bytes
 from ..model import Llama
 
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attn", choices=("eager", "sdpa"), default="eager", help="HF attention implementation")
     p.add_argument("--kernel", choices=("math", "sdpa"), default="math", help="our attention kernel")
     p.add_argument("--via-disk", action="store_true",
-                   help="presets: save_pretrained to a temp dir and load ours with Llama.from_pretrained")
+                   help="presets: save_pretrained to a temp dir and load ours with llama_ref.load")
     p.add_argument("--atol", type=float, default=None,
                    help=f"max |logit diff| allowed; default {DEFAULT_ATOL_FP32} for fp32 compute, "
                         f"{DEFAULT_RTOL_BF16} x max|logit| for bf16 compute")
@@ -162,8 +163,8 @@ def build_models(args) -> tuple:
         if args.layers is not None and args.layers > config.n_layers:
             raise UsageError(f"--layers {args.layers} is more than the checkpoint's {config.n_layers} layers")
         hf_config = config if args.layers is None else config.replace(n_layers=args.layers)
-        n_hf = Llama(hf_config, device="meta").num_params()
-        n_full = Llama(config, device="meta").num_params()
+        n_hf = Llama(hf_config, device="meta").param_count()
+        n_full = Llama(config, device="meta").param_count()
         elem = torch.empty((), dtype=dtype).element_size()
         # Our loader reads every layer; with --layers the model runs only the first K (a schedule). That
         # is affordable unless the full model does not fit next to HF's truncated one.
@@ -175,13 +176,13 @@ def build_models(args) -> tuple:
                                                            **kwargs).eval()
         if use_loader:
             schedule = None if args.layers is None else range(args.layers)
-            ours = Llama.from_pretrained(args.model, device=args.device, dtype=dtype, attn_kernel=args.kernel,
+            ours = load_pretrained(args.model, device=args.device, dtype=dtype, attn_kernel=args.kernel,
                                          schedule=schedule)
-            info["ours_from"] = "Llama.from_pretrained"
+            info["ours_from"] = "llama_ref.load"
         else:
             logger.warning("not enough memory for our loader's full model: converting HF's truncated model instead")
-            ours = Llama.from_hf(hf, device=args.device, dtype=dtype, attn_kernel=args.kernel)
-            info["ours_from"] = "Llama.from_hf (in-memory conversion)"
+            ours = from_hf_model(hf, device=args.device, dtype=dtype, attn_kernel=args.kernel)
+            info["ours_from"] = "llama_ref.from_hf (in-memory conversion)"
         info["source"] = "checkpoint"
         return hf.to(args.device), ours, hf_config, info
 
@@ -193,7 +194,7 @@ def build_models(args) -> tuple:
         if args.layers > config.n_layers:
             raise UsageError(f"--layers {args.layers} is more than {args.model}'s {config.n_layers} layers")
         config = config.replace(n_layers=args.layers)
-    n = Llama(config, device="meta").num_params()  # exact count, no memory
+    n = Llama(config, device="meta").param_count()  # exact count, no memory
     check_fits(n, n, dtype, ref_dtype, args.device, f"{args.model} ({n / 1e9:.2f}B parameters)")
     hf = random_hf_model(config, seed=args.seed, init_std=args.init_std, attn=args.attn)
     # Round the weights to the weight dtype first, so that HF (in ref_dtype) holds exactly our values.
@@ -205,11 +206,11 @@ def build_models(args) -> tuple:
         with tempfile.TemporaryDirectory(prefix="compare_hf_") as tmp:
             cast_hf_(hf, dtype).save_pretrained(tmp)  # safetensors in the weight dtype
             cast_hf_(hf, torch.float32)  # lossless: the values were already rounded
-            ours = Llama.from_pretrained(tmp, device=args.device, dtype=dtype, attn_kernel=args.kernel)
-        info["ours_from"] = "save_pretrained + Llama.from_pretrained"
+            ours = load_pretrained(tmp, device=args.device, dtype=dtype, attn_kernel=args.kernel)
+        info["ours_from"] = "save_pretrained + llama_ref.load"
     else:
-        ours = Llama.from_hf(hf, device=args.device, dtype=dtype, attn_kernel=args.kernel)
-        info["ours_from"] = "Llama.from_hf (in-memory conversion)"
+        ours = from_hf_model(hf, device=args.device, dtype=dtype, attn_kernel=args.kernel)
+        info["ours_from"] = "llama_ref.from_hf (in-memory conversion)"
     return cast_hf_(hf.to(args.device), ref_dtype), ours, config, info
 
 

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..loading import detect_format, parse_dtype
-from ..model import Llama
+from ..loading import detect_format, load_pretrained, parse_dtype
 
 
 def peak_rss_gib() -> float:
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
     rss_before = peak_rss_gib()
 
     t0 = time.perf_counter()
-    model = Llama.from_pretrained(args.checkpoint, device="cpu", dtype=dtype, progress=args.progress or None)
+    model = load_pretrained(args.checkpoint, device="cpu", dtype=dtype, progress=args.progress or None)
     load_s = time.perf_counter() - t0
     rss_after_load = peak_rss_gib()
     weight_gib = sum(t.numel() * t.element_size() for t in model.parameters()) / 2**30
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
         "checkpoint": str(args.checkpoint),
         "format": detect_format(args.checkpoint),
         "files_gib": round(sum(f.stat().st_size for f in files) / 2**30, 3),
-        "n_params": model.num_params(),
+        "n_params": model.param_count(),
         "weight_dtype": str(dtype).removeprefix("torch."),
         "compute_dtype": str(model.compute_dtype).removeprefix("torch."),
         "weights_gib": round(weight_gib, 3),

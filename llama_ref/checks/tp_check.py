@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 from ..hf import to_hf_model
-from ..loading import find_checkpoint_files, parse_dtype
+from ..loading import find_checkpoint_files, load_pretrained, parse_dtype
 from ..loading.readers import OpenFiles
 from ..memory import available_memory_bytes as available_bytes
 from ..model import Llama
@@ -192,7 +192,7 @@ def run_reference(args, checkpoint: str, tokens: torch.Tensor, tp_logits: torch.
         ref["reason"] = (f"the whole model needs {need / 2**30:.2f} GiB on {device} but {avail / 2**30:.2f} GiB "
                          "are available")
         return ref
-    single = Llama.from_pretrained(checkpoint, device=device, dtype=dtype, compute_dtype=compute_dtype,
+    single = load_pretrained(checkpoint, device=device, dtype=dtype, compute_dtype=compute_dtype,
                                    attn_kernel=args.kernel)
     with torch.inference_mode():
         ref_logits = single(tokens.to(device)).float().cpu()

@@ -13,9 +13,10 @@ import torch
 
 from ..devices import resolve_device
 from ..dtypes import parse_dtype
-from ..memory import check_memory, parameter_count, weight_bytes
+from ..memory import check_memory
 from ..model import Llama
 from ..schedule import ScheduleSpec
+from ..shapes import param_count, weight_bytes
 from .detect import META, CheckpointFiles, find_checkpoint_files
 from .errors import CheckpointError
 from .hf_files import hf_name_map, plan_hf, read_hf_config
@@ -80,7 +81,7 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
                    hf_names=None if files.format == META else hf_name_map(expected))
         if device.type != "meta":
             check_memory(weight_bytes(config, target), device,
-                         f"loading {files.root} ({parameter_count(config):,} weights in {target} and a RoPE table "
+                         f"loading {files.root} ({param_count(config):,} weights in {target} and a RoPE table "
                          f"for max_seq_len={config.max_seq_len:,})")
             state = materialize(plan, opener, config, device=device, dtype=target, progress=progress,
                                 desc=f"loading {os.path.basename(os.path.normpath(files.root))}",

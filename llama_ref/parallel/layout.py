@@ -16,14 +16,13 @@ as both head counts are divisible by ``N``.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
 
-from ..config import LlamaConfig
 from ..loading.meta_files import meta_split_dim
+from ..shapes import TPShares, check_world_size  # noqa: F401  (re-exported)
 
 
 def tp_split_dim(name: str) -> Optional[int]:
@@ -31,83 +30,11 @@ def tp_split_dim(name: str) -> Optional[int]:
     return meta_split_dim(name)
 
 
-def check_world_size(world_size: object) -> int:
-    """``world_size`` as an int >= 1, or a ``ValueError`` naming it."""
-    if isinstance(world_size, bool) or not isinstance(world_size, numbers.Integral):
-        raise ValueError(f"tensor-parallel world size must be an int, got {world_size!r}")
-    if world_size <= 0:
-        raise ValueError(f"tensor-parallel world size must be at least 1, got {world_size}")
-    return int(world_size)
-
-
 @dataclass(frozen=True)
-class TPLayout:
-    """One model split ``world_size`` ways in Meta's layout; validated on construction.
-
-    The per-rank sizes are properties (derived, never stored), e.g. ``TPLayout(cfg, 8).n_heads``.
+class TPLayout(TPShares):
+    """One model split ``world_size`` ways in Meta's layout (validated, and one rank's sizes, by
+    :class:`llama_ref.shapes.TPShares`), and what that means for each weight tensor.
     """
-
-    config: LlamaConfig
-    world_size: int
-
-    def __post_init__(self) -> None:
-        n = check_world_size(self.world_size)
-        c = self.config
-        if getattr(c, "tie_word_embeddings", False):
-            raise ValueError(
-                f"{c.name}: tied embeddings (tie_word_embeddings=True) cannot be tensor-parallel in Meta's layout: "
-                "the embedding is split on the model dimension and the output head on the vocabulary, so one "
-                "tensor cannot be both; untie them (give output.weight its own copy of the embedding) to run it"
-            )
-        if n > c.n_heads:
-            raise ValueError(
-                f"cannot split {c.name} across {n} tensor-parallel ranks: more ranks than attention heads "
-                f"(n_heads={c.n_heads}); every rank needs whole heads"
-            )
-        problems = []
-        if c.n_heads % n:
-            problems.append(f"n_heads={c.n_heads} (query heads)")
-        if c.n_kv_heads % n:
-            problems.append(f"n_kv_heads={c.n_kv_heads} (key/value heads; replicating kv heads on several ranks "
-                            "is not supported)")
-        if c.hidden_dim % n:
-            problems.append(f"hidden_dim={c.hidden_dim} (FFN width)")
-        if c.vocab_size % n:
-            problems.append(f"vocab_size={c.vocab_size} (output head rows; no vocabulary padding)")
-        if c.dim % n:
-            problems.append(f"dim={c.dim} (embedding width)")
-        if problems:
-            raise ValueError(
-                f"cannot split {c.name} across {n} tensor-parallel ranks: {'; '.join(problems)} "
-                f"{'is' if len(problems) == 1 else 'are'} not divisible by {n}. Meta's layout gives every rank "
-                "an equal share of each; choose a world size that divides all of them"
-            )
-
-    # ------------------------------------------------------------------ what one rank holds
-    @property
-    def n_heads(self) -> int:
-        """Query heads per rank."""
-        return self.config.n_heads // self.world_size
-
-    @property
-    def n_kv_heads(self) -> int:
-        """Key/value heads per rank."""
-        return self.config.n_kv_heads // self.world_size
-
-    @property
-    def hidden_dim(self) -> int:
-        """FFN width per rank (rows of w1/w3, columns of w2)."""
-        return self.config.hidden_dim // self.world_size
-
-    @property
-    def vocab_size(self) -> int:
-        """Output-head rows (logits) per rank."""
-        return self.config.vocab_size // self.world_size
-
-    @property
-    def embed_dim(self) -> int:
-        """Embedding columns per rank (the embedding is split on the model dimension)."""
-        return self.config.dim // self.world_size
 
     # ------------------------------------------------------------------ tensors
     def local_shape(self, name: str, full_shape: Sequence[int]) -> tuple[int, ...]:

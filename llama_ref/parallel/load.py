@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -36,10 +35,11 @@ from ..loading.meta_files import missing_shard_hint, plan_meta, read_meta_config
 from ..loading.plan import PlannedTensor, check_plan, stored_dtype
 from ..loading.readers import OpenFiles
 from ..schedule import ScheduleSpec
+from ..shapes import param_count
 from .collectives import GroupLike, TPGroup
 from .layout import TPLayout, tp_split_dim
 from .memory import check_fits
-from .model import TensorParallelLlama
+from .tp import tensor_parallel_llama
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,11 @@ def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None
                        device: Union[str, torch.device] = "cpu", dtype: Union[None, str, torch.dtype] = None,
                        attn_kernel: str = "math", schedule: ScheduleSpec = None,
                        compute_dtype: Union[None, str, torch.dtype] = None, max_seq_len: Optional[int] = None,
-                       requires_grad: bool = False) -> TensorParallelLlama:
-    """Load this rank's part of a checkpoint directory into a :class:`TensorParallelLlama`.
+                       requires_grad: bool = False):
+    """Load this rank's part of a checkpoint directory: a :func:`~llama_ref.parallel.parallelize`-d ``Llama``.
 
-    Arguments as for :func:`llama_ref.loading.load_pretrained`; ``group`` as for ``TensorParallelLlama``.
+    Arguments as for :func:`llama_ref.load`; ``group``: a ``torch.distributed`` process group (default: the
+    initialized default group) or a :class:`~llama_ref.parallel.TPGroup`.
     Before any weight data is read: a world size the model cannot be split into raises ``ValueError``
     (naming the sizes), every name and shape is checked (a ``CheckpointError`` names the file and
     tensor), and a shard that does not fit in this device's free memory is refused. ``device="meta"``
@@ -125,8 +126,8 @@ def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None
         config = rp.config if max_seq_len is None else rp.config.replace(max_seq_len=max_seq_len)
         layout = TPLayout(config, group.world_size)
         target = dtype or rp.config_dtype or stored_dtype(rp.plan)
-        model = TensorParallelLlama(config, group=group, device="meta", dtype=target, attn_kernel=attn_kernel,
-                                    schedule=schedule, compute_dtype=compute_dtype)
+        model = tensor_parallel_llama(config, group=group, device="meta", dtype=target, attn_kernel=attn_kernel,
+                                      schedule=schedule, compute_dtype=compute_dtype)
         local = {n: tuple(p.shape) for n, p in model.named_parameters()}
         problems = list(rp.problems)
         if rp.mode == SHARD_PER_RANK:
@@ -140,7 +141,7 @@ def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None
         check_plan(rp.plan, expected, source=rp.source, config_file=files.config, extra_problems=problems,
                    hf_names=None if files.format == META else hf_name_map(expected))
         if device.type != "meta":
-            check_fits(sum(math.prod(s) for s in local.values()) * target.itemsize, device, group)
+            check_fits(param_count(config, group.world_size) * target.itemsize, device, group)
             state = {}
             for p in rp.plan:
                 out = torch.empty(local[p.name], dtype=target, device=device)

@@ -19,13 +19,14 @@ from llama_ref.dtypes import names as dtype_names
 from llama_ref.errors import InsufficientMemoryError
 from llama_ref.hub import is_hub_id
 from llama_ref.loading import find_checkpoint_files
-from llama_ref.memory import ForwardMemory, available_memory_bytes, format_bytes, forward_memory, training_memory
+from llama_ref.memory import available_memory_bytes, format_bytes
+from llama_ref.loading import load_pretrained
 from llama_ref.model import Llama
+from llama_ref.shapes import ForwardMemory, forward_memory, param_count, training_memory
 
-from .analytic import param_count
-from .commands.common import BadInput
-from .training import Training
-from .studies.factory import random_model
+from ..studies.factory import random_model
+from ..training import Training
+from .common import BadInput
 
 # Random weights serve only to run real kernels (counts depend on shapes, never on values), so a
 # random-init model is built on the CPU only when it is small; anything larger is counted on meta.
@@ -95,7 +96,7 @@ def resolve_model(spec: str, *, vocab_size: Optional[int] = None, revision: Opti
     if weights:
         # The loader reads the config the way it will load the weights (a Meta params.json says
         # vocab_size -1: the checkpoint's tok_embeddings decides) and checks every tensor header.
-        config = Llama.from_pretrained(directory, device="meta").config
+        config = load_pretrained(directory, device="meta").config
         if vocab_size is not None and vocab_size != config.vocab_size:
             raise BadInput(f"--vocab-size {vocab_size} contradicts the checkpoint in {directory} "
                            f"(vocab_size {config.vocab_size})")
@@ -197,7 +198,7 @@ def build_model(source: ModelSource, *, device: str, dtype: Optional[torch.dtype
     """The model to count, and a word on its weights."""
     if source.has_weights:
         # On meta the loader checks the files and returns a shape-only model.
-        model = Llama.from_pretrained(source.checkpoint_dir, device=device, dtype=dtype, attn_kernel=kernel,
+        model = load_pretrained(source.checkpoint_dir, device=device, dtype=dtype, attn_kernel=kernel,
                                       schedule=schedule)
         return model, ("checkpoint weights" if device != "meta" else "checkpoint not loaded (meta)")
     if dtype is None:
