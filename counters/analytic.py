@@ -254,9 +254,10 @@ def _check_int(name: str, value, minimum: int) -> int:
 
 def analyze(config: LlamaConfig, *, batch: int = 1, n_tokens: int, n_cached: int = 0,
             schedule: ScheduleSpec = None, weight_dtype_bytes: int = 2, act_dtype_bytes: int = 2,
-            kv_dtype_bytes: Optional[int] = None, tp: Optional[int] = None) -> AnalyticReport:
+            kv_dtype_bytes: Optional[int] = None, tp: Optional[int] = None, last_only: bool = False) -> AnalyticReport:
     """Closed-form per-row costs of one forward of ``n_tokens`` new tokens (per sequence, ``batch``
-    sequences) after ``n_cached`` cached positions, running the layers of ``schedule``.
+    sequences) after ``n_cached`` cached positions, running the layers of ``schedule``; ``last_only``: the
+    output head on each sequence's last position only (``Llama.forward(..., last_only=True)``).
 
     ``kv_dtype_bytes`` defaults to ``act_dtype_bytes`` (the model caches in its compute dtype).
     Positions beyond ``config.max_seq_len`` are not refused: the formulas hold for any length.
@@ -274,7 +275,7 @@ def analyze(config: LlamaConfig, *, batch: int = 1, n_tokens: int, n_cached: int
     kv_dtype_bytes = act_dtype_bytes if kv_dtype_bytes is None else _check_int("kv_dtype_bytes", kv_dtype_bytes, 1)
     order = resolve_schedule(schedule, config.n_layers)
     dims = T.Dims(config, tp)
-    shape = T.RunShape(batch, n_tokens, n_cached)
+    shape = T.RunShape(batch, n_tokens, n_cached, bool(last_only))
     dtypes = T.Dtypes(weight_dtype_bytes, act_dtype_bytes, kv_dtype_bytes)
     block = [row_cost(r, dims, shape, dtypes) for r in T.BLOCK_ROWS]  # every run costs the same
     rows = [row_cost(r, dims, shape, dtypes) for r in T.TOP_ROWS_BEFORE]

@@ -46,7 +46,9 @@ def counted_line(report: CrosscheckReport) -> str:
     if report.generation is not None:
         g = report.generation
         return (f"Counted: a generation task, run through the real generation loop: prefill of batch {report.batch} "
-                f"x {g.prompt} prompt tokens, then {g.new_tokens - 1} decode step(s) of 1 token (the last attending "
+                f"x {g.prompt} prompt tokens (the output head on "
+                + ("every position: --all-logits" if g.all_logits else "the last position only, as generation runs it")
+                + f"), then {g.new_tokens - 1} decode step(s) of 1 token (the last attending "
                 f"to {g.length - 1} positions) for {g.new_tokens} new tokens, {len(report.schedule)} layer runs "
                 f"each; by {', '.join(report.counters)}{where}.")
     if report.training is not None:
@@ -251,7 +253,8 @@ def to_json(report: CrosscheckReport, *, extra: Optional[dict] = None) -> dict:
     if report.training is not None:
         doc["training"] = {"loss": report.training.loss, "recompute": report.training.recompute}
     if report.generation is not None:
-        doc["generation"] = {"prompt": report.generation.prompt, "new_tokens": report.generation.new_tokens}
+        doc["generation"] = {"prompt": report.generation.prompt, "new_tokens": report.generation.new_tokens,
+                             "prefill_logits": "all positions" if report.generation.all_logits else "last position"}
     a = report.analytic
     if a is not None:
         t = a.total

@@ -91,16 +91,23 @@ def sum_ops(ops) -> Count:
 @dataclass(frozen=True)
 class RunShape:
     """What one forward computes: ``batch`` sequences of ``n_tokens`` new tokens after ``n_cached``
-    cached positions."""
+    cached positions; ``last_only``: the output head runs on each sequence's last position only (what
+    generation needs: ``Llama.forward(..., last_only=True)``), else on every position (scoring, training)."""
 
     batch: int
     n_tokens: int
     n_cached: int = 0
+    last_only: bool = False
 
     @property
     def rows(self) -> int:
         """Token vectors in flight: batch x new tokens."""
         return self.batch * self.n_tokens
+
+    @property
+    def logit_rows(self) -> int:
+        """Token vectors the output head multiplies: every position's, or each sequence's last one."""
+        return self.batch if self.last_only else self.rows
 
     @property
     def kvlen(self) -> int:
@@ -670,8 +677,8 @@ def _residual_grad_add(s: Norm) -> tuple[Op, ...]:
 def _linear_row(name: str, k: Callable[[Any], int], n: Callable[[Any], int],
                 params: Optional[Callable[[LlamaConfig], int]] = None, *, shares_input: bool = False,
                 tp_class: str = COLUMN_PARALLEL, collective: Optional[CollectiveOf] = None,
-                collective_op: Optional[str] = None) -> Row:
-    return Row(name, name, LINEAR, lambda d, s: Mat(s.rows, k(d), n(d)),
+                collective_op: Optional[str] = None, rows: Callable[[RunShape], int] = lambda s: s.rows) -> Row:
+    return Row(name, name, LINEAR, lambda d, s: Mat(rows(s), k(d), n(d)),
                params if params is not None else (lambda c: k(c) * n(c)),
                _input_grad_add if shares_input else _no_ops, SPLIT, collective, tp_class, collective_op)
 
@@ -713,7 +720,7 @@ def _reduce_residual(d: Dims, s: RunShape, dt: Dtypes) -> Collective:
 
 def _gather_logits(d: Dims, s: RunShape, dt: Dtypes) -> Collective:
     # This rank's logits (rows, vocab / N), gathered to (rows, vocab) in the activation dtype.
-    return Collective(ALL_GATHER, s.rows * d.full_vocab_size, dt.act, d.ranks)
+    return Collective(ALL_GATHER, s.logit_rows * d.full_vocab_size, dt.act, d.ranks)
 
 
 # Top-level rows before the decoder layers, in execution order.
@@ -752,7 +759,7 @@ BLOCK_ROWS: tuple[Row, ...] = (
 TOP_ROWS_AFTER: tuple[Row, ...] = (
     _norm_row("norm"),
     _linear_row("output", _dim, lambda c: c.vocab_size, _output_params, collective=_gather_logits,
-                collective_op=ALL_GATHER),
+                collective_op=ALL_GATHER, rows=lambda s: s.logit_rows),
 )
 #: A training step's loss: the logits' cross-entropy (or sum), computed after the model.
 LOSS_ROW_NAME = "(loss)"

@@ -11,7 +11,7 @@ import torch
 
 from .errors import NonFiniteError
 from .finite import all_finite
-from .guards import check_forward_memory
+from .guards import check_flag, check_forward_memory
 
 Prompts = Union[torch.Tensor, Sequence[Union[Sequence[int], torch.Tensor]]]
 
@@ -81,12 +81,19 @@ def _as_prompt_list(prompts: Prompts, max_seq_len: int) -> list[list[int]]:
 
 @torch.inference_mode()
 def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float = 0.0, top_p: float = 1.0,
-             eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> list[list[int]]:
+             eos_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             compile: bool = False) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns only the new tokens per prompt.
 
     Prompts may differ in length (Meta's scheme: prefill the shortest common prefix, then step one
     position at a time, keeping prompt tokens where a row's prompt is not finished). Sets up a fresh
     KV cache for the batch and leaves the model without one afterwards.
+
+    ``compile``: the one-token decode step runs through ``torch.compile(model, fullgraph=True)`` with static
+    shapes (the position goes in as a tensor; the cache, its length rounded up to a power of two, is read
+    whole behind a mask, as gpt-fast does), so it compiles once per batch size and cache bucket, not once
+    per step. The tokens are the same as eager's (greedy; up to float rounding). The first call pays the
+    compilation (tens of seconds on a small CPU).
 
     Raises ``ValueError`` for bad arguments, and :class:`~llama_ref.errors.NonFiniteError` (a
     ``ValueError``) as soon as a step's logits hold NaN or inf (broken weights): sampling from them
@@ -148,7 +155,8 @@ def generate(model, prompts: Prompts, max_new_tokens: int, *, temperature: float
             return _sample_top_p(torch.softmax(shifted / temperature, dim=-1), top_p, generator)
         return torch.argmax(logits, dim=-1)
 
-    tokens = decode_loop(model, prompts, max_new_tokens, pick, eos_id=eos_id)
+    check_flag("compile", compile)
+    tokens = decode_loop(model, prompts, max_new_tokens, pick, eos_id=eos_id, compile=compile)
     out = []
     for i, p in enumerate(prompts):
         new = tokens[i, len(p) : len(p) + max_new_tokens].tolist()
@@ -174,10 +182,14 @@ def _raise_nonfinite(bad_pos: torch.Tensor, min_len: int) -> None:
 
 
 def decode_loop(model, prompts: list[list[int]], max_new_tokens: int, pick, *,
-                eos_id: Optional[int] = None) -> torch.Tensor:
+                eos_id: Optional[int] = None, all_logits: bool = False, compile: bool = False) -> torch.Tensor:
     """The loop :func:`generate` runs, for prompts it has checked: one prefill of the shortest prompt's
     length, then one forward per position, ``pick(logits) -> (bsz,)`` choosing each new token (rows still
     inside their prompt keep the prompt's). Returns the ``(bsz, longest prompt + max_new_tokens)`` tokens.
+
+    Each forward's output head runs on the last position only (the other positions' tokens are known);
+    ``all_logits`` makes the prefill compute every position's logits, as scoring the prompt would.
+    ``compile``: the decode steps run compiled, with static shapes (see :func:`generate`).
 
     On the meta device (shapes only) ``pick`` can only return a placeholder and ``eos_id`` must be None:
     the loop then runs the very forwards a real generation would (what the counters count)."""
@@ -187,10 +199,16 @@ def decode_loop(model, prompts: list[list[int]], max_new_tokens: int, pick, *,
     total_len = max_len + max_new_tokens
     if device.type == "meta" and eos_id is not None:
         raise ValueError("eos_id needs token values, which a meta-device model does not have")
+    if compile and device.type == "meta":
+        raise ValueError("compile=True compiles a real decode step: a meta-device model has no data to run")
+    # Static shapes: one cache length per power-of-two bucket, so calls of similar lengths share a compilation.
+    cache_len = min(model.config.max_seq_len, max(16, 1 << (total_len - 1).bit_length())) if compile else total_len
     # Refuses (with the estimate) before anything is allocated when the prefill or the batch's cache cannot
     # fit; outside the try: a refused setup leaves the model as it was.
     check_forward_memory(model, bsz, min_len)
-    model.setup_cache(bsz, total_len)
+    model.setup_cache(bsz, cache_len)
+    step = torch.compile(model, fullgraph=True, dynamic=False) if compile else None
+    pos = torch.zeros((), dtype=torch.long, device=device)  # a compiled step's position, as data
     try:
         pad = 0
         tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=device)
@@ -209,7 +227,13 @@ def decode_loop(model, prompts: list[list[int]], max_new_tokens: int, pick, *,
         bad_pos = torch.full((bsz,), -1, dtype=torch.long, device=device)
         prev_pos = 0
         for cur_pos in range(min_len, total_len):
-            logits = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos)[:, -1]  # (bsz, vocab)
+            if step is not None and prev_pos > 0:  # a one-token step, compiled: same shapes every step
+                pos.fill_(prev_pos)
+                # contiguous: a (bsz, 1) column's strides would otherwise follow total_len (another compilation)
+                logits = step(tokens[:, prev_pos:cur_pos].contiguous(), pos, last_only=True)[:, -1]  # (bsz, vocab)
+            else:
+                last_only = not (all_logits and prev_pos == 0)
+                logits = model(tokens[:, prev_pos:cur_pos], start_pos=prev_pos, last_only=last_only)[:, -1]
             if device.type != "meta":
                 ok = torch.isfinite(logits).all(dim=-1)  # (bsz,)
                 bad_pos = torch.where(~ok & (bad_pos < 0), cur_pos, bad_pos)

@@ -58,22 +58,29 @@ def test_compiled_calls_skip_the_guards_and_eager_calls_keep_them():
 
 @pytest.mark.slow
 def test_fullgraph_compiled_decode_loop_equals_eager_and_compiles_once():
-    """The one torch.compile test in CI (inductor on the CPU; about 20-40 s on 2 cores): 16 decode steps with
-    the position as a tensor (static shapes, as gpt-fast) compile one graph and equal eager within 1e-5."""
+    """The one torch.compile test in CI (inductor on the CPU; about 20-40 s on 2 cores). 16 decode steps with
+    the position as a tensor (static shapes, as gpt-fast) compile one graph and equal eager within 1e-5; then
+    generate(compile=True), same shapes, reuses that compilation and returns eager's tokens."""
     from torch._dynamo.utils import counters
+
+    from llama_ref import generate
 
     model = _model()
     tokens = _tokens(2, 21)
-    with torch.no_grad():
-        model.setup_cache(2, 24)
+    with torch.inference_mode():  # as generate runs (a grad mode of its own would be another compilation)
+        model.setup_cache(2, 32)  # generate's cache bucket for 4 + 16 positions
         model(tokens[:, :4])  # prefill
-        eager = [model(tokens[:, pos : pos + 1], pos) for pos in range(4, 20)]
+        eager = [model(tokens[:, pos : pos + 1], pos, last_only=True) for pos in range(4, 20)]
         model.reset_cache()
         model(tokens[:, :4])  # eager prefill
         torch._dynamo.reset()
         counters.clear()
-        step = torch.compile(model, fullgraph=True)
-        compiled = [step(tokens[:, pos : pos + 1], torch.tensor(pos)) for pos in range(4, 20)]
+        step = torch.compile(model, fullgraph=True, dynamic=False)
+        compiled = [step(tokens[:, pos : pos + 1].contiguous(), torch.tensor(pos), last_only=True)
+                    for pos in range(4, 20)]
     assert counters["stats"]["unique_graphs"] == 1  # compiled once, not once per step
     for want, got in zip(eager, compiled):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    prompts = tokens[:, :4].tolist()
+    assert generate(model, prompts, 16, compile=True) == generate(model, prompts, 16)
+    assert counters["stats"]["unique_graphs"] == 1  # the same shapes: no new compilation

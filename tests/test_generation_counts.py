@@ -28,9 +28,12 @@ def test_the_forwards_of_a_generation():
 def test_closed_form_by_hand():
     a, b = 6_607_077_376, 262_144  # Llama-2-7B: MACs of an N-token forward = a N + b N^2
     got = generation_macs(PRESETS["llama-2-7b"], Generation(512, 128))
-    assert got[PREFILL] == a * 512 + b * 512 ** 2
+    # the output head (4096 x 32000 = 131,072,000 MACs a token) runs on the last prompt position only
+    assert got[PREFILL] == a * 512 + b * 512 ** 2 - 511 * 131_072_000
     # 127 steps attending to 513 ... 639 positions: 127 a + b (127 * 512 + 128 * 127 / 2)
     assert got[DECODE] == 127 * a + b * (127 * 512 + 8128)
+    scoring = generation_macs(PRESETS["llama-2-7b"], Generation(512, 128, all_logits=True))
+    assert scoring[PREFILL] == a * 512 + b * 512 ** 2 and scoring[DECODE] == got[DECODE]
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
@@ -49,7 +52,9 @@ def test_the_real_loop_agrees_with_the_closed_form(device, kernel):
     # the row sums equal the sum of one analyze() per step (what "closed form per row" claims)
     from counters.analytic import analyze
 
-    steps = [analyze(SMALL, batch=2, n_tokens=n, n_cached=s, schedule="0,1x2,2") for s, n in generation_forwards(g)]
+    steps = [analyze(SMALL, batch=2, n_tokens=n, n_cached=s, schedule="0,1x2,2", last_only=True)
+             for s, n in generation_forwards(g)]
+    assert steps[0].macs == report.totals["analytic"][f"{PREFILL}_macs"]
     assert sum(x.macs for x in steps[1:]) == report.totals["analytic"][f"{DECODE}_macs"]
     assert sum(x.nonmatmul_flops for x in steps[1:]) == report.totals["analytic"][f"{DECODE}_nonmatmul_flops"]
     if device == "cpu":  # the loop's own token choices are listed, not counted
@@ -60,8 +65,8 @@ def test_a_change_in_the_loop_is_seen(monkeypatch):
     """A loop that feeds the whole sequence again at every step does more work than the closed form."""
     from llama_ref.generate import decode_loop as real
 
-    def wasteful(model, prompts, max_new_tokens, pick, *, eos_id=None):
-        tokens = real(model, prompts, max_new_tokens, pick, eos_id=eos_id)
+    def wasteful(model, prompts, max_new_tokens, pick, *, eos_id=None, all_logits=False):
+        tokens = real(model, prompts, max_new_tokens, pick, eos_id=eos_id, all_logits=all_logits)
         with torch.inference_mode():
             model(tokens[:, :4])  # an extra forward the task should not need
         return tokens
@@ -88,11 +93,46 @@ def test_command(capsys):
     out, err = capsys.readouterr()
     assert code == EXIT_OK, err
     doc = json.loads(out)
-    assert doc["task"] == "generate" and doc["generation"] == {"prompt": 6, "new_tokens": 5}
+    assert doc["task"] == "generate"
+    assert doc["generation"] == {"prompt": 6, "new_tokens": 5, "prefill_logits": "last position"}
     assert doc["counters"] == ["analytic", "hooks", "torch"] and doc["agree"]
     closed = generation_macs(PRESETS["tiny"], Generation(6, 5), batch=2)
     assert doc["totals"]["torch"]["prefill_macs"] == closed[PREFILL]
     assert doc["totals"]["torch"]["decode_macs"] == closed[DECODE]
+
+
+def test_command_all_logits(capsys):
+    """--all-logits: the prefill's head on every prompt position, (6 - 1) x 2 rows x 64 x 256 more MACs."""
+    code = main(["count", "tiny", "--prompt", "6", "--generate", "5", "--batch", "2", "--all-logits",
+                 "--format", "json"])
+    out, err = capsys.readouterr()
+    assert code == EXIT_OK, err
+    doc = json.loads(out)
+    assert doc["agree"] and doc["generation"]["prefill_logits"] == "all positions"
+    last = generation_macs(PRESETS["tiny"], Generation(6, 5), batch=2)
+    assert doc["totals"]["hooks"]["prefill_macs"] == last[PREFILL] + 5 * 2 * 64 * 256
+
+
+@pytest.mark.parametrize("prompt, new", [(7, 5), (1, 3)])
+def test_equals_flop_counter_mode_on_transformers_generate(hf_llama_factory, prompt, new):
+    """transformers' generate() (greedy, logits_to_keep=1 in its prefill) under FlopCounterMode, / 2 (it counts 2
+    per MAC), equals our closed form and our counters on the real loop, phase totals summed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import llama_ref
+
+    hf = hf_llama_factory()
+    batch = 2
+    ids = torch.randint(0, hf.config.vocab_size, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FlopCounterMode(display=False) as fcm:
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                          min_new_tokens=new, do_sample=False, pad_token_id=0)
+    assert out.shape == (batch, prompt + new)
+    ours = llama_ref.from_hf(hf)
+    closed = generation_macs(ours.config, Generation(prompt, new), batch=batch)
+    report = crosscheck_generation(ours, batch=batch, generation=Generation(prompt, new))
+    assert report.agree
+    assert fcm.get_total_flops() == 2 * (closed[PREFILL] + closed[DECODE]) == 2 * report.totals["torch"]["macs"]
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -101,6 +141,7 @@ def test_command(capsys):
     (["--prompt", "4", "--generate", "2", "--counters", "fvcore"], "fvcore"),
     (["--prompt", "100", "--generate", "100"], "exceeds the model's max_seq_len"),
     (["--prompt", "4", "--generate", "0"], "--generate must be >= 1"),
+    (["--tokens", "4", "--all-logits"], "add --prompt P --generate G"),
 ])
 def test_command_bad_input(capsys, argv, needle):
     code = main(["count", "tiny", *argv])

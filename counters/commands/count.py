@@ -52,6 +52,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     task.add_argument("--prompt", type=int, default=None, metavar="P",
                       help="prompt tokens per sequence; with --generate: prefill of P tokens + decode steps")
     task.add_argument("--generate", type=int, default=None, metavar="G", help="new tokens to generate (with --prompt)")
+    task.add_argument("--all-logits", action="store_true",
+                      help="the prefill computes every prompt position's logits (scoring the prompt), not the last "
+                           "position's only as generation does")
     count_tp.add_arguments(p)
 
 
@@ -89,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
             names = ["analytic", "hooks", "torch"]
         elif "fvcore" in names:
             raise BadInput("--counters fvcore: fvcore traces one forward and cannot follow a generation loop")
-        generation = Generation(args.prompt, args.generate)
+        generation = Generation(args.prompt, args.generate, all_logits=args.all_logits)
+    elif args.all_logits:
+        raise BadInput("--all-logits describes the prefill of a generation: add --prompt P --generate G")
     training = None
     if args.train:
         if args.cached:
