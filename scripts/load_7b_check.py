@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Load a full-size checkpoint and run one forward pass; report load time, peak RSS and forward time.
 
-    python scripts/load_7b_check.py /work/ckpt/llama-2-7b-hf [--dtype bf16] [--tokens 16] [--json out/load_7b_check.json]
+    python scripts/load_7b_check.py checkpoints/llama-2-7b-hf [--dtype bf16] [--tokens 16] [--json out/load_7b_check.json]
 
 The code is :mod:`llama_ref.checks.load_check` (its docstring says what is checked and reported).
 """

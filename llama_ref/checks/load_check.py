@@ -1,6 +1,6 @@
 """Load a full-size checkpoint and run one forward pass; report load time, peak RSS and forward time.
 
-    python scripts/load_7b_check.py /work/ckpt/llama-2-7b-hf [--dtype bf16] [--tokens 16] [--json out/load_7b_check.json]
+    python scripts/load_7b_check.py checkpoints/llama-2-7b-hf [--dtype bf16] [--tokens 16] [--json out/load_7b_check.json]
 
 Run it in a fresh process (it is one): peak RSS (``ru_maxrss``) is a high-water mark for the whole
 process. Weights are stored in ``--dtype`` and the forward computes in fp32 on CPU. ``--drop-cache``
@@ -52,7 +52,7 @@ def drop_page_cache(files: list[Path]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, nargs="?", default=Path("/work/ckpt/llama-2-7b-hf"))
+    p.add_argument("checkpoint", type=Path, nargs="?", default=Path("checkpoints/llama-2-7b-hf"))
     p.add_argument("--dtype", default="bf16", help="weight storage dtype (default bf16)")
     p.add_argument("--tokens", type=int, default=16, help="prompt length")
     p.add_argument("--json", type=Path, default=Path("out/load_7b_check.json"), help="where to write the numbers")
