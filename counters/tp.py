@@ -245,11 +245,13 @@ def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: 
 
     ``build(rank)``, called inside rank r's fake world, builds that rank's model (default: a random-free
     meta ``TensorParallelLlama`` of ``config`` in ``dtype``); e.g. ``load_tp_pretrained(path,
-    device="meta")`` checks a checkpoint's files for that rank."""
+    device="meta")`` checks a checkpoint's files for that rank. The report's ``dtype`` is the weights'
+    dtype of the ranks as built (a checkpoint's own dtype when ``build`` loads one without a dtype)."""
     TPLayout(config, tp)  # every divisibility problem, before any rank is built
     names = list(COUNTER_NAMES if counters is None else counters)
     reports = []
     wb = ab = None
+    weight_dtypes = set()
     for rank in range(tp):
         with fake_world(tp, rank=rank) as group:
             if build is None:
@@ -258,6 +260,7 @@ def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: 
             else:
                 model = build(rank)
             wb, ab = model.tok_embeddings.weight.dtype.itemsize, model.compute_dtype.itemsize
+            weight_dtypes.add(str(model.tok_embeddings.weight.dtype).replace("torch.", ""))
             tokens = torch.zeros((batch, n_tokens), dtype=torch.long, device="meta")
             results = count_rank(model, tokens, n_cached=n_cached, counters=names, strict=strict)
             reports.append(rank_report(results, config=model.config, tp=tp, rank=rank, schedule=tuple(model.schedule),
@@ -266,6 +269,8 @@ def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: 
             del model
     out = combine(reports, weight_dtype_bytes=wb, act_dtype_bytes=ab)
     out.device, out.mode = "meta", f"{tp} ranks counted one after another in this process (fake process group, meta device)"
+    # the dtype the ranks were built in (``build`` may load a checkpoint in its own dtype, not ``dtype``)
+    out.dtype = ",".join(sorted(weight_dtypes))
     return out
 
 

@@ -27,7 +27,7 @@ import logging
 import os
 import pickle
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -160,13 +160,14 @@ def _exit_status_of(e: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-def _output(args, report: TPReport, *, title: str, extra: dict) -> int:
+def _output(args, report: TPReport, *, title: Callable[[str], str], extra: dict) -> int:
+    """Print or write ``report``; ``title(dtype)`` is the table's first line, given the dtype the ranks used."""
     if args.format == "json":
         text = json.dumps(tp_to_json(report, extra=extra), indent=2) + "\n"
     elif args.format == "csv":
         text = render_tp_csv(report)
     else:
-        text = render_tp_table(report, detail=args.detail, title=title) + "\n"
+        text = render_tp_table(report, detail=args.detail, title=title(report.dtype)) + "\n"
     if args.out:
         write_output(args.out, text)
         verdict = "counters agree" if report.agree else f"counters DISAGREE ({len(report.mismatches)} mismatches)"
@@ -229,9 +230,11 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
     weights = ("checkpoint weights, each rank its part" if source.has_weights and device != "meta"
                else "checkpoint checked per rank, not loaded (meta)" if source.has_weights
                else "no weights (meta)" if device == "meta" else "random weights")
-    title = (f"{config.name} split {n} ways: schedule {format_schedule(schedule)} ({len(schedule)} layer runs), "
-             f"batch {args.batch}, {args.tokens} new + {args.cached} cached tokens, device {device} ({weights}), "
-             f"kernel {args.kernel}")
+
+    def title(weight_dtype: str) -> str:  # the dtype is known once the ranks are built
+        return (f"{config.name} split {n} ways: schedule {format_schedule(schedule)} ({len(schedule)} layer runs), "
+                f"batch {args.batch}, {args.tokens} new + {args.cached} cached tokens, device {device} ({weights}, "
+                f"{weight_dtype}), kernel {args.kernel}")
     extra = {"model_source": {"spec": args.model, "kind": source.kind, "checkpoint_dir": source.checkpoint_dir},
              "weights": weights, "device_reason": reason}
 
@@ -244,11 +247,11 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
             def build(rank: int) -> TensorParallelLlama:
                 return load_tp_pretrained(source.checkpoint_dir, device="meta", dtype=dtype, attn_kernel=args.kernel,
                                           schedule=schedule)
+        # without --dtype: bf16 for a config (no weights), the checkpoint's own dtype when one is checked
         report = count_meta_ranks(config, n, batch=args.batch, n_tokens=args.tokens, n_cached=args.cached,
                                   schedule=schedule, counters=names, strict=args.strict,
                                   dtype=dtype or torch.bfloat16, attn_kernel=args.kernel, build=build)
-        report.dtype = str(dtype or torch.bfloat16).replace("torch.", "")
-        report.kernel = args.kernel
+        report.kernel = args.kernel  # report.dtype: what the ranks were built in (count_meta_ranks)
         return _output(args, report, title=title, extra=extra)
 
     backend = default_backend(torch.device(device))
@@ -266,7 +269,7 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
     return _output(args, report, title=title, extra=extra)
 
 
-def _run_torchrun(args, job: dict, n: int, backend: str, *, title: str, extra: dict) -> int:
+def _run_torchrun(args, job: dict, n: int, backend: str, *, title: Callable[[str], str], extra: dict) -> int:
     group = init_torchrun(backend)
     if group.world_size != n:
         raise BadInput(f"--tp {n} but torchrun started {group.world_size} rank(s): give --nproc-per-node {n} "
