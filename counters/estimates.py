@@ -88,9 +88,12 @@ def _seq_len(seq_len: Any) -> int:
 def param_counts(config: Any) -> dict[str, int]:
     """Exact parameter counts from the work table's rows: ``embedding`` (tok_embeddings), ``output`` (the
     untied head; 0 when tied), ``layers_matmul`` (q, k, v, o, w1, w2, w3 of all layers), ``norms``
-    (2 per layer + final), ``total``, and the two "N"s the formulas use: ``non_embedding`` (total -
-    embedding: torchtitan) and ``matmul`` (the weights that enter a matrix product per token: the
-    layers' and the head's, tied or not; the ``a`` of :func:`counters.analytic.macs_polynomial`)."""
+    (2 per layer + final), ``total``, and the "N"s the formulas use: ``non_embedding`` (total -
+    embedding; for a tied config that removes the head's matrix too), ``weights_in_a_product`` (every
+    parameter except an *untied* input table: total - embedding when untied, total when tied, as
+    torchtitan's ``get_dense_model_nparams_and_flops`` and PaLM's tied model count; it includes the
+    norm weights) and ``matmul`` (the weights that enter a matrix product per token: the layers' and
+    the head's, tied or not; the ``a`` of :func:`counters.analytic.macs_polynomial`)."""
     c = as_config(config)
     rows = T.TOP_ROWS_BEFORE + T.TOP_ROWS_AFTER
     embedding = sum(r.params(c) for r in rows if r.kind is T.EMBEDDING)
@@ -101,8 +104,11 @@ def param_counts(config: Any) -> dict[str, int]:
     total = embedding + layers_matmul + norms + output
     # the head is a matrix product whether or not its matrix is shared with the embedding
     head = c.dim * c.vocab_size
+    # a tied table is the head's matrix: it stays in N; an untied one is a lookup only
+    weights_in_a_product = total if c.tie_word_embeddings else total - embedding
     return {"embedding": embedding, "output": output, "layers_matmul": layers_matmul, "norms": norms, "total": total,
-            "non_embedding": total - embedding, "matmul": layers_matmul + head}
+            "non_embedding": total - embedding, "weights_in_a_product": weights_in_a_product,
+            "matmul": layers_matmul + head}
 
 
 # ---------------------------------------------------------------- the exact count
@@ -167,40 +173,51 @@ def palm_flops_per_token(config: Any, seq_len: int, n_params: int | None = None)
     products are per query head; k/v sharing only shrinks N). SwiGLU and the untied head enter only
     through N. Non-matmul work (norms, softmax, RoPE) is not counted.
 
-    What N counts is the caller's choice here (``n_params``); PaLM's own model ties input and output
-    embeddings, so it has one vocabulary matrix, used as a matmul. The default is the reading both
-    torchtitan and this project use for an untied Llama: all parameters except the input embedding
-    (:func:`torchtitan_flops_per_token`). NOTE: the paper's wording was not available to read here;
-    the formula is quoted as nanoGPT's ``estimate_mfu`` and torchtitan's comments cite it.
+    What N counts is the caller's choice here (``n_params``). PaLM's own model ties its input and
+    output embeddings (Section 2, "Shared Input-Output Embeddings"): its one vocabulary matrix does the
+    output layer's product, and the lookup costs nothing, so ``6N`` over **all** its parameters, that
+    matrix counted once, counts the head's product once and the lookup not at all. That is the reading
+    the tied model implies, and the default here: ``param_counts(config)["weights_in_a_product"]`` =
+    all parameters for a tied config (not minus the shared matrix: that would drop the head's
+    products), all parameters minus the input table for an untied one (the table is then a lookup
+    only; the untied head stays). It is torchtitan's current N (:func:`torchtitan_flops_per_token`),
+    norm weights included. NOTE: the paper's Appendix B wording was not available to read here; the
+    formula is quoted as nanoGPT's ``estimate_mfu`` and torchtitan's comments cite it.
     """
     c, t = as_config(config), _seq_len(seq_len)
-    n = param_counts(c)["non_embedding"] if n_params is None else _positive_int("n_params", n_params)
+    n = param_counts(c)["weights_in_a_product"] if n_params is None else _positive_int("n_params", n_params)
     return 6 * n + 12 * c.n_layers * c.n_heads * c.head_dim * t
 
 
 def torchtitan_flops_per_token(config: Any, seq_len: int) -> int:
-    """torchtitan (pytorch/torchtitan @ b5bcd76c, 2026-08): ``torchtitan/models/utils.py``
-    ``get_dense_model_nparams_and_flops`` (called by ``models/llama3/model.py``
-    ``get_nparams_and_flops`` with ``head_dims = 2 * (dim // n_heads)``):
-    ``6 * (nparams - nparams_embedding) + 6 * n_layers * n_heads * head_dims * seq_len``.
+    """torchtitan (pytorch/torchtitan @ b5bcd76c, read 2026-12-06): ``torchtitan/models/utils.py``
+    ``get_dense_model_nparams_and_flops`` (lines 412-459), called by ``models/llama3/model.py``
+    ``get_nparams_and_flops`` (lines 82-92) with ``head_dims = 2 * (dim // n_heads)`` and
+    ``enable_weight_tying``:
+    ``6 * nparams_for_matmul + 6 * n_layers * n_heads * head_dims * seq_len``, where
+    ``nparams_for_matmul = nparams if enable_weight_tying else nparams - nparams_embedding``.
 
-    ``nparams`` = ``sum(p.numel() for p in model.parameters())`` (norm weights included);
-    ``nparams_embedding`` = parameters of ``nn.Embedding`` children only (the input embedding; the
-    untied ``output`` head stays in N, as it is a matmul). Attention dense (comment: "we follow the
-    convention and do not account for sparsity in causal attention"), flash-attention's backward
-    recompute not counted. GQA: n_heads = query heads. Older torchtitan (``tools/utils.py``
-    ``get_num_flop_per_token``, Feb 2025) is the same: ``6 * num_params + 12 * l * h * q * t`` with
-    ``get_num_params(model, exclude_embedding=True)`` subtracting ``tok_embeddings``.
-    Differs from the exact count by 6 x the norm weights ((2L+1) * dim) only.
+    ``nparams`` = ``sum(p.numel() for p in model.parameters())`` (norm weights included; a tied matrix
+    listed once); ``nparams_embedding`` = parameters of ``nn.Embedding`` children only (the input
+    table). Untied: the table is dropped and the ``output`` head stays, as it is a matmul. Tied: nothing
+    is dropped, since the shared matrix does the head's product - the fix "Fix weight tying parameter
+    accounting" (4ed3c536, 2026-05-08, #3225); before it the tied table was subtracted too, losing the
+    head's products. Attention dense (comment: "we follow the convention and do not account for
+    sparsity in causal attention"), flash-attention's backward recompute not counted. GQA: n_heads =
+    query heads. Older torchtitan (``tools/utils.py`` ``get_num_flop_per_token``, Feb 2025) had the
+    untied form: ``6 * num_params + 12 * l * h * q * t`` with ``get_num_params(model,
+    exclude_embedding=True)`` subtracting ``tok_embeddings``.
+    Differs from the exact count by 6 x the norm weights ((2L+1) * dim) only, tied or not.
     """
     c, t = as_config(config), _seq_len(seq_len)
     head_dims = 2 * (c.dim // c.n_heads)  # torchtitan's head size is dim // n_heads, not an explicit head_dim
-    return 6 * param_counts(c)["non_embedding"] + 6 * c.n_layers * c.n_heads * head_dims * t
+    return 6 * param_counts(c)["weights_in_a_product"] + 6 * c.n_layers * c.n_heads * head_dims * t
 
 
 def nanogpt_flops_per_token(config: Any, seq_len: int) -> int:
-    """nanoGPT (karpathy/nanoGPT @ 3adf61e1): ``model.py`` ``GPT.estimate_mfu``:
-    ``N = self.get_num_params()``; ``flops_per_token = 6*N + 12*L*H*Q*T`` with T = ``block_size``.
+    """nanoGPT (karpathy/nanoGPT @ 3adf61e1, read 2026-12-06): ``model.py`` ``GPT.estimate_mfu`` (lines
+    289-303): ``N = self.get_num_params()``; ``flops_per_token = 6*N + 12*L*H*Q*T`` with T = ``block_size``;
+    ``get_num_params`` lines 150-160.
 
     ``get_num_params(non_embedding=True)`` (the default) subtracts only the *position* embedding
     ``wpe``; the token embedding stays because GPT-2 ties it to the output head. Llama has no learned
@@ -214,10 +231,11 @@ def nanogpt_flops_per_token(config: Any, seq_len: int) -> int:
 
 
 def levanter_flops_per_token(config: Any, seq_len: int) -> int:
-    """levanter (stanford-crfm/levanter @ 9263f81e): ``src/levanter/utils/flop_utils.py``
+    """levanter (stanford-crfm/levanter @ 9263f81e, read 2026-12-06): ``src/levanter/utils/flop_utils.py``
     ``lm_flops_per_token(hidden_dim, intermediate_dim, num_layers, num_kv_heads, num_heads, seq_len,
-    vocab_size, glu=True)`` (``models/llama.py`` ``LlamaConfig.flops_per_token``), multiplied by 3 in
-    ``main/train_lm.py`` (``flops_per_example = 3 * flops_per_token * Pos.size``).
+    vocab_size, glu=True)`` (lines 10-38; ``models/llama.py`` ``LlamaConfig.flops_per_token``, lines
+    187-197), multiplied by 3 in ``main/train_lm.py`` line 198 (``flops_per_example = 3 *
+    flops_per_token * Pos.size``).
 
     Forward per token: ``num_layers * (mlp + qkv_proj + dense_proj + attn) + lm_head`` with
     mlp = 2*3*d*F (GLU: 3 matrices), qkv_proj = 2*d*(H*hd + 2*KV*hd) (GQA handled), dense_proj = 2*d*d,
@@ -242,9 +260,12 @@ def levanter_flops_per_token(config: Any, seq_len: int) -> int:
 
 def megatron_padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: int = 128,
                                tensor_model_parallel_size: int = 1) -> int:
-    """Megatron-LM ``megatron/training/tokenizer`` ``_vocab_size_with_padding``: round up to a multiple of
-    ``make_vocab_size_divisible_by * tensor_model_parallel_size`` (defaults 128 and 1). Llama-2's
-    32000 and Llama-3's 128256 are already multiples of 128."""
+    """Megatron-LM (@ d98e8a64, read 2026-12-06) ``megatron/core/tokenizers/utils/build_tokenizer.py``
+    ``vocab_size_with_padding`` (lines 133-146; the same in ``megatron/training/vocab_utils.py``
+    ``calculate_padded_vocab_size``, lines 9-59): round up to a multiple of
+    ``make_vocab_size_divisible_by * tensor_model_parallel_size`` (defaults 128, ``arguments.py`` line
+    2441, and 1). Llama-2's 32000 and Llama-3's 128256 are already multiples of 128. (Older Megatron had
+    it as ``megatron/training/tokenizer`` ``_vocab_size_with_padding``.)"""
     multiple = _positive_int("make_vocab_size_divisible_by", make_vocab_size_divisible_by) * _positive_int(
         "tensor_model_parallel_size", tensor_model_parallel_size)
     v = _positive_int("vocab_size", vocab_size)
@@ -252,9 +273,10 @@ def megatron_padded_vocab_size(vocab_size: int, make_vocab_size_divisible_by: in
 
 
 def megatron_flops_per_token(config: Any, seq_len: int, padded_vocab_size: int | None = None) -> Exact:
-    """Megatron-LM (NVIDIA/Megatron-LM @ d98e8a64, 2026-08): ``megatron/training/training.py``
-    ``num_floating_point_operations(args, batch_size)``, inner ``transformer_flops()``, dense layers,
-    standard (GQA) attention, no MoE/MTP, divided by ``batch_size * seq_length`` tokens:
+    """Megatron-LM (NVIDIA/Megatron-LM @ d98e8a64, read 2026-12-06): ``megatron/training/training.py``
+    ``num_floating_point_operations(args, batch_size, ...)`` (line 802), inner ``transformer_flops()``
+    (lines 1009-1311; GQA attention terms 1139-1170, totals 1255-1310), dense layers, standard (GQA)
+    attention, no MoE/MTP, BSHD (no packed sequences), divided by ``batch_size * seq_length`` tokens:
 
     ``3 * 2 * [ L * (d*(q + 2*kv) + q*d) + L * 3*d*F + d*V_pad ] + 3 * 2 * q / 2 * 2 * L * s``
 
@@ -279,8 +301,8 @@ def megatron_flops_per_token(config: Any, seq_len: int, padded_vocab_size: int |
 
 
 def megatron_pre2025_flops_per_token(config: Any, seq_len: int, padded_vocab_size: int | None = None) -> Exact:
-    """Megatron-LM before 2025-03 (e.g. @ 37de40c2, 2024-07): ``megatron/training/training.py``
-    ``num_floating_point_operations``, per token (divided by ``batch_size * seq_length``):
+    """Megatron-LM before 2025-03 (e.g. @ 37de40c2, 2024-07-17, read 2026-12-06): ``megatron/training/training.py``
+    ``num_floating_point_operations`` (lines 73-118), per token (divided by ``batch_size * seq_length``):
 
     ``12 * L * d^2 * ( (1 + g/n + s/d) * q/d + (F/d) * 3/2 + V_pad / (2*L*d) )``
 
@@ -305,8 +327,9 @@ _FLASH_MODES = ("fwd", "bwd", "fwd_bwd")
 
 def flash_attention_benchmark_flops(batch: int, seqlen: int, headdim: int, nheads: int, causal: bool,
                                     mode: str = "fwd") -> Exact:
-    """flash-attention (Dao-AILab/flash-attention @ 0251105a): ``benchmarks/benchmark_flash_attention.py``
-    ``flops(batch, seqlen, headdim, nheads, causal, mode="fwd")``, attention only, one layer:
+    """flash-attention (Dao-AILab/flash-attention @ 0251105a, read 2026-12-06):
+    ``benchmarks/benchmark_flash_attention.py`` ``flops(batch, seqlen, headdim, nheads, causal, mode="fwd")``
+    (lines 27-30), attention only, one layer:
     ``f = 4 * batch * seqlen**2 * nheads * headdim // (2 if causal else 1)``; ``fwd``: f, ``bwd``: 2.5 f,
     ``fwd_bwd``: 3.5 f. The 2.5 is the flash backward's five products (QK^T recomputed, dV, dP, dQ, dK)
     against the forward's two: **recompute included** (a hardware-FLOP count, not model FLOPs);
@@ -338,9 +361,10 @@ def flash_attention_flops_per_token(config: Any, seq_len: int, causal: bool = Tr
 
 def three_x_forward_flops_per_token(config: Any, seq_len: int, include_nonmatmul: bool = False) -> int:
     """"3 x forward" (calflops' ``include_backPropagation=True``: ``flops * (1 + compute_bp_factor)`` with
-    ``compute_bp_factor=2.0``, MrYxJ/calculate-flops.pytorch @ 29ca5844, ``calflops/flops_counter.py``
-    ``calculate_flops``): 3 x the forward FLOPs per token. With the forward's matmul FLOPs only it *is*
-    the exact model count (the backward does exactly 2 x the forward's products). With
+    ``compute_bp_factor=2.0``, MrYxJ/calculate-flops.pytorch @ 29ca5844, read 2026-12-06,
+    ``calflops/flops_counter.py`` ``calculate_flops``, lines 25-32 and 182-184): 3 x the forward FLOPs
+    per token. With the forward's matmul FLOPs only it *is* the exact model count (the backward does
+    exactly 2 x the forward's products). With
     ``include_nonmatmul`` the forward's non-matmul FLOPs (this project's conventions,
     :mod:`counters.table`: RMSNorm, RoPE, scale/mask/softmax, SwiGLU gate, residual adds) are
     tripled too - the "3 x total forward" that a counter reporting all forward FLOPs gives."""

@@ -1,10 +1,25 @@
-"""Figures published in the third-party references (``/work/shared/references``), kept as data
-so the CLI can print them next to ours and the errata tests can check every one.
+"""Figures published in third-party documents about Llama-2 that users quote, kept as data so the
+CLI can print them next to ours and the errata tests can check every one.
 
-They are quoted as printed, errors included; ``docs/errata.md`` says which are wrong and why.
+They are quoted as printed, errors included; ``docs/errata.md`` says which are wrong and why. The
+documents are cited in :data:`REFERENCES` by title, authors and URL; where a document names no
+author or address and none could be found, the entry says None instead of guessing.
 """
 
 from __future__ import annotations
+
+#: number -> (title, authors, URL) of each document, the title as the document prints it. The numbers are the
+#: ones docs/errata.md uses. None: the document does not say, and it could not be found published elsewhere.
+REFERENCES: dict[str, tuple[str, str | None, str | None]] = {
+    "000": ("Llama2 specifications", None, None),  # a layer-skipping study's "MACs per config" for Llama-2-7B
+    "001": ("Calculating the Total Number of Parameters in Llama 2", None, None),
+    "002": ("LLaMA-2/3 Model Support", "Jench2103 (Transformer Roofline Analyzer)",
+            "https://github.com/Jench2103/transformer-roofline-analyzer/blob/"
+            "96b5b2b54a8b298a2fcf36b86abc2babc670493e/docs/llama.md"),
+    "003": ("Model Architecture", None, None),  # "Dense Models, Llama 1,2,3": the family overview table
+    "004": ("LLama 2 Architecture", None, None),  # notes on RoPE, RMSNorm, KV cache, GQA
+}
+
 
 # Reference 000 (a layer-skipping study, Llama-2-7B): "MACs" = a*N + b*N^2 per configuration.
 # key: our schedule preset name -> (label in the document, a, b)

@@ -178,3 +178,17 @@ def from_hf_model(hf_model, *, device=None, dtype: Optional[torch.dtype] = None,
     model.load_state_dict(state, strict=True, assign=True)
     model.init_buffers()
     return model
+
+
+def hf_forward_with_cache(hf_model, input_ids: torch.Tensor, cache=None):
+    """One cached forward of a ``transformers`` causal LM: ``(logits, cache to pass to the next call)``.
+
+    transformers 5.x names the KV-cache argument and output field ``cache`` (``past_key_values`` is
+    deprecated there, with a warning on every use, and goes in 5.40); earlier versions only know
+    ``past_key_values``. The model's own signature says which it takes."""
+    import inspect
+
+    name = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+    kwargs = {} if cache is None else {name: cache}
+    out = hf_model(input_ids=input_ids, use_cache=True, **kwargs)
+    return out.logits, out[name]

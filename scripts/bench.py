@@ -9,7 +9,11 @@ The measurement is :mod:`counters.studies.bench` (see its docstring and the READ
 
 import sys
 
-from counters.studies.bench import main
+from counters.interrupt import exit_on_interrupt
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_interrupt("bench.py") as interrupts:  # Ctrl-C from here on: one line, exit 130
+        from counters.studies.bench import main
+
+        interrupts.check()  # one that torch's import caught and went on from
+        sys.exit(main())

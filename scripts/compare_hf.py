@@ -10,7 +10,11 @@ The code is :mod:`llama_ref.checks.compare_hf` (its docstring says what is check
 
 import sys
 
-from llama_ref.checks.compare_hf import main
+from counters.interrupt import exit_on_interrupt
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_interrupt("compare_hf.py") as interrupts:  # Ctrl-C from here on: one line, exit 130
+        from llama_ref.checks.compare_hf import main
+
+        interrupts.check()  # one that torch's import caught and went on from
+        sys.exit(main())

@@ -8,7 +8,11 @@ The code is :mod:`llama_ref.loading.synthetic` (its docstring says how the tenso
 
 import sys
 
-from llama_ref.loading.synthetic import main
+from counters.interrupt import exit_on_interrupt
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_interrupt("make_synthetic_checkpoint.py") as interrupts:  # Ctrl-C from here on: one line, exit 130
+        from llama_ref.loading.synthetic import main
+
+        interrupts.check()  # one that torch's import caught and went on from
+        sys.exit(main())

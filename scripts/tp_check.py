@@ -10,7 +10,11 @@ The code is :mod:`llama_ref.checks.tp_check` (its docstring says what is checked
 
 import sys
 
-from llama_ref.checks.tp_check import main
+from counters.interrupt import exit_on_interrupt
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_interrupt("tp_check.py") as interrupts:  # Ctrl-C from here on: one line, exit 130
+        from llama_ref.checks.tp_check import main
+
+        interrupts.check()  # one that torch's import caught and went on from
+        sys.exit(main())

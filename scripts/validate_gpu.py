@@ -11,7 +11,11 @@ Exit status: 0 all checks passed, 1 a check failed, 2 cannot run (e.g. no CUDA d
 
 import sys
 
-from counters.studies.validate import main
+from counters.interrupt import exit_on_interrupt
 
 if __name__ == "__main__":
-    sys.exit(main())
+    with exit_on_interrupt("validate_gpu.py") as interrupts:  # Ctrl-C from here on: one line, exit 130
+        from counters.studies.validate import main
+
+        interrupts.check()  # one that torch's import caught and went on from
+        sys.exit(main())

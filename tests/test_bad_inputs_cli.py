@@ -859,3 +859,65 @@ def test_setup_cache_counts_bytes_against_torch_limit():
     # half the rows in fp16: 2**61 elements x 2 bytes = 2**62 bytes, within the limit (meta stores nothing)
     model.setup_cache(2**49, 128, dtype=torch.float16)
     assert model.caches[0].cache_k.shape == (2**49, 128, 2, 16)
+
+
+# ---------------------------------------------------------------------------- the other scripts' mains
+# scripts/compare_hf.py, tp_check.py, load_7b_check.py, make_synthetic_checkpoint.py (llama_ref.checks.*,
+# llama_ref.loading.synthetic) and bench.py / validate_gpu.py's argument parsing: bad input is exit 2 and one
+# line, like the CLI; an argument error too (no usage block), and a config the reader refuses (no traceback).
+_CONFLICTING_ROPE = {"rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+MAIN_CASES = [
+    ("compare-hf-gelu", "compare_hf", lambda c: [c.hf_dir({"hidden_act": "gelu"})], "hidden_act='gelu'", PATH),
+    ("compare-hf-conflicting-rope", "compare_hf", lambda c: [c.hf_dir(_CONFLICTING_ROPE)], "disagree", PATH),
+    ("compare-hf-atol-inf", "compare_hf", ["tiny", "--atol", "inf"], "--atol", "positive finite", "'inf'"),
+    ("compare-hf-atol-nan", "compare_hf", ["tiny", "--atol", "nan"], "--atol", "'nan'"),
+    ("compare-hf-init-std-negative", "compare_hf", ["tiny", "--init-std", "-1"], "--init-std", "'-1'"),
+    ("compare-hf-bogus-option", "compare_hf", ["tiny", "--bogus"], "unrecognized arguments: --bogus"),
+    ("tp-check-tol-negative", "tp_check", ["ckpt", "--tol", "-1"], "--tol", "non-negative finite", "'-1'"),
+    ("tp-check-tol-nan", "tp_check", ["ckpt", "--tol", "nan"], "--tol", "'nan'"),
+    ("tp-check-tol-inf", "tp_check", ["ckpt", "--tol", "inf"], "--tol", "'inf'"),
+    ("tp-check-batch-zero", "tp_check", ["ckpt", "--batch", "0"], "--batch", "got 0"),
+    ("tp-check-dtype", "tp_check", ["ckpt", "--dtype", "fp7"], "--dtype='fp7'"),
+    ("tp-check-compute-dtype", "tp_check", ["ckpt", "--compute-dtype", "int8"], "--compute-dtype='int8'"),
+    ("tp-check-device", "tp_check", ["ckpt", "--device", "tpu"], "--device", "'tpu'"),
+    ("load-check-missing", "load_check", lambda c: [str(c.tmp / "nothing-here")], "nothing-here",
+     "no such directory"),
+    ("load-check-tokens-zero", "load_check", lambda c: [str(c.tmp), "--tokens", "0"], "--tokens", "got 0"),
+    ("load-check-dtype", "load_check", lambda c: [str(c.tmp), "--dtype", "fp7"], "--dtype='fp7'"),
+    ("synthetic-out-under-a-file", "synthetic", lambda c: ["tiny", c.file("f", "x") + "/o", "--no-progress"], PATH),
+    ("synthetic-bad-preset", "synthetic", lambda c: ["llama-9b", str(c.tmp / "o")], "invalid choice: 'llama-9b'"),
+    ("bench-bogus-option", "bench", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("validate-bad-dtype", "validate", ["--dtype", "fp7"], "invalid choice: 'fp7'"),
+]
+
+
+@pytest.mark.parametrize("case", MAIN_CASES, ids=[c[0] for c in MAIN_CASES])
+def test_bad_input_to_a_script_main(case, tmp_path, monkeypatch, capsys):
+    from counters.studies import bench, validate
+    from llama_ref.checks import compare_hf, load_check, tp_check
+    from llama_ref.loading import synthetic
+
+    _id, name, argv, *fragments = case
+    ctx = Ctx(tmp_path, monkeypatch, {})
+    argv = argv(ctx) if callable(argv) else list(argv)
+    module = {"compare_hf": compare_hf, "tp_check": tp_check, "load_check": load_check, "synthetic": synthetic,
+              "bench": bench, "validate": validate}[name]
+    # tripwires: nothing is built, loaded or joined before the input is refused (tp_check: no rank joins)
+    work = {"compare_hf": ("random_hf_model",), "tp_check": ("init_torchrun",), "load_check": ("drop_page_cache",),
+            "synthetic": (), "bench": ("run_device",), "validate": ("run_validation",)}[name]
+    for attr in work:
+        monkeypatch.setattr(module, attr, lambda *a, _n=attr, **k: (_ for _ in ()).throw(WorkStarted(_n)))
+    capsys.readouterr()
+    with deadline(30):
+        try:
+            status = module.main(argv)
+        except SystemExit as e:  # argparse's own exit, after its one line
+            status = e.code
+    out, err = capsys.readouterr()
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment.replace(PATH, ctx.path) in lines[0], (fragment, err)
+    assert out == ""

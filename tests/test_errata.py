@@ -16,7 +16,7 @@ from counters import table as T
 from counters.analytic import analyze, macs_polynomial, param_breakdown, param_count
 from counters.commands.schedules import measure_polynomial
 from counters.hooks import count_hooks
-from counters.published import REF000_MACS, REF001_PARAMS
+from counters.published import REF000_MACS, REF001_PARAMS, REFERENCES
 from counters.studies.hardware import table_hardware
 from llama_ref import PRESETS, SCHEDULE_NAMES, Llama, resolve_schedule
 
@@ -30,6 +30,17 @@ D, H, V = 4096, 11008, 32000  # Llama-2-7B dim, FFN width, vocabulary
 def _their_formula_a(runs: int) -> int:
     """Reference 000's TOTAL formula, coefficient of N: emb + runs*(4*2*d^2 + 3*d*h) + 2*d*V."""
     return D + runs * (4 * 2 * D * D + 3 * D * H) + 2 * D * V
+
+
+def test_errata_cites_every_reference():
+    # title (as the document prints it), and the author and URL where they are known
+    text = ERRATA.read_text()
+    for number, (title, authors, url) in REFERENCES.items():
+        line = next((ln for ln in text.splitlines() if ln.startswith(f"* {number}: ")), None)
+        assert line is not None and f'"{title}"' in line, number
+        author_and_url = [x for x in (authors, url) if x]
+        assert all(x in text for x in author_and_url), number
+        assert bool(author_and_url) != ("No author or URL" in line), number
 
 
 # ---------------------------------------------------------------- reference 000
@@ -273,11 +284,22 @@ def _expected_training_numbers() -> set:
     # Llama-3's vocabulary table: 128,256 x 4096; the 7B norm weights: (2 x 32 + 1) x 4096
     expected |= {128_256, E.param_counts(L3)["embedding"], E.param_counts(L7)["norms"]}
     assert E.param_counts(L3)["embedding"] == 525_336_576 and E.param_counts(L7)["norms"] == 266_240
-    # tied Llama-3.2-1B at 2048: torchtitan loses the head's products; nanoGPT is nearly right
-    l1 = PRESETS["llama-3.2-1b"]
-    exact1 = E.exact_model_flops_per_token(l1, 2048)
-    expected |= {E.param_counts(l1)["embedding"], E.torchtitan_flops_per_token(l1, 2048), exact1}
-    expected |= {_pct(E.relative_error(E.ESTIMATES[n](l1, 2048), exact1)) for n in ("torchtitan", "nanogpt")}
+    # tied Llama-3.2-1B and 3B at 2048: torchtitan keeps the shared matrix (since its weight-tying fix) and
+    # equals nanoGPT; before the fix it subtracted it: 6 * (all params - the table) + its attention term
+    l1, l3b = PRESETS["llama-3.2-1b"], PRESETS["llama-3.2-3b"]
+    exact1, exact3 = E.exact_model_flops_per_token(l1, 2048), E.exact_model_flops_per_token(l3b, 2048)
+
+    def before_fix(cfg):
+        p = E.param_counts(cfg)
+        return 6 * (p["total"] - p["embedding"]) + 6 * cfg.n_layers * cfg.n_heads * 2 * (cfg.dim // cfg.n_heads) * 2048
+
+    assert E.torchtitan_flops_per_token(l1, 2048) == E.nanogpt_flops_per_token(l1, 2048) == 8_220_192_768
+    assert (E.torchtitan_flops_per_token(l3b, 2048), before_fix(l1), before_fix(l3b)) == (
+        21_390_428_160, 6_644_183_040, 19_026_413_568)
+    expected |= {E.param_counts(l1)["embedding"], E.torchtitan_flops_per_token(l1, 2048), exact1,
+                 E.torchtitan_flops_per_token(l3b, 2048), exact3, before_fix(l1), before_fix(l3b)}
+    expected |= {_pct(E.relative_error(E.torchtitan_flops_per_token(l1, 2048), exact1)),
+                 _pct(E.relative_error(before_fix(l1), exact1))}
     # the H100 figures: 1,979 with sparsity in the datasheet, 989.5 = half of it, 989.4 the whitepaper's
     assert "1,979" in table_hardware("h100-sxm").source and "989.4" in table_hardware("h100-sxm").source
     expected |= {1_979, f"{1979 / 2:.1f}", "989.4"}

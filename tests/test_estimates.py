@@ -57,6 +57,9 @@ def test_param_counts_match_the_model(name):
     tied_head = p["embedding"] if PRESETS[name].tie_word_embeddings else 0
     assert p["output"] == (0 if tied_head else p["embedding"])
     assert p["non_embedding"] == p["matmul"] + p["norms"] - tied_head
+    # N of torchtitan and PaLM: a tied table is the head's matrix, so it stays; an untied one is dropped
+    assert p["weights_in_a_product"] == p["matmul"] + p["norms"]
+    assert p["weights_in_a_product"] == (p["total"] if tied_head else p["total"] - p["embedding"])
     # matmul params = the coefficient a of the forward polynomial (one MAC per weight per token)
     assert p["matmul"] == macs_polynomial(PRESETS[name])[0]
 
@@ -225,9 +228,57 @@ def test_torchtitan_7b_by_hand():
     assert E.torchtitan_flops_per_token(L7, 2048) == 6 * 6_607_343_616 + 12 * 32 * 32 * 128 * 2048 == 42_865_287_168
 
 
+TIED = ["llama-3.2-1b", "llama-3.2-3b"]
+
+
+@pytest.mark.parametrize("name", TIED)
+@pytest.mark.parametrize("n", [1, 2048, 8192])
+def test_torchtitan_tied_keeps_the_shared_matrix(name, n):
+    # torchtitan since 4ed3c536 ("Fix weight tying parameter accounting"): nparams_for_matmul = nparams when
+    # enable_weight_tying, so the head's products stay; still exact + 6 x the norm weights
+    cfg = PRESETS[name]
+    p = E.param_counts(cfg)
+    assert cfg.tie_word_embeddings and p["output"] == 0
+    assert E.torchtitan_flops_per_token(cfg, n) == 6 * p["total"] + 12 * cfg.n_layers * cfg.dim * n
+    assert E.torchtitan_flops_per_token(cfg, n) - E.exact_model_flops_per_token(cfg, n) == 6 * (2 * cfg.n_layers + 1) * cfg.dim
+    # nanoGPT's N (all parameters, the shared matrix once) is then the same N, and so is PaLM's default:
+    # the tied model's one vocabulary matrix does the head's product, so it is in N once
+    assert E.nanogpt_flops_per_token(cfg, n) == E.torchtitan_flops_per_token(cfg, n)
+    assert E.palm_flops_per_token(cfg, n) == 6 * p["total"] + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * n
+    assert E.palm_flops_per_token(cfg, n) == E.torchtitan_flops_per_token(cfg, n)  # head_dim = dim // n_heads here
+
+
+def test_torchtitan_tied_by_hand():
+    # llama-3.2-1b: 6 * 1,235,814,400 + 6 * 16 layers * 32 heads * (2 * 2048 // 32) * 2048
+    assert 6 * 1_235_814_400 + 6 * 16 * 32 * 128 * 2048 == 8_220_192_768 == E.torchtitan_flops_per_token(
+        PRESETS["llama-3.2-1b"], 2048)
+    # +0.0049 %: exact 8,219,787,264, the difference 6 * 33 norms * 2048 = 405,504
+    assert E.exact_model_flops_per_token(PRESETS["llama-3.2-1b"], 2048) == 8_220_192_768 - 405_504
+    # llama-3.2-3b: 6 * 3,212,749,824 + 6 * 28 * 24 * (2 * 3072 // 24) * 2048
+    assert 6 * 3_212_749_824 + 6 * 28 * 24 * 256 * 2048 == 21_390_428_160 == E.torchtitan_flops_per_token(
+        PRESETS["llama-3.2-3b"], 2048)
+
+
+@pytest.mark.parametrize("name", ["llama-2-7b", "llama-3-8b"] + TIED)
+def test_torchtitan_transcribed_on_the_meta_model(name):
+    # torchtitan/models/utils.py get_dense_model_nparams_and_flops (b5bcd76c, lines 436-457), run on our model:
+    # nparams over model.parameters() (a tied matrix once), the nn.Embedding's parameters, no subtraction if tied
+    cfg = PRESETS[name]
+    model = Llama(cfg, device="meta")
+    nparams = sum(p.numel() for p in model.parameters())
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    assert len(embeddings) == 1  # torchtitan sums its direct nn.Embedding children: one table
+    nparams_embedding = sum(p.numel() for p in embeddings[0].parameters())
+    nparams_for_matmul = nparams if cfg.tie_word_embeddings else nparams - nparams_embedding
+    head_dims = 2 * (cfg.dim // cfg.n_heads)
+    assert E.torchtitan_flops_per_token(cfg, 2048) == 6 * nparams_for_matmul + 6 * cfg.n_layers * cfg.n_heads * head_dims * 2048
+
+
 @pytest.mark.parametrize("n", [1, 2048])
 def test_palm_default_is_torchtitan_and_takes_any_n(cfg, n):
     assert E.palm_flops_per_token(cfg, n) == E.torchtitan_flops_per_token(cfg, n)
+    assert E.palm_flops_per_token(cfg, n) == 6 * E.param_counts(cfg)["weights_in_a_product"] + 12 * cfg.n_layers * (
+        cfg.n_heads * cfg.head_dim * n)
     # 6N + 12LHQT with N given
     assert E.palm_flops_per_token(cfg, n, n_params=1000) == 6000 + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * n
 
@@ -369,6 +420,7 @@ def test_explicit_head_dim_each_source_reads_its_own_way():
     assert p["layers_matmul"] == 4 * (2048 * 1536 + 2 * 2048 * 384 + 1536 * 2048 + 3 * 2048 * 5632)
     exact = E.exact_model_flops_per_token(cfg, n)
     assert exact == 6 * p["matmul"] + 12 * L * H * 96 * n
+    assert p["weights_in_a_product"] == p["non_embedding"]  # untied: the input table is the only one dropped
     assert E.palm_flops_per_token(cfg, n) == 6 * p["non_embedding"] + 12 * L * H * 96 * n
     assert E.torchtitan_flops_per_token(cfg, n) == 6 * p["non_embedding"] + 12 * L * H * 128 * n
     assert E.nanogpt_flops_per_token(cfg, n) == 6 * p["total"] + 12 * L * H * 128 * n

@@ -257,3 +257,22 @@ def test_compare_hf_script_fails_and_refuses(tmp_path):
     assert compare_hf.main(["tiny", "--seqlen", "1000"]) == 2
     with pytest.raises(SystemExit):
         compare_hf.main(["tiny", "--batch", "0"])
+
+
+# ---------------------------------------------------------------- transformers' KV-cache argument
+def test_hf_forward_with_cache_takes_the_current_argument(caplog):
+    # prefill + one cached step equals the full forward, through the argument this transformers names (cache in
+    # 5.x; past_key_values, which 5.x deprecates with a warning on every use, before)
+    import logging
+
+    from conftest import build_hf_llama
+    from llama_ref.hf import hf_forward_with_cache
+
+    hf = build_hf_llama(**CONFIGS["gqa"])
+    tokens = torch.randint(0, CONFIGS["gqa"]["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(0))
+    with caplog.at_level(logging.WARNING, logger="transformers"), torch.inference_mode():
+        full = hf(input_ids=tokens, use_cache=False).logits
+        _, cache = hf_forward_with_cache(hf, tokens[:, :8])
+        last, cache = hf_forward_with_cache(hf, tokens[:, 8:], cache)
+    assert cache is not None and _max_diff(last, full[:, 8:]) <= 1e-5
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()]

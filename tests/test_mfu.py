@@ -6,6 +6,7 @@ import json
 from fractions import Fraction
 
 import pytest
+import torch
 
 from counters import estimates as E
 from counters.analytic import macs_polynomial
@@ -193,6 +194,30 @@ def test_cpu_is_measured(capsys, monkeypatch):
     assert err.startswith("llama-ref mfu: warning: MFU") and len(err.strip().splitlines()) == 1
 
 
+def test_cpu_has_no_tf32_peak(capsys, monkeypatch):
+    # a CPU's fp32 matmuls are IEEE fp32: a "tf32 peak" measured there would be the fp32 peak, mislabelled
+    monkeypatch.setattr(hwmod, "measure_matmul_peak", lambda *a, **k: pytest.fail("measured a tf32 peak on a CPU"))
+    code, out, err = _run(capsys, "tiny", "-T", "100", "--hardware", "cpu", "--dtype", "tf32")
+    assert code == EXIT_BAD_INPUT and out == "" and len(err.strip().splitlines()) == 1
+    assert "dtype tf32 on cpu" in err and "use fp32" in err
+
+
+def test_tf32_is_measured_with_tf32_enabled(monkeypatch):
+    # on CUDA a "tf32" measurement runs fp32 matmuls with TF32 allowed (else it times plain fp32), then restores
+    # the flag; the device itself is not needed to check that (both measurements are replaced)
+    seen = []
+    monkeypatch.setattr(hwmod, "measure_matmul_peak",
+                        lambda device, dtype, **k: seen.append((dtype, torch.backends.cuda.matmul.allow_tf32)) or 1e12)
+    monkeypatch.setattr(hwmod, "measure_copy_bandwidth", lambda device, **k: 1e11)
+    monkeypatch.setattr(hwmod, "device_name", lambda device: "test device")
+    before = torch.backends.cuda.matmul.allow_tf32
+    hw = hwmod.measure_device("cuda", "tf32", cache=False)
+    assert seen == [(torch.float32, True)] and hw.dtype == "tf32"
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+    hwmod.measure_device("cuda", "fp32", cache=False)
+    assert seen[-1] == (torch.float32, before)
+
+
 def test_the_real_cpu_measurement_runs(capsys):
     doc = _json(capsys, "tiny", "-T", "100", "--hardware", "cpu")
     assert doc["hardware"]["measured"] and doc["peak_flops"] > 1e6 and 0 < doc["mfu"]
@@ -250,7 +275,11 @@ def test_hub_id_works_like_the_preset(capsys, tmp_path, monkeypatch):
     (["-T", "fast"], "got 'fast'"),
     (["-T", "1e999999999"], "got '1e999999999'"),  # never built as a billion-digit integer
     (["-T", "1e999"], "--tokens-per-second must be <= 1e18, got '1e999'"),
-    (["-T", "1e-400"], "got '1e-400'"),
+    # positive and finite, read exactly: refused for its size, as 1e999 is, not as "not positive finite"
+    (["-T", "1e-400"], "--tokens-per-second must be >= 1e-9 (one token in about 32 years), got '1e-400'"),
+    (["-T", "1e-10"], "--tokens-per-second must be >= 1e-9"),
+    (["-T", "0.0e5"], "--tokens-per-second must be a positive finite number, got '0.0e5'"),
+    (["-T", "1e99999999999999999999"], "--tokens-per-second must be <= 1e18"),
     (["-T", "3000", "--devices", "0"], "--devices must be >= 1, got 0"),
     (["-T", "3000", "--tokens", "0"], "--tokens must be >= 1, got 0"),
     (["-T", "3000", "--tokens", "4097"], "--tokens 4097 exceeds the model's max_seq_len 4096"),
@@ -294,3 +323,5 @@ def test_parse_tokens_per_second():
     assert mfu_command.parse_tokens_per_second(" 1.25e2 ") == Fraction(125)
     assert mfu_command.parse_tokens_per_second(".5") == Fraction(1, 2)
     assert mfu_command.parse_tokens_per_second("1e18") == 10 ** 18
+    assert mfu_command.parse_tokens_per_second("1e-9") == Fraction(1, 10 ** 9)
+    assert mfu_command.parse_tokens_per_second("0.001e-6") == Fraction(1, 10 ** 9)

@@ -134,24 +134,48 @@ def test_no_importlib_tricks(pkg):
 SCRIPTS = sorted((ROOT / "scripts").glob("*.py"))
 
 
+GUARD = "counters.interrupt"  # stdlib only: imported first, so that Ctrl-C while torch loads is one line
+
+
+def _imported(nodes) -> set:
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.add(node.module)
+    return found
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_scripts_are_only_scripts(script):
     """A script runs a ``main`` from the packages: no code of its own that a test or another script would
-    have to import by path, and no ``sys.path`` edits."""
+    have to import by path, and no ``sys.path`` edits. It imports that ``main`` (and torch with it) inside
+    ``exit_on_interrupt``, whose module is the only one of ours imported at the top."""
     text = script.read_text()
     assert "sys.path" not in text and "importlib" not in text
     tree = ast.parse(text, filename=str(script))
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            imported.add(node.module)
+    imported = _imported(ast.walk(tree))
     ours = {m for m in imported if m.split(".")[0] in PACKAGES}
     assert imported - ours <= {"sys"}, f"{script.name} imports {sorted(imported - ours - {'sys'})}"
-    assert len(ours) == 1 and [m for m in ours][0] in GRAPH, f"{script.name} imports {sorted(ours)}"
+    mains = ours - {GUARD}
+    assert GUARD in ours and len(mains) == 1 and [m for m in mains][0] in GRAPH, f"{script.name} imports {sorted(ours)}"
+    assert _imported(tree.body) == {"sys", GUARD}, f"{script.name}: the main is imported at the top, unguarded"
+    assert f'exit_on_interrupt("{script.name}")' in text
     functions = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     assert not functions, f"{script.name} defines {functions}: that code belongs in a package"
+
+
+def test_entry_points_import_nothing_heavy():
+    """What runs before the guard (the console entry point's module, the scripts' guard) loads no torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, counters.cli, counters.interrupt; "
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'llama_ref', 'numpy')); "
+            "print(heavy); sys.exit(1 if heavy else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_there_are_scripts():

@@ -205,9 +205,9 @@ def test_cli_runs_as_a_script(tmp_path):
 
 def test_cli_refuses_non_empty_out(tmp_path, capsys):
     (tmp_path / "model.safetensors").write_bytes(b"precious")
-    with pytest.raises(SystemExit) as info:
-        synth().main(["tiny", str(tmp_path), "--format", "hf", "--no-progress"])
-    assert info.value.code == 2 and "--force" in capsys.readouterr().err
+    assert synth().main(["tiny", str(tmp_path), "--format", "hf", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--force" in err  # one line
     assert (tmp_path / "model.safetensors").read_bytes() == b"precious"
     assert synth().main(["tiny", str(tmp_path), "--format", "hf", "--force", "--no-progress"]) == 0
     assert "wrote tiny" in capsys.readouterr().out

@@ -268,6 +268,20 @@ def test_count_tp2_of_a_two_shard_meta_checkpoint(capsys, tmp_path):
     assert [r["totals"]["torch"]["macs"] for r in doc["ranks"]] == [single.macs // 2] * 2
 
 
+@pytest.mark.parametrize("stored, flag, label", [(torch.float32, [], "float32"), (torch.bfloat16, [], "bfloat16"),
+                                                 (torch.float32, ["--dtype", "fp16"], "float16")])
+def test_count_tp_on_meta_labels_the_dtype_the_ranks_were_built_in(capsys, tmp_path, stored, flag, label):
+    # without --dtype a checkpoint's ranks are built in its own dtype (not bf16); the label says which
+    synth().write_checkpoint(TINY, tmp_path / "ckpt", "meta", 2, dtype=stored)
+    argv = ["count", tmp_path / "ckpt", "--tp", 2, "--tokens", 3, "--device", "meta", "--counters", "analytic,hooks"]
+    code, out, err = _cli(capsys, *argv, *flag, "--format", "json")
+    assert code == 0, err
+    assert json.loads(out)["dtype"] == label
+    code, out, err = _cli(capsys, *argv, *flag)
+    assert code == 0, err
+    assert f"(checkpoint checked per rank, not loaded (meta), {label})" in out.splitlines()[0]
+
+
 def test_under_torchrun_rank_0_reports_and_the_others_are_silent():
     argv = ["count", "tiny", "--tp", "2", "--tokens", "3", "--device", "cpu", "--counters", "analytic,hooks,torch"]
     results = spawn(W.cli_as_torchrun, 2, [argv, ["count", "tiny", "--tp", "1", "--device", "cpu"]], threads=1)

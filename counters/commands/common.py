@@ -10,13 +10,16 @@ import stat
 import tempfile
 from typing import Optional
 
+from ..interrupt import EXIT_INTERRUPTED  # 130, Ctrl-C: one line on stderr
+
 EXIT_OK = 0
 EXIT_DISAGREE = 1  # counters disagree (or a measured check failed)
 EXIT_BAD_INPUT = 2  # the user's input is wrong: one line on stderr says what
 EXIT_UNCOUNTED = 3  # --strict met work no formula covers
 EXIT_INTERNAL = 4  # a bug of ours: one line, the traceback with --debug
 EXIT_STATUSES = {EXIT_OK: "ok", EXIT_DISAGREE: "counters disagree", EXIT_BAD_INPUT: "bad input",
-                 EXIT_UNCOUNTED: "uncounted work under --strict", EXIT_INTERNAL: "internal error"}
+                 EXIT_UNCOUNTED: "uncounted work under --strict", EXIT_INTERNAL: "internal error",
+                 EXIT_INTERRUPTED: "interrupted (Ctrl-C)"}
 
 # Largest --batch, --tokens, --cached accepted before any other check: far beyond any real run, small
 # enough that every size computed from them stays an exact, cheap Python int.

@@ -87,11 +87,13 @@ def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: 
 
     ``build(rank)``, called inside rank r's fake world, builds that rank's model (default: a random-free
     meta ``tensor_parallel_llama`` of ``config`` in ``dtype``); e.g. ``load_tp_pretrained(path,
-    device="meta")`` checks a checkpoint's files for that rank."""
+    device="meta")`` checks a checkpoint's files for that rank. The report's ``dtype`` is the weights'
+    dtype of the ranks as built (a checkpoint's own dtype when ``build`` loads one without a dtype)."""
     TPLayout(config, tp)  # every divisibility problem, before any rank is built
     names = list(COUNTER_NAMES if counters is None else counters)
     reports = []
     wb = ab = None
+    weight_dtypes = set()
     for rank in range(tp):
         with fake_world(tp, rank=rank) as group:
             if build is None:
@@ -100,6 +102,7 @@ def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: 
             else:
                 model = build(rank)
             wb, ab = model.tok_embeddings.weight.dtype.itemsize, model.compute_dtype.itemsize
+            weight_dtypes.add(str(model.tok_embeddings.weight.dtype).replace("torch.", ""))
             tokens = torch.zeros((batch, n_tokens), dtype=torch.long, device="meta")
             results = count_rank(model, tokens, n_cached=n_cached, counters=names, strict=strict)
             reports.append(rank_report(results, config=model.config, tp=tp, rank=rank, schedule=tuple(model.schedule),
@@ -108,6 +111,8 @@ def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: 
             del model
     out = combine(reports, weight_dtype_bytes=wb, act_dtype_bytes=ab)
     out.device, out.mode = "meta", f"{tp} ranks counted one after another in this process (fake process group, meta device)"
+    # the dtype the ranks were built in (``build`` may load a checkpoint in its own dtype, not ``dtype``)
+    out.dtype = ",".join(sorted(weight_dtypes))
     return out
 
 
@@ -198,13 +203,14 @@ def _exit_status_of(e: BaseException) -> int:
     return EXIT_INTERNAL
 
 
-def _output(args, report: TPReport, *, title: str, extra: dict) -> int:
+def _output(args, report: TPReport, *, title: Callable[[str], str], extra: dict) -> int:
+    """Print or write ``report``; ``title(dtype)`` is the table's first line, given the dtype the ranks used."""
     if args.format == "json":
         text = json.dumps(tp_to_json(report, extra=extra), indent=2) + "\n"
     elif args.format == "csv":
         text = render_tp_csv(report)
     else:
-        text = render_tp_table(report, detail=args.detail, title=title) + "\n"
+        text = render_tp_table(report, detail=args.detail, title=title(report.dtype)) + "\n"
     if args.out:
         write_output(args.out, text)
         verdict = "counters agree" if report.agree else f"counters DISAGREE ({len(report.mismatches)} mismatches)"
@@ -267,9 +273,11 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
     weights = ("checkpoint weights, each rank its part" if source.has_weights and device != "meta"
                else "checkpoint checked per rank, not loaded (meta)" if source.has_weights
                else "no weights (meta)" if device == "meta" else "random weights")
-    title = (f"{config.name} split {n} ways: schedule {format_schedule(schedule)} ({len(schedule)} layer runs), "
-             f"batch {args.batch}, {args.tokens} new + {args.cached} cached tokens, device {device} ({weights}), "
-             f"kernel {args.kernel}")
+
+    def title(weight_dtype: str) -> str:  # the dtype is known once the ranks are built
+        return (f"{config.name} split {n} ways: schedule {format_schedule(schedule)} ({len(schedule)} layer runs), "
+                f"batch {args.batch}, {args.tokens} new + {args.cached} cached tokens, device {device} ({weights}, "
+                f"{weight_dtype}), kernel {args.kernel}")
     extra = {"model_source": {"spec": args.model, "kind": source.kind, "checkpoint_dir": source.checkpoint_dir},
              "weights": weights, "device_reason": reason}
 
@@ -282,11 +290,11 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
             def build(rank: int):
                 return load_tp_pretrained(source.checkpoint_dir, device="meta", dtype=dtype, attn_kernel=args.kernel,
                                           schedule=schedule)
+        # without --dtype: bf16 for a config (no weights), the checkpoint's own dtype when one is checked
         report = count_meta_ranks(config, n, batch=args.batch, n_tokens=args.tokens, n_cached=args.cached,
                                   schedule=schedule, counters=names, strict=args.strict,
                                   dtype=dtype or torch.bfloat16, attn_kernel=args.kernel, build=build)
-        report.dtype = str(dtype or torch.bfloat16).replace("torch.", "")
-        report.kernel = args.kernel
+        report.kernel = args.kernel  # report.dtype: what the ranks were built in (count_meta_ranks)
         return _output(args, report, title=title, extra=extra)
 
     backend = default_backend(torch.device(device))
@@ -304,7 +312,7 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
     return _output(args, report, title=title, extra=extra)
 
 
-def _run_torchrun(args, job: dict, n: int, backend: str, *, title: str, extra: dict) -> int:
+def _run_torchrun(args, job: dict, n: int, backend: str, *, title: Callable[[str], str], extra: dict) -> int:
     group = init_torchrun(backend)
     if group.world_size != n:
         raise BadInput(f"--tp {n} but torchrun started {group.world_size} rank(s): give --nproc-per-node {n} "

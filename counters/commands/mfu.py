@@ -33,11 +33,14 @@ from .common import EXIT_OK, BadInput, add_model_arguments, check_int
 
 HELP = "MFU (and HFU) of a measured throughput from the exact FLOPs per token, beside the published formulas"
 DEFAULT_TOKENS = 2048
-#: Far beyond any real job, small enough that every figure stays a finite float.
+#: Far beyond any real job either way (1e-9: one token in about 32 years), and every figure stays a
+#: finite, non-zero float in between.
 MAX_TOKENS_PER_SECOND = 10 ** 18
+MIN_TOKENS_PER_SECOND = Fraction(1, 10 ** 9)
 MAX_DEVICES = 1 << 24
-# A plain decimal, at most a 3-digit exponent: Fraction("1e999999999") would build a billion-digit integer.
-_DECIMAL = re.compile(r"(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d{1,3})?")
+# A plain decimal: mantissa and exponent read apart, so that "1e999999999" is never built as a
+# billion-digit integer (at most 64 characters: the mantissa alone cannot bring such an exponent back).
+_DECIMAL = re.compile(r"(?P<mantissa>\d+(?:\.\d*)?|\.\d+)(?:[eE](?P<exponent>[+-]?\d+))?")
 CONVENTIONS = ("model FLOPs = 2 x MACs of matrix products only (non-matmul work is not model FLOPs); attention "
                "dense over the N x N scores of every query head, as the math kernel computes it; training = "
                "forward + backward = 3 x forward MACs, no recompute; inference = forward only; per token = "
@@ -47,7 +50,8 @@ CONVENTIONS = ("model FLOPs = 2 x MACs of matrix products only (non-matmul work 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--tokens-per-second", "-T", dest="tokens_per_second", required=True, metavar="T",
-                   help="measured throughput: tokens per second in total over all --devices (a decimal, read exactly)")
+                   help="measured throughput: tokens per second in total over all --devices (a decimal from 1e-9 "
+                        "to 1e18, read exactly)")
     p.add_argument("--hardware", required=True, choices=HARDWARE_NAMES,
                    help="peak table entry, or 'cpu' to measure this machine's matmul peak now")
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
@@ -68,17 +72,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------- input
 def parse_tokens_per_second(text: str) -> Fraction:
-    """The throughput as the exact decimal written: a positive finite number up to 1e18."""
+    """The throughput as the exact decimal written: a positive number from 1e-9 to 1e18."""
     s = text.strip()
-    if len(s) > 64 or not _DECIMAL.fullmatch(s):
+    match = _DECIMAL.fullmatch(s) if len(s) <= 64 else None
+    if match is None:
         raise BadInput(f"--tokens-per-second must be a positive finite number (a decimal like 3000 or 2.5e4), "
                        f"got {text!r}")
-    value = Fraction(s)
-    if value > MAX_TOKENS_PER_SECOND:
-        raise BadInput(f"--tokens-per-second must be <= 1e18, got {text!r}")
-    if value <= 0 or float(value) == 0.0:  # 0, or so small that no figure would be representable
+    mantissa = Fraction(match["mantissa"])  # at most 64 digits
+    if mantissa == 0:
         raise BadInput(f"--tokens-per-second must be a positive finite number, got {text!r}")
-    return value
+    exponent = int(match["exponent"] or 0)
+    # 0 < mantissa < 1e64 and >= 1e-63: beyond +-200 the exponent alone puts the value out of range
+    if exponent > 200 or (exponent >= -200 and mantissa * Fraction(10) ** exponent > MAX_TOKENS_PER_SECOND):
+        raise BadInput(f"--tokens-per-second must be <= 1e18, got {text!r}")
+    if exponent < -200 or mantissa * Fraction(10) ** exponent < MIN_TOKENS_PER_SECOND:
+        raise BadInput(f"--tokens-per-second must be >= 1e-9 (one token in about 32 years), got {text!r}")
+    return mantissa * Fraction(10) ** exponent
 
 
 def _exact_str(x: Exact) -> Any:

@@ -46,7 +46,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from llama_ref.config import PRESETS, LlamaConfig
+from llama_ref.hf import hf_forward_with_cache
 from llama_ref.model import Llama
+from llama_ref.usage import OneLineParser
 
 from ..analytic import analyze
 from ..commands.common import BadInput, check_int, check_output_dir
@@ -221,16 +223,14 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
                 ours.setup_cache(1, prompt_tokens + new_tokens)
                 nxt = ours(prompt, 0)[:, -1].argmax(-1, keepdim=True)
                 state[f"llama_ref_{kernel}"] = {"caches": ours.caches, "next": nxt, "out": [nxt], "kernel": kernel}
-            res = hf(input_ids=prompt, use_cache=True)
-            nxt = res.logits[:, -1].argmax(-1, keepdim=True)
-            state["transformers_sdpa"] = {"pkv": res.past_key_values, "next": nxt, "out": [nxt]}
+            logits, hf_cache = hf_forward_with_cache(hf, prompt)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            state["transformers_sdpa"] = {"cache": hf_cache, "next": nxt, "out": [nxt]}
 
             def step(name: str, i: int) -> None:
                 st = state[name]
                 if name == "transformers_sdpa":
-                    res = hf(input_ids=st["next"], past_key_values=st["pkv"], use_cache=True)
-                    st["pkv"] = res.past_key_values
-                    logits = res.logits
+                    logits, st["cache"] = hf_forward_with_cache(hf, st["next"], st["cache"])
                 else:
                     ours.set_attn_kernel(st["kernel"])
                     ours.caches = st["caches"]
@@ -589,7 +589,7 @@ def plot_bench(doc: dict, path) -> Path:
 
 # ====================================================================== main
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = OneLineParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (seconds; for tests)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads for every contender (default: all cores)")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",

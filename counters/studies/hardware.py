@@ -36,10 +36,11 @@ SXM, 600 GB/s), ``pcie5`` 64 GB/s and ``pcie4`` 32 GB/s (x16; 128 and 64 GB/s bo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
 
@@ -158,9 +159,30 @@ def measure_copy_bandwidth(device: Union[str, torch.device] = "cpu", *, nbytes: 
 _MEASURED: dict[tuple, Hardware] = {}
 
 
+@contextlib.contextmanager
+def _matmul_mode(device: torch.device, dtype: str) -> Iterator[None]:
+    """fp32 matmuls on TF32 tensor cores for ``dtype="tf32"`` (CUDA only), restored afterwards; else nothing.
+
+    Without it a "tf32" measurement times IEEE fp32 matmuls: torch runs fp32 matmuls in full fp32 unless
+    ``torch.backends.cuda.matmul.allow_tf32`` is set. A CPU has no TF32 mode: refused (ValueError)."""
+    if dtype != "tf32":
+        yield
+        return
+    if device.type != "cuda":
+        raise ValueError(f"dtype tf32 on {device.type}: TF32 is a mode of CUDA tensor cores, and this device's fp32 "
+                         "matmuls are plain fp32 (a 'tf32 peak' measured here would be its fp32 peak); use fp32")
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def measure_device(device: Union[str, torch.device] = "cpu", dtype: str = "fp32", *, n: int = 2048,
                    repeats: int = 5, nbytes: int = 256 * 2**20, cache: bool = True) -> Hardware:
-    """Measure this device's matmul peak (``dtype``) and copy bandwidth. Cached per process."""
+    """Measure this device's matmul peak (``dtype``; ``tf32``: fp32 matmuls with TF32 enabled, CUDA only) and
+    copy bandwidth. Cached per process."""
     device = torch.device(device)
     if dtype not in DTYPE_NAMES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
@@ -168,7 +190,8 @@ def measure_device(device: Union[str, torch.device] = "cpu", dtype: str = "fp32"
     if cache and key in _MEASURED:
         return _MEASURED[key]
     t0 = time.perf_counter()
-    peak = measure_matmul_peak(device, DTYPE_NAMES[dtype], n=n, repeats=repeats)
+    with _matmul_mode(device, dtype):
+        peak = measure_matmul_peak(device, DTYPE_NAMES[dtype], n=n, repeats=repeats)
     bw = measure_copy_bandwidth(device, nbytes=nbytes, repeats=repeats)
     name = "cpu" if device.type == "cpu" else f"{device.type}-measured"
     hw = Hardware(

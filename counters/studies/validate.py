@@ -41,11 +41,13 @@ import torch
 
 from llama_ref.config import LlamaConfig
 from llama_ref.dtypes import short_name
-from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict
+from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict, hf_forward_with_cache
 from llama_ref.loading import load_pretrained
 from llama_ref.memory import check_memory
+from llama_ref.model import Llama
 from llama_ref.schedule import format_schedule
 from llama_ref.shapes import training_memory
+from llama_ref.usage import OneLineParser
 
 from ..analytic import analyze
 from ..crosscheck import COUNTER_FUNCTIONS, crosscheck
@@ -260,8 +262,8 @@ def compare_with_hf(model, hf, phase: Phase, *, batch: int, seed: int = 0) -> di
     finally:
         model.clear_cache()
     if c:
-        pre = hf(input_ids=tokens[:, :c], use_cache=True)
-        ref = hf(input_ids=tokens[:, c:], past_key_values=pre.past_key_values, use_cache=True).logits
+        _, prefilled = hf_forward_with_cache(hf, tokens[:, :c])
+        ref, _ = hf_forward_with_cache(hf, tokens[:, c:], prefilled)
     else:
         ref = hf(input_ids=tokens, use_cache=False).logits
     metrics = logits_metrics(ours, ref)
@@ -476,7 +478,7 @@ def _json_default(x):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-2-7b", help="preset or config path (synthetic weights); default llama-2-7b")
     src = p.add_mutually_exclusive_group()

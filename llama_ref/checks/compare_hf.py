@@ -40,6 +40,7 @@ from ..hf import from_hf_model, hf_config_dict
 from ..loading import load_pretrained
 from ..memory import available_memory_bytes
 from ..model import Llama
+from ..usage import BAD_INPUT_ERRORS, OneLineParser, bad_input, positive_finite, positive_int
 
 logger = logging.getLogger("compare_hf")
 
@@ -56,34 +57,24 @@ class UsageError(Exception):
 
 
 # ---------------------------------------------------------------- arguments
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = OneLineParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("model", metavar="MODEL", help=f"preset ({', '.join(PRESETS)}) or an HF checkpoint directory")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weight dtype of both models")
-    p.add_argument("--batch", type=_positive_int, default=2)
-    p.add_argument("--seqlen", type=_positive_int, default=32)
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--seqlen", type=positive_int, default=32)
     p.add_argument("--seed", type=int, default=0, help="seeds the random init and the token batch")
-    p.add_argument("--layers", type=_positive_int, default=None, help="keep only the first K decoder layers")
-    p.add_argument("--init-std", type=float, default=None,
+    p.add_argument("--layers", type=positive_int, default=None, help="keep only the first K decoder layers")
+    p.add_argument("--init-std", type=positive_finite, default=None,
                    help="std of the random init (presets only); default max(0.02, 1.5/sqrt(hidden)), "
                         "wide enough that attention is far from uniform")
     p.add_argument("--attn", choices=("eager", "sdpa"), default="eager", help="HF attention implementation")
     p.add_argument("--kernel", choices=("math", "sdpa"), default="math", help="our attention kernel")
     p.add_argument("--via-disk", action="store_true",
                    help="presets: save_pretrained to a temp dir and load ours with llama_ref.load")
-    p.add_argument("--atol", type=float, default=None,
+    p.add_argument("--atol", type=positive_finite, default=None,
                    help=f"max |logit diff| allowed; default {DEFAULT_ATOL_FP32} for fp32 compute, "
                         f"{DEFAULT_RTOL_BF16} x max|logit| for bf16 compute")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the numbers as JSON")
@@ -251,8 +242,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda: no CUDA device is available")
-        if args.atol is not None and not args.atol > 0:
-            raise UsageError(f"--atol must be positive, got {args.atol}")
         t0 = time.perf_counter()
         hf, ours, config, info = build_models(args)
         if args.seqlen > config.max_seq_len:
@@ -260,9 +249,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tokens = torch.randint(0, config.vocab_size, (args.batch, args.seqlen),
                                generator=torch.Generator().manual_seed(args.seed)).to(args.device)
         result = compare(hf, ours, tokens)
-    except UsageError as e:
-        logger.error("%s", e)
-        return 2
+    except (UsageError, *BAD_INPUT_ERRORS) as e:  # e.g. a config.json the reader refuses: one line, not a traceback
+        return bad_input("compare_hf", e)
 
     atol = args.atol
     if atol is None:
@@ -288,9 +276,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"argmax agreement {100 * r['argmax_agreement']:.2f}%")
     print("  PASS" if passed else "  FAIL: difference above tolerance")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(report, f, indent=2)
+        except OSError as e:
+            return bad_input("compare_hf", e)
     return 0 if passed else 1
 
 

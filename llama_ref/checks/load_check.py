@@ -1,6 +1,6 @@
 """Load a full-size checkpoint and run one forward pass; report load time, peak RSS and forward time.
 
-    python scripts/load_7b_check.py /work/ckpt/llama-2-7b-hf [--dtype bf16] [--tokens 16] [--json out/load_7b_check.json]
+    python scripts/load_7b_check.py checkpoints/llama-2-7b-hf [--dtype bf16] [--tokens 16] [--json out/load_7b_check.json]
 
 Run it in a fresh process (it is one): peak RSS (``ru_maxrss``) is a high-water mark for the whole
 process. Weights are stored in ``--dtype`` and the forward computes in fp32 on CPU. ``--drop-cache``
@@ -10,7 +10,6 @@ those files), so the load time includes reading from disk.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..loading import detect_format, load_pretrained, parse_dtype
+from ..usage import BAD_INPUT_ERRORS, OneLineParser, bad_input, positive_int
 
 
 def peak_rss_gib() -> float:
@@ -50,21 +50,30 @@ def drop_page_cache(files: list[Path]) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", type=Path, nargs="?", default=Path("/work/ckpt/llama-2-7b-hf"))
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", type=Path, nargs="?", default=Path("checkpoints/llama-2-7b-hf"),
+                   help="checkpoint directory (default checkpoints/llama-2-7b-hf, relative to where it is run)")
     p.add_argument("--dtype", default="bf16", help="weight storage dtype (default bf16)")
-    p.add_argument("--tokens", type=int, default=16, help="prompt length")
+    p.add_argument("--tokens", type=positive_int, default=16, help="prompt length")
     p.add_argument("--json", type=Path, default=Path("out/load_7b_check.json"), help="where to write the numbers")
     p.add_argument("--drop-cache", action="store_true", help="evict the checkpoint files from the page cache first")
     p.add_argument("--progress", action="store_true", help="show the loading progress bar")
     p.add_argument("--save-logits", type=Path, help="save the logits (torch.save) to compare layouts")
     p.add_argument("--compare-logits", type=Path, help="logits saved by an earlier run (e.g. the other layout)")
     args = p.parse_args(argv)
+    try:
+        return _run(args)
+    except BAD_INPUT_ERRORS as e:  # a missing checkpoint, a bad --dtype, an unwritable --json: one line
+        return bad_input("load_check", e)
 
+
+def _run(args) -> int:
+    dtype = parse_dtype(args.dtype, "--dtype")
+    if not args.checkpoint.is_dir():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint}: no such directory")
     files = checkpoint_files(args.checkpoint)
     if args.drop_cache:
         drop_page_cache(files)
-    dtype = parse_dtype(args.dtype, "--dtype")
     torch.manual_seed(0)
     rss_before = peak_rss_gib()
 

@@ -25,7 +25,15 @@ peak_cuda_bytes_after_load), and reference
 ({ran, reason, max_abs_diff, max_abs_diff_hf, hf_ran, hf_reason, tol}), passed.
 
 Exit status: 0 when the logits match within ``--tol`` (or no reference could run), 1 when they differ,
-2 on bad input (every rank reports the same error; nothing hangs).
+2 on bad input (every rank reports the same error; nothing hangs). The arguments are checked before a
+rank joins the world (``--tol`` a non-negative finite number, ``--batch``/``--seqlen`` positive, the
+dtypes and ``--device`` known), the checkpoint once every rank has joined, so that one rank's missing
+file cannot leave the others waiting.
+
+Under ``torchrun`` the ranks' status 2 reaches you through torchrun, which reports any non-zero rank as
+its own failure (a ``ChildFailedError`` summary) and exits 1: the one line above it, from rank 0, is the
+reason. To check the arguments alone first, run the script without torchrun: it checks them, then
+stops with status 2 at "not running under torchrun" only if they are good.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ from ..loading.readers import OpenFiles
 from ..memory import available_memory_bytes as available_bytes
 from ..model import Llama
 from ..parallel import default_backend, init_torchrun, load_tp_pretrained
+from ..usage import BAD_INPUT_ERRORS, OneLineParser, bad_input, non_negative_finite, one_line, positive_int
 
 logger = logging.getLogger("tp_check")
 
@@ -60,7 +69,7 @@ class UsageError(Exception):
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="checkpoint directory (HF or Meta layout)")
     p.add_argument("--tokens-file", help="torch.save'd integer tensor (bsz, seqlen) or (seqlen,)")
     p.add_argument("--save-logits", help="rank 0 writes the gathered fp32 logits here (torch.save)")
@@ -69,10 +78,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="weight storage dtype (default: the checkpoint's)")
     p.add_argument("--compute-dtype", default="fp32", help="activation dtype (default fp32)")
     p.add_argument("--kernel", default="math", choices=("math", "sdpa"), help="attention kernel")
-    p.add_argument("--batch", type=int, default=2, help="random tokens: batch size (default 2)")
-    p.add_argument("--seqlen", type=int, default=16, help="random tokens: sequence length (default 16)")
+    p.add_argument("--batch", type=positive_int, default=2, help="random tokens: batch size (default 2)")
+    p.add_argument("--seqlen", type=positive_int, default=16, help="random tokens: sequence length (default 16)")
     p.add_argument("--seed", type=int, default=0, help="random tokens: seed")
-    p.add_argument("--tol", type=float, default=1e-4, help="max |logit difference| allowed (default 1e-4)")
+    p.add_argument("--tol", type=non_negative_finite, default=1e-4,
+                   help="max |logit difference| allowed, >= 0 and finite (default 1e-4)")
     p.add_argument("--no-reference", action="store_true", help="skip the single-process comparison")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers comparison")
     return p.parse_args(argv)
@@ -133,8 +143,6 @@ def read_tokens(args: argparse.Namespace, vocab_size: int, max_seq_len: int) -> 
         if tokens.dim() != 2 or tokens.numel() == 0:
             raise UsageError(f"--tokens-file {args.tokens_file}: expected shape (bsz, seqlen), got {tuple(tokens.shape)}")
         return tokens.long()
-    if args.batch < 1 or args.seqlen < 1:
-        raise UsageError(f"--batch and --seqlen must be positive, got {args.batch} and {args.seqlen}")
     seqlen = min(args.seqlen, max_seq_len)
     gen = torch.Generator().manual_seed(args.seed)
     return torch.randint(0, vocab_size, (args.batch, seqlen), generator=gen)
@@ -224,18 +232,17 @@ def run_reference(args, checkpoint: str, tokens: torch.Tensor, tp_logits: torch.
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
+    try:  # what the arguments alone decide, the same on every rank: before any rank joins the world
+        dtype = parse_dtype(args.dtype, "--dtype")
+        compute_dtype = parse_dtype(args.compute_dtype, "--compute-dtype")
         device = pick_device(args.device)
         group = init_torchrun(default_backend(device))
     except (UsageError, ValueError) as e:
-        print(f"tp_check: {e}", file=sys.stderr)
-        return 2
+        return bad_input("tp_check", e)
     rank, world = group.rank, group.world_size
     status: dict = {"rank": rank, "error": None}
     model = tokens = logits = None
     try:
-        dtype = parse_dtype(args.dtype, "--dtype")
-        compute_dtype = parse_dtype(args.compute_dtype, "--compute-dtype")
         files = find_checkpoint_files(args.checkpoint)
         status["rss_before_load_bytes"] = current_rss_bytes()
         t0 = time.perf_counter()
@@ -254,8 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise UsageError(f"token id {int(bad[0])} is outside the vocabulary [0, {model.config.vocab_size})")
         if tokens.shape[1] > model.config.max_seq_len:
             raise UsageError(f"{tokens.shape[1]} tokens exceed max_seq_len={model.config.max_seq_len}")
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        status["error"] = f"{type(e).__name__}: {e}"
+    except (UsageError, *BAD_INPUT_ERRORS) as e:  # reported by rank 0 for every rank, in one line each
+        status["error"] = f"{type(e).__name__}: {one_line(e)}"
     # Every rank learns whether every rank loaded, so a failure on one rank never leaves the others
     # waiting in a collective.
     statuses: list = [None] * world

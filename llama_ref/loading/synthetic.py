@@ -15,7 +15,6 @@ rely on that to compare layouts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -312,7 +311,9 @@ def write_checkpoint(preset_or_config: Union[str, LlamaConfig], out: Union[str, 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from llama_ref.config import PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from llama_ref.usage import OneLineParser, bad_input
+
+    p = OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("preset", choices=sorted(PRESETS), help="model shape")
     p.add_argument("out", type=Path, help="output directory (created; must be empty unless --force)")
     p.add_argument("--format", choices=FORMATS, default="hf",
@@ -328,8 +329,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         files = write_checkpoint(args.preset, args.out, args.format, args.shards, args.dtype, args.seed,
                                  force=args.force, progress=False if args.no_progress else None)
-    except (ValueError, FileExistsError) as e:
-        p.error(str(e))
+    except (ValueError, OSError, MemoryError) as e:  # FileExistsError is an OSError: one line, exit 2
+        return bad_input("make_synthetic_checkpoint", e)
     size = sum(f.stat().st_size for f in files)
     print(f"wrote {args.preset} ({args.format}, {args.shards} shard(s), {args.dtype}) to {args.out}: "
           f"{len(files)} files, {size / 2**30:.2f} GiB in {time.perf_counter() - t0:.1f} s")

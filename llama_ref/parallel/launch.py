@@ -16,8 +16,10 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from typing import Any, Callable, Iterator, Optional
@@ -25,6 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multiprocessing import resource_tracker
 
 from .collectives import TPGroup
 from .layout import check_world_size
@@ -113,6 +116,13 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     raises ``RuntimeError``; ranks still running after ``timeout_s`` are stopped and ``TimeoutError`` is
     raised. ``threads``: torch intra-op threads per rank (default: the CPU count divided among the ranks).
     With ``backend="nccl"`` rank r uses ``cuda:r``.
+
+    Ctrl-C leaves nothing behind, whenever it comes: the ranks are started and stopped with SIGINT held
+    (:func:`_sigint_held`: an interrupted ``Process.start`` would leave a rank this process has no handle
+    on), so a ``KeyboardInterrupt`` is raised only once every started rank is known, and then every rank
+    is stopped before it propagates. The ranks and the fork server inherit SIGINT blocked: a terminal's
+    Ctrl-C, sent to the whole process group, reaches only this process, which stops them (no traceback
+    of theirs). The fork server and ``multiprocessing``'s resource tracker exit with this process.
     """
     world_size = check_world_size(world_size)
     if backend not in ("gloo", "nccl"):
@@ -125,23 +135,52 @@ def spawn(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "g
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world_size)
     ctx = _context()
+    # Started now, not inside the first Process.start below: starting it unblocks SIGINT (CPython's
+    # resource_tracker.ensure_running), which would undo _sigint_held there.
+    resource_tracker.ensure_running()
     tmp = tempfile.mkdtemp(prefix="llama_ref_spawn_")
     procs = []
     finished = False
     try:
         store = os.path.join(tmp, "store")
-        for rank in range(world_size):
-            p = ctx.Process(target=_worker, args=(fn, rank, world_size, backend, store, tmp, threads, timeout_s, args),
-                            name=f"llama_ref-rank{rank}")
-            p.start()
-            procs.append(p)
+        with _sigint_held():  # a Ctrl-C now is raised after the loop, with every started rank in procs
+            for rank in range(world_size):
+                p = ctx.Process(target=_worker, args=(fn, rank, world_size, backend, store, tmp, threads, timeout_s,
+                                                      args), name=f"llama_ref-rank{rank}")
+                p.start()
+                procs.append(p)
         results = _wait(procs, tmp, timeout_s)
         finished = True
     finally:
-        # Ranks that returned exit by themselves; after a failure the others may be blocked in a collective.
-        _stop(procs, grace_s=30.0 if finished else 0.0)
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Ranks that returned exit by themselves; after a failure (or Ctrl-C) the others may be blocked in a
+        # collective. A second Ctrl-C waits until they are stopped.
+        with _sigint_held():
+            _stop(procs, grace_s=30.0 if finished else 0.0)
+            shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+@contextlib.contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Hold SIGINT (Ctrl-C) for the block, then deliver it: a ``KeyboardInterrupt`` comes after the block,
+    never inside it. SIGINT is blocked in this thread, so processes started inside inherit it blocked (the
+    fork server passes that on to the ranks it forks), and recorded by a Python handler meanwhile (another
+    thread of this process may take the signal). Outside the main thread (no handlers there): nothing."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:  # None: set outside Python
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if hasattr(signal, "pthread_sigmask") else None
+    try:
+        yield
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a pending SIGINT arrives here, and is held
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            signal.raise_signal(signal.SIGINT)  # now, to the handler it was meant for
 
 
 def _context():
