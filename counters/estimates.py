@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Union
 
 from llama_ref.config import LlamaConfig
 from llama_ref.schedule import ScheduleSpec
+from llama_ref.shapes import param_count
 
 from . import table as T
 from .analytic import analyze
@@ -101,7 +102,9 @@ def param_counts(config: Any) -> dict[str, int]:
     layers_matmul = c.n_layers * sum(r.params(c) for r in T.BLOCK_ROWS if r.kind is T.LINEAR)
     norms = sum(r.params(c) for r in rows if r.kind is T.RMSNORM) + c.n_layers * sum(
         r.params(c) for r in T.BLOCK_ROWS if r.kind is T.RMSNORM)
-    total = embedding + layers_matmul + norms + output
+    total = param_count(c)  # the shape algebra's; the parts above are the table's breakdown of it
+    if embedding + layers_matmul + norms + output != total:  # pragma: no cover - the table lost a parameter
+        raise ArithmeticError(f"{c.name}: the table's parameter breakdown does not add up to param_count")
     # the head is a matrix product whether or not its matrix is shared with the embedding
     head = c.dim * c.vocab_size
     # a tied table is the head's matrix: it stays in N; an untied one is a lookup only
