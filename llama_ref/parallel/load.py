@@ -43,10 +43,6 @@ from .model import TensorParallelLlama
 
 logger = logging.getLogger(__name__)
 
-# Mapped pages of a file stay in this process's RSS until the file is closed; closing (and re-opening,
-# which costs a header parse) every 128 MiB keeps that overhead small next to a rank's share.
-MAP_BUDGET_BYTES = 128 * 2**20
-
 SHARD_PER_RANK = "shard-per-rank"
 SLICED = "sliced"
 
@@ -120,7 +116,7 @@ def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None
     compute_dtype = parse_dtype(compute_dtype, "compute_dtype")
     files = find_checkpoint_files(path)
     t0 = time.perf_counter()
-    with OpenFiles(budget=MAP_BUDGET_BYTES) as opener:
+    with OpenFiles() as opener:
         rp = plan_rank(files, opener, group.rank, group.world_size)
         config = rp.config if max_seq_len is None else rp.config.replace(max_seq_len=max_seq_len)
         layout = TPLayout(config, group.world_size)
