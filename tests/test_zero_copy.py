@@ -198,3 +198,44 @@ def test_release_of_a_range_smaller_than_a_page_is_a_no_op(tmp_path):
     release_mmap_range(mm, 10, 100)
     release_mmap_range(mm, 0, len(mm))
     assert mm[:256] == bytes(range(256))
+
+
+# ---------------------------------------------------------------------------- odd files
+def _raw_safetensors(path: Path, tensors: dict, header_pad: int) -> None:
+    """A safetensors file written by hand, with ``header_pad`` spaces after the JSON (any length is legal)."""
+    import json
+
+    header, offset, blobs = {}, 0, []
+    for key, t in tensors.items():
+        raw = t.contiguous().view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": {torch.float32: "F32", torch.bfloat16: "BF16"}[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + len(raw)]}
+        offset += len(raw)
+        blobs.append(raw)
+    text = json.dumps(header).encode() + b" " * header_pad
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_misaligned_safetensors_data_is_copied_into_aligned_storage(tmp_path):
+    want = torch.randn(64, 33)
+    path = tmp_path / "m.safetensors"
+    for pad in range(4):  # one of these leaves the data section at an odd address
+        _raw_safetensors(path, {"w": want}, pad)
+        opener = OpenFiles()
+        stored = opener.describe(str(path))["w"]
+        with opener.tensor(stored) as t:
+            assert t.data_ptr() % 4 == 0 and torch.equal(t, want), pad
+
+
+def test_a_file_shortened_after_its_header_was_read_is_refused(tmp_path):
+    from llama_ref.loading import CheckpointError
+
+    path = tmp_path / "m.safetensors"
+    _raw_safetensors(path, {"a": torch.ones(100), "b": torch.ones(100)}, 0)
+    opener = OpenFiles()
+    stored = opener.describe(str(path))["b"]
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 8)
+    with pytest.raises(CheckpointError, match="shorter than its header says"):
+        with opener.tensor(stored):
+            pass

@@ -44,7 +44,7 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
             would otherwise keep every upcast fp32 weight alive for backward (~27 GB for 7B in bf16).
         check_finite: refuse a tensor holding NaN or inf, or overflowing ``dtype``
             (``NonFiniteWeightError``, naming the tensor and file). One ``aminmax`` pass over the
-            stored bytes, the one read a load needs (~1.3 s for 7B in bf16 here); ``False`` skips it.
+            stored bytes, the one read a load needs (about 1 s for 7B in bf16 here); ``False`` skips it.
 
     Weights stored in ``dtype`` are used straight from a private, copy-on-write memory map of the file
     (on CPU; zero copy: loading takes the time of the check, and their memory is the page cache's,

@@ -278,7 +278,8 @@ class _TorchFile:
 
     def __init__(self, path: str) -> None:
         self.state = load_torch_file(path)
-        self.mappings = file_mappings(path)  # empty for a legacy (read, not mapped) file: nothing to release
+        # A legacy file is read, not mapped: its tensors lie in no mapping of the file and are never released.
+        self.mappings = file_mappings(path)
 
     def get(self, stored: StoredTensor) -> torch.Tensor:
         try:
