@@ -239,3 +239,15 @@ def test_a_file_shortened_after_its_header_was_read_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="shorter than its header says"):
         with opener.tensor(stored):
             pass
+
+
+def test_legacy_pickle_files_load_exactly(ckpts, tmp_path, caplog):
+    # Pre-1.6 torch.save format: read into memory (not mappable); its tensors are used as read.
+    d = copy_ckpt(ckpts["hf-bin"], tmp_path / "ck")
+    state = torch.load(d / "pytorch_model.bin", weights_only=True)
+    torch.save(state, d / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    with caplog.at_level("WARNING"):
+        model = load_pretrained(d)
+    assert "legacy (non-zip)" in caplog.text
+    toks = tokens(tiny_config())
+    assert torch.equal(logits(model, toks), logits(reference_model(tiny_config()), toks))
