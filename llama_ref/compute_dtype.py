@@ -163,8 +163,8 @@ def cpu_flags() -> Optional[CpuFlags]:
         try:
             if fn is not None and fn():
                 found.add(flag)
-        except Exception:  # a private API: treat any failure as "not known to be there"
-            pass
+        except (RuntimeError, TypeError):  # a private API: a failing query means "not known to be there"
+            logger.debug("torch.cpu.%s() failed; assuming no %s", query, flag)
     return CpuFlags(frozenset(found), "torch.cpu")
 
 
@@ -253,5 +253,5 @@ def probe_cpu_matmul(dtype: torch.dtype) -> tuple[bool, str]:
     return ok, why
 
 
-__all__ = ["AUTO", "CUDA_BF16_CAPABILITY", "CpuFlags", "NATIVE_CPU_FLAGS", "cpu_flags", "cpu_native", "cuda_native",
+__all__ = ["AUTO", "CUDA_BF16_CAPABILITY", "NATIVE_CPU_FLAGS", "CpuFlags", "cpu_flags", "cpu_native", "cuda_native",
            "mkldnn_supports", "parse_compute_dtype", "parse_cpuinfo_flags", "probe_cpu_matmul", "resolve_compute_dtype"]

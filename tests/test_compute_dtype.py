@@ -223,8 +223,8 @@ def test_cuda_bf16_needs_compute_capability_8(gpu, capability, want):
 
 def test_cuda_without_index_asks_the_current_device(gpu):
     gpu((8, 6))
-    assert resolve_compute_dtype("auto", "cuda", BF16) == (BF16, "bf16: CUDA device cuda:0 (compute capability 8.6) "
-                                                                  "has native bf16 matmuls (auto)")
+    want = "bf16: CUDA device cuda:0 (compute capability 8.6) has native bf16 matmuls (auto)"
+    assert resolve_compute_dtype("auto", "cuda", BF16) == (BF16, want)
 
 
 def test_cuda_fp16_is_always_native(gpu):
