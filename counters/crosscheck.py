@@ -152,6 +152,8 @@ class CrosscheckReport:
     device: str = ""
     dtype: str = ""
     kernel: str = ""
+    compute_dtype: str = ""  # the activations' dtype, and why (llama_ref.compute_dtype's rule)
+    compute_dtype_reason: str = ""
     notes: list[str] = field(default_factory=list)
     tp: Optional[int] = None  # a rank of a tp-way tensor-parallel model
     rank: Optional[int] = None
@@ -309,9 +311,15 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
                      analytic=analytic_report, order=names, loss=training is not None)
     if tp is not None:
         report.tp, report.rank = tp, model.tp_group.rank
+    _note_compute_dtype(report, model)
     report.training = training
     report.training_report = training_report
     return report
+
+
+def _note_compute_dtype(report: "CrosscheckReport", model) -> None:
+    report.compute_dtype = str(model.compute_dtype).replace("torch.", "")
+    report.compute_dtype_reason = getattr(model, "compute_dtype_reason", "")
 
 
 def crosscheck_generation(model, *, batch: int, generation: Generation, counters: Optional[Sequence[str]] = None,
@@ -341,6 +349,7 @@ def crosscheck_generation(model, *, batch: int, generation: Generation, counters
     report = compare(results, schedule=model.schedule, config=config, batch=batch, n_tokens=generation.prompt,
                      n_cached=0, order=names)
     report.generation = generation
+    _note_compute_dtype(report, model)
     closed = generation_macs(config, generation, batch=batch, schedule=model.schedule)
     for phase, macs in closed.items():
         for n in names:

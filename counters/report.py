@@ -229,6 +229,8 @@ def to_json(report: CrosscheckReport, *, extra: Optional[dict] = None) -> dict:
         "batch": report.batch,
         "device": report.device,
         "dtype": report.dtype,
+        "compute_dtype": report.compute_dtype,
+        "compute_dtype_reason": report.compute_dtype_reason,
         "kernel": report.kernel,
         "counters": list(report.counters),
         "phases": list(report.phases),

@@ -93,6 +93,8 @@ class TPReport:
     identical: bool = False  # every rank's every counter's every row equal to rank 0's (counts and collectives)
     device: str = ""
     dtype: str = ""
+    compute_dtype: str = ""  # the ranks' activations' dtype, and why (llama_ref.compute_dtype's rule)
+    compute_dtype_reason: str = ""
     kernel: str = ""
     mode: str = ""  # how the ranks ran: "meta (fake process group)", "spawned gloo", "torchrun", ...
     notes: list[str] = field(default_factory=list)

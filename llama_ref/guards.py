@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from .compute_dtype import resolve_compute_dtype
+from .compute_dtype import parse_compute_dtype, resolve_compute_dtype
 from .config import LlamaConfig
 from .devices import resolve_device
 from .errors import NonFiniteError
@@ -67,8 +67,7 @@ def check_build(config: LlamaConfig, *, schedule, device, dtype, attn_kernel, co
         raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
     if dtype is not None:
         _floating_dtype("dtype", dtype)
-    if compute_dtype not in (None, "auto"):
-        _floating_dtype("compute_dtype", compute_dtype)
+    parse_compute_dtype(compute_dtype)  # "auto" (or None), a floating dtype, or a dtype name
     check_kernel(attn_kernel)
     device = None if device is None else resolve_device(device)
     schedule = resolve_schedule(schedule, config.n_layers)

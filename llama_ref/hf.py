@@ -70,15 +70,34 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
+def unpermute_qk_into(out: torch.Tensor, w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """``out.copy_(unpermute_qk(w, n_heads))`` in one copy (no permuted temporary); ``out`` may differ
+    from ``w`` in dtype and device. ``out``: contiguous, ``w``'s shape."""
+    rows, cols = w.shape
+    half = rows // n_heads // 2
+    # (n_heads, 2, half, cols) -> (n_heads, half, 2, cols): the interleave happens inside copy_
+    out.view(n_heads, half, 2, cols).copy_(w.reshape(n_heads, 2, half, cols).transpose(1, 2))
+    return out
+
+
+def qk_heads(name: str, config: LlamaConfig) -> Optional[int]:
+    """How many heads HF's rotate-half permutation spans in the Meta-named weight ``name``: ``n_heads``
+    for wq, ``n_kv_heads`` for wk, ``None`` for any other tensor (stored in the same layout by both)."""
+    if name.endswith("attention.wq.weight"):
+        return config.n_heads
+    if name.endswith("attention.wk.weight"):
+        return config.n_kv_heads
+    return None
+
+
 def convert_hf_tensor(hf_name: str, tensor: torch.Tensor, config: LlamaConfig) -> tuple[str, torch.Tensor]:
     """One HF tensor -> (Meta name, tensor in Meta layout)."""
     name = hf_to_meta_key(hf_name)
     if name is None:
         raise ValueError(f"unexpected tensor {hf_name!r}: not a Llama parameter")
-    if name.endswith("attention.wq.weight"):
-        tensor = unpermute_qk(tensor, config.n_heads)
-    elif name.endswith("attention.wk.weight"):
-        tensor = unpermute_qk(tensor, config.n_kv_heads)
+    heads = qk_heads(name, config)
+    if heads is not None:
+        tensor = unpermute_qk(tensor, heads)
     return name, tensor
 
 

@@ -14,6 +14,7 @@ Small modules exist where a counter must see a piece of work on its own (``Rotar
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Optional, Union
 
@@ -27,6 +28,7 @@ from .config import LlamaConfig
 from .rope_scaling import RopeScaling
 from .shapes import ROPE_EAGER_POSITIONS
 
+logger = logging.getLogger(__name__)
 Positions = Union[int, torch.Tensor]  # start_pos: an int, or a 0-dim LongTensor (static cache, compiled decoding)
 
 
@@ -281,7 +283,8 @@ class Llama(nn.Module):
         device, dtype: where and in what dtype the *weights* live (``"meta"``: shapes only, no storage).
         attn_kernel: ``"math"`` (the reference, default) or ``"sdpa"``.
         compute_dtype: dtype of the activations. ``"auto"`` (default) takes the weight dtype where the device
-            multiplies it natively, else fp32 (:mod:`llama_ref.compute_dtype`); an explicit dtype wins.
+            multiplies it natively (CUDA; CPUs with AMX or AVX512-BF16 for bf16), else fp32
+            (:mod:`llama_ref.compute_dtype`; the choice and why: ``compute_dtype_reason``). A dtype wins.
     """
 
     def __init__(self, config: LlamaConfig, *, schedule=None, device=None, dtype: Optional[torch.dtype] = None,
@@ -312,8 +315,11 @@ class Llama(nn.Module):
         """(Re)build what derives from the config and the weights' device: the RoPE table and the compute
         dtype. Called after any move (``.to``, ``to_empty``) and by the loaders after assigning weights."""
         c, device = self.config, self.device
-        self.compute_dtype, self.compute_dtype_reason = guards.resolve_compute_dtype(
+        dtype, self.compute_dtype_reason = guards.resolve_compute_dtype(
             self._compute_dtype_request, device, self.tok_embeddings.weight.dtype)
+        if dtype != getattr(self, "compute_dtype", None):
+            logger.info("%s on %s computes in %s: %s", self.config.name, device, dtype, self.compute_dtype_reason)
+        self.compute_dtype = dtype
         # A table made in inference_mode would be unusable by a later forward with autograd: build a normal one.
         # On the CPU, then moved: every device gets the bit-identical table (as Meta's code does).
         with torch.inference_mode(False), torch.no_grad():

@@ -90,7 +90,7 @@ def battery(rank: int, checkpoints: dict) -> dict:
     out["loads"] = {}
     for name, path in checkpoints.items():
         with recording_file_access() as (opened, read):
-            model = load_tp_pretrained(path)
+            model = load_tp_pretrained(path, compute_dtype=torch.float32)  # fp32: comparable across summation orders
         with torch.no_grad():
             out["loads"][name] = {"logits": model(tokens(model.config)), "opened": sorted(opened),
                                   "read": sorted(read), "dtype": model.tok_embeddings.weight.dtype}

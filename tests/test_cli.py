@@ -39,6 +39,8 @@ def test_count_llama2_7b_2048_json(capsys):
     assert code == EXIT_OK, err
     assert doc["agree"] is True
     assert doc["device"] == "meta"  # 27 GB of fp32 random weights: counted on meta
+    # meta in bf16 (as Llama-2 ships): the weight dtype, and why (the meta device runs no kernels)
+    assert doc["compute_dtype"] == "bfloat16" and "meta device" in doc["compute_dtype_reason"]
     assert doc["params"] == 6_738_415_616
     assert doc["counters"] == ALL and set(doc["totals"]) == set(ALL)
     a, b = 6_607_077_376, 262_144
@@ -305,3 +307,15 @@ def test_every_subcommand_is_registered():
     assert set(cli.SUBCOMMANDS) == {"count", "schedules", "params", "roofline", "mfu"}
     parser = cli.build_parser()
     assert parser.parse_args(["roofline", "tiny"]).command == "roofline"
+
+
+def test_the_compute_dtype_and_its_reason_are_logged_with_v(capsys, caplog, monkeypatch):
+    from llama_ref import compute_dtype
+
+    # A bf16 checkpoint on a CPU without native bf16 (mocked): fp32, and why, in -v logs and in the JSON.
+    monkeypatch.setattr(compute_dtype, "cpu_native", lambda dtype: (False, "no AMX-BF16 (mocked)"))
+    with caplog.at_level("INFO"):
+        code, doc, err = _json(capsys, "-v", "count", "tiny", "--tokens", "4", "--dtype", "bf16", "--device", "cpu")
+    assert code == EXIT_OK, err
+    assert doc["compute_dtype"] == "float32" and "no AMX-BF16 (mocked)" in doc["compute_dtype_reason"]
+    assert any("computes in torch.float32" in r.getMessage() and "mocked" in r.getMessage() for r in caplog.records)

@@ -78,11 +78,30 @@ def test_meta_to_empty_then_load(tiny_model, tiny_config):
 
 
 # ---------------------------------------------------------------- dtypes on CPU
+@pytest.fixture
+def cpu_without_native_low_precision(monkeypatch):
+    """An AVX2-only CPU (bf16/fp16 matmuls emulated): "auto" upcasts to fp32, whatever this machine has."""
+    from llama_ref import compute_dtype
+
+    monkeypatch.setattr(compute_dtype, "cpu_native", lambda dtype: (False, "no AMX-BF16 or AVX512-BF16 (mocked)"))
+
+
+@pytest.fixture
+def cpu_with_native_low_precision(monkeypatch):
+    """A CPU with AMX (bf16 and fp16 matmuls native through oneDNN), whatever this machine has."""
+    from llama_ref import compute_dtype
+
+    monkeypatch.setattr(compute_dtype, "cpu_native", lambda dtype: (True, "this CPU has AMX (mocked)"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_weights_compute_in_fp32_on_cpu(tiny_config, make_model, dtype):
+def test_low_precision_weights_compute_in_fp32_on_a_cpu_without_native_matmuls(
+        tiny_config, make_model, dtype, cpu_without_native_low_precision):
     fp32_model = make_model(tiny_config)
     model = make_model(tiny_config, dtype=dtype)
     assert model.tok_embeddings.weight.dtype == dtype and model.compute_dtype == torch.float32
+    if dtype != torch.float32:
+        assert "mocked" in model.compute_dtype_reason and "upcast" in model.compute_dtype_reason
     ref = _rounded_fp32_copy(model, dtype, make_model, tiny_config)
     tokens = _tokens(2, 10, tiny_config.vocab_size)
     logits = model(tokens)
@@ -100,8 +119,25 @@ def test_low_precision_weights_compute_in_fp32_on_cpu(tiny_config, make_model, d
     torch.testing.assert_close(torch.cat(steps, 1), logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_weights_compute_natively_on_a_cpu_that_has_it(tiny_config, make_model, dtype,
+                                                                   cpu_with_native_low_precision):
+    model = make_model(tiny_config, dtype=dtype)
+    assert model.compute_dtype == dtype and "mocked" in model.compute_dtype_reason
+    tokens = _tokens(2, 10, tiny_config.vocab_size)
+    logits = model(tokens)
+    assert logits.dtype == torch.float32  # logits are always returned in fp32
+    explicit = make_model(tiny_config, dtype=dtype, compute_dtype=dtype)  # what "auto" picked, asked for
+    explicit.load_state_dict(model.state_dict())
+    torch.testing.assert_close(logits, explicit(tokens), atol=0, rtol=0)
+    model.setup_cache(2, 10)
+    assert model.caches[0].cache_k.dtype == dtype  # the cache follows the compute dtype
+    upcast = make_model(tiny_config, dtype=dtype, compute_dtype=torch.float32)  # an explicit dtype wins
+    assert upcast.compute_dtype == torch.float32
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_module_to_dtype_keeps_rope_table(tiny_config, make_model, dtype):
+def test_module_to_dtype_keeps_rope_table(tiny_config, make_model, dtype, cpu_without_native_low_precision):
     """``model.to(dtype)`` used to cast the complex64 RoPE table to a real tensor (imaginary parts
     dropped), silently rotating every position wrongly. It must stay complex64."""
     model = make_model(tiny_config)

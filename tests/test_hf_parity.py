@@ -164,14 +164,15 @@ def _rounded_hf(name: str, dtype: torch.dtype):
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_from_pretrained_parity(name, tmp_path, dtype):
-    """save_pretrained (safetensors, in ``dtype``) -> llama_ref.load(path, device=, dtype=) -> same logits."""
+    """save_pretrained (safetensors, in ``dtype``) -> llama_ref.load(path, device=, dtype=) -> same logits.
+    Compared in fp32, explicitly: "auto" would compute bf16 weights in bf16 on a CPU with AMX."""
     # A separate copy is cast and saved: Module.to(bf16) would also round HF's RoPE inv_freq buffer,
     # and the reference must stay exact.
     _rounded_hf(name, dtype).to(dtype).save_pretrained(tmp_path)
     files = os.listdir(tmp_path)
     assert "config.json" in files and any(f.endswith(".safetensors") for f in files)
     hf = _rounded_hf(name, dtype)
-    ours = llama_ref.load(tmp_path, device="cpu", dtype=dtype)
+    ours = llama_ref.load(tmp_path, device="cpu", dtype=dtype, compute_dtype=torch.float32)
     assert ours.tok_embeddings.weight.dtype == dtype and ours.compute_dtype == torch.float32
     tokens = _tokens(2, 24, ours.config.vocab_size, seed=4)
     expected = _hf_logits(hf, tokens)

@@ -110,8 +110,11 @@ def test_bad_constructor_arguments(tiny_config):
         Llama(tiny_config, attn_kernel="flash")
     with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype, got torch.int64"):
         Llama(tiny_config, dtype=torch.int64)
-    with pytest.raises(ValueError, match="compute_dtype must be a floating-point torch.dtype, got 'fp32'"):
-        Llama(tiny_config, compute_dtype="fp32")
+    with pytest.raises(ValueError, match="compute_dtype='int8' is not 'auto' or a dtype"):
+        Llama(tiny_config, compute_dtype="int8")
+    with pytest.raises(ValueError, match="compute_dtype=torch.int64 is not a floating-point dtype"):
+        Llama(tiny_config, compute_dtype=torch.int64)
+    assert Llama(tiny_config, compute_dtype="fp32", device="meta", dtype=torch.bfloat16).compute_dtype == torch.float32
     with pytest.raises(ValueError, match="device='nope' is not a valid torch device"):
         Llama(tiny_config, device="nope")
 

@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.format == "json":
         extra = {"model_source": {"spec": args.model, "kind": source.kind, "checkpoint_dir": source.checkpoint_dir},
-                 "weights": weights, "device_reason": reason, "compute_dtype": str(model.compute_dtype).replace("torch.", "")}
+                 "weights": weights, "device_reason": reason}
         text = json.dumps(to_json(report, extra=extra), indent=2) + "\n"
     elif args.format == "csv":
         text = render_csv(report, detail=True)  # CSV is for machines: always one line per module row

@@ -103,6 +103,7 @@ def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: 
                 model = build(rank)
             wb, ab = model.tok_embeddings.weight.dtype.itemsize, model.compute_dtype.itemsize
             weight_dtypes.add(str(model.tok_embeddings.weight.dtype).replace("torch.", ""))
+            compute = (str(model.compute_dtype).replace("torch.", ""), model.compute_dtype_reason)
             tokens = torch.zeros((batch, n_tokens), dtype=torch.long, device="meta")
             results = count_rank(model, tokens, n_cached=n_cached, counters=names, strict=strict)
             reports.append(rank_report(results, config=model.config, tp=tp, rank=rank, schedule=tuple(model.schedule),
@@ -113,6 +114,7 @@ def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: 
     out.device, out.mode = "meta", f"{tp} ranks counted one after another in this process (fake process group, meta device)"
     # the dtype the ranks were built in (``build`` may load a checkpoint in its own dtype, not ``dtype``)
     out.dtype = ",".join(sorted(weight_dtypes))
+    out.compute_dtype, out.compute_dtype_reason = compute
     return out
 
 
@@ -165,7 +167,8 @@ def _rank_body(rank: int, job: dict) -> dict:
             "weight_dtype_bytes": model.tok_embeddings.weight.dtype.itemsize,
             "act_dtype_bytes": model.compute_dtype.itemsize,
             "dtype": str(model.tok_embeddings.weight.dtype).replace("torch.", ""),
-            "compute_dtype": str(model.compute_dtype).replace("torch.", "")}
+            "compute_dtype": str(model.compute_dtype).replace("torch.", ""),
+            "compute_dtype_reason": model.compute_dtype_reason}
 
 
 def count_spawned_rank(rank: int, job: dict) -> dict:
@@ -182,6 +185,7 @@ def _reports(outs: list[dict], job: dict, tp: int) -> TPReport:
     report = combine(reports, weight_dtype_bytes=outs[0]["weight_dtype_bytes"],
                      act_dtype_bytes=outs[0]["act_dtype_bytes"])
     report.dtype = outs[0]["dtype"]
+    report.compute_dtype, report.compute_dtype_reason = outs[0]["compute_dtype"], outs[0]["compute_dtype_reason"]
     return report
 
 

@@ -255,6 +255,8 @@ def run(args: argparse.Namespace) -> int:
         "schedule": report.schedule_str,
         "batch": args.batch, "n_tokens": args.tokens, "n_cached": args.cached,
         "dtype": dtype, "kv_dtype": kv_dtype, "level": args.level,
+        "compute_dtype": dtype, "compute_dtype_reason": f"{dtype}: given by --dtype (the roofline's activations; "
+                                                        "a --measure run computes in it explicitly)",
         "hardware": hw.to_dict(),
         "tp": args.tp,
         "link": None if link is None else link.to_dict(),

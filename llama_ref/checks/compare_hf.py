@@ -15,7 +15,7 @@ mean |logit difference| and argmax agreement. Exit status 0 if both max differen
 ``--atol``, 1 if not, 2 on bad arguments (or a model too big for this machine's memory).
 
 HF runs in the dtype *we compute in*, on the same weight values: with ``--dtype bf16`` on the CPU
-our model keeps bf16 weights but computes in fp32, so the reference is HF in fp32 holding exactly the
+our model keeps bf16 weights but is told to compute in fp32 (never "auto"), so the reference is HF in fp32 holding exactly the
 bf16-rounded weights (and the fp32 tolerance applies). On CUDA both compute in bf16 and the
 tolerance is relative to the logit magnitude.
 """
@@ -138,7 +138,8 @@ def cast_hf_(model, dtype: torch.dtype):
 
 
 def reference_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
-    """The dtype our model computes in (``Llama.compute_dtype``): fp32 on CPU, the weight dtype elsewhere."""
+    """The dtype both sides compute in, set explicitly on ours (never "auto"): fp32 on CPU (the logits compare
+    to 1e-4 there), the weight dtype on CUDA."""
     return torch.float32 if device == "cpu" else dtype
 
 
@@ -168,11 +169,11 @@ def build_models(args) -> tuple:
         if use_loader:
             schedule = None if args.layers is None else range(args.layers)
             ours = load_pretrained(args.model, device=args.device, dtype=dtype, attn_kernel=args.kernel,
-                                         schedule=schedule)
+                                   schedule=schedule, compute_dtype=ref_dtype)
             info["ours_from"] = "llama_ref.load"
         else:
             logger.warning("not enough memory for our loader's full model: converting HF's truncated model instead")
-            ours = from_hf_model(hf, device=args.device, dtype=dtype, attn_kernel=args.kernel)
+            ours = from_hf_model(hf, device=args.device, dtype=dtype, attn_kernel=args.kernel, compute_dtype=ref_dtype)
             info["ours_from"] = "llama_ref.from_hf (in-memory conversion)"
         info["source"] = "checkpoint"
         return hf.to(args.device), ours, hf_config, info
@@ -197,10 +198,10 @@ def build_models(args) -> tuple:
         with tempfile.TemporaryDirectory(prefix="compare_hf_") as tmp:
             cast_hf_(hf, dtype).save_pretrained(tmp)  # safetensors in the weight dtype
             cast_hf_(hf, torch.float32)  # lossless: the values were already rounded
-            ours = load_pretrained(tmp, device=args.device, dtype=dtype, attn_kernel=args.kernel)
+            ours = load_pretrained(tmp, device=args.device, dtype=dtype, attn_kernel=args.kernel, compute_dtype=ref_dtype)
         info["ours_from"] = "save_pretrained + llama_ref.load"
     else:
-        ours = from_hf_model(hf, device=args.device, dtype=dtype, attn_kernel=args.kernel)
+        ours = from_hf_model(hf, device=args.device, dtype=dtype, attn_kernel=args.kernel, compute_dtype=ref_dtype)
         info["ours_from"] = "llama_ref.from_hf (in-memory conversion)"
     return cast_hf_(hf.to(args.device), ref_dtype), ours, config, info
 

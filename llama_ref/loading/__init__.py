@@ -1,8 +1,9 @@
 """Loading real Llama checkpoints: Hugging Face (safetensors or ``.bin``, sharded or not) and Meta
 (``consolidated.NN.pth``, merged across model-parallel shards).
 
-Weights are read one tensor at a time from memory-mapped files into a model built on the meta
-device, so peak memory is about one copy of the weights in the target dtype.
+Files are memory-mapped (privately, copy-on-write) into a model built on the meta device: weights
+stored in the target dtype are used as they are mapped (zero copy), the others are copied once
+(see :mod:`.materialize`), so peak memory is the copied weights only.
 """
 
 from .api import load_pretrained, parse_dtype

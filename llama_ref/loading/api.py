@@ -11,6 +11,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
+from ..compute_dtype import parse_compute_dtype
 from ..devices import resolve_device
 from ..dtypes import parse_dtype
 from ..memory import check_memory
@@ -30,22 +31,32 @@ logger = logging.getLogger(__name__)
 def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.device] = "cpu",
                     dtype: Union[None, str, torch.dtype] = None, attn_kernel: str = "math",
                     schedule: ScheduleSpec = None, progress: Optional[bool] = None,
-                    compute_dtype: Optional[torch.dtype] = None, max_seq_len: Optional[int] = None,
+                    compute_dtype: Union[str, torch.dtype] = "auto", max_seq_len: Optional[int] = None,
                     requires_grad: bool = False, check_finite: bool = True) -> Llama:
     """Load a Llama checkpoint directory in any supported layout (see :func:`detect_format`).
 
     Args:
         device: where the weights go; ``"meta"`` checks the files and returns a shape-only model.
         dtype: storage dtype of the weights. ``None``: the checkpoint's own (HF ``config.json``
-            ``torch_dtype``/``dtype``, else the dtype most bytes are stored in). Compute dtype is
-            separate (``compute_dtype``; on CPU fp32 by default, so bf16 weights run fp32 math).
+            ``torch_dtype``/``dtype``, else the dtype most bytes are stored in).
+        compute_dtype: dtype of the activations; ``"auto"`` (default): the weight dtype where the device
+            multiplies it natively (CUDA, CPUs with AMX/AVX512-BF16 for bf16), else fp32, the weights then
+            upcast one matmul at a time (:mod:`llama_ref.compute_dtype`). An explicit dtype wins.
         progress: tqdm bar over bytes; ``None`` shows it only when stderr is a terminal.
         max_seq_len: RoPE table length; Meta's ``params.json`` does not store one (4096 is used).
         requires_grad: loaded weights are frozen by default. A forward outside ``torch.no_grad()``
             would otherwise keep every upcast fp32 weight alive for backward (~27 GB for 7B in bf16).
-        check_finite: refuse a tensor holding NaN or inf (``NonFiniteWeightError``, naming the tensor
-            and file). One ``aminmax`` pass per loaded tensor, a few percent of the load time;
-            ``False`` skips it.
+        check_finite: refuse a tensor holding NaN or inf, or overflowing ``dtype``
+            (``NonFiniteWeightError``, naming the tensor and file). One ``aminmax`` pass over the
+            stored bytes, the one read a load needs (about 1 s for 7B in bf16 here); ``False`` skips it.
+
+    Weights stored in ``dtype`` are used straight from a private, copy-on-write memory map of the file
+    (on CPU; zero copy: loading takes the time of the check, and their memory is the page cache's,
+    shared, not this process's). The others (another dtype or device, HF's permuted q/k, Meta tensors
+    split over shards) are copied once into fresh storage. An in-place op on a weight never writes the
+    file, but **the file must stay as it is while the model lives**: truncating or rewriting it in place
+    (``torch.save`` to the same path, ``truncate``) changes or crashes (SIGBUS) the weights that are
+    mapped. Replacing it with a new file (write elsewhere, then rename) is safe.
 
     Every file header is read and every tensor name and shape checked against the config before
     any weight data is read; on any problem a ``CheckpointError`` (a ``ValueError``) or
@@ -55,7 +66,7 @@ def load_pretrained(path: Union[str, os.PathLike], *, device: Union[str, torch.d
     """
     device = resolve_device(device, "device")
     dtype = parse_dtype(dtype, "dtype")
-    compute_dtype = parse_dtype(compute_dtype, "compute_dtype")
+    compute_dtype = parse_compute_dtype(compute_dtype)
     for name, flag in (("requires_grad", requires_grad), ("check_finite", check_finite)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")

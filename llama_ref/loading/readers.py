@@ -2,8 +2,9 @@
 data, and handing out one tensor at a time from memory-mapped files.
 
 Two file kinds: safetensors (HF) and PyTorch zip archives (HF ``pytorch_model*.bin``, Meta
-``consolidated.NN.pth``). Both are read through memory maps, so nothing is copied until a tensor
-is materialised.
+``consolidated.NN.pth``). Both are memory-mapped, privately (copy-on-write), and tensors are handed
+out as views of the mapped bytes: nothing is copied unless the loader needs another dtype or layout.
+See :class:`OpenFiles` for what that asks of the files.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import pickle
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -21,6 +24,7 @@ import torch
 from ..dtypes import SAFETENSORS_CODES, WEIGHT_DTYPES
 from .errors import CheckpointError, fmt_shape
 from .files import DuplicateKeyError, check_file, no_duplicate_keys, open_binary
+from .pages import file_mappings, release_address_range, release_mmap_range
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +131,16 @@ def load_torch_file(path: str) -> dict[str, torch.Tensor]:
     """``torch.load`` a state dict memory-mapped and with ``weights_only`` (no code execution)."""
     with open_binary(path, "PyTorch checkpoint") as f:
         magic = f.read(4)
-    mmap = magic == _ZIP_MAGIC
-    if not mmap and not magic.startswith(b"\x80"):
+    zipped = magic == _ZIP_MAGIC
+    if not zipped and not magic.startswith(b"\x80"):
         raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a zip archive nor a legacy pickle): "
                               "corrupt or not a weight file")
-    if not mmap:
+    if not zipped:
         # Pre-1.6 format: cannot be memory-mapped, so this file is read whole into memory.
         logger.warning("%s: legacy (non-zip) PyTorch format, loading it without mmap (uses more memory)", path)
     try:
-        state = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+        with _private_mmap():
+            state = torch.load(path, map_location="cpu", mmap=zipped, weights_only=True)
     except PermissionError:
         raise PermissionError(f"cannot read PyTorch checkpoint {path}: permission denied") from None
     except pickle.UnpicklingError as e:
@@ -162,20 +167,38 @@ def describe_torch_state(path: str, state: dict) -> dict[str, StoredTensor]:
     return tensors
 
 
+@contextmanager
+def _private_mmap() -> Iterator[None]:
+    """``torch.load(mmap=True)`` maps with the process-wide default flags, which a user may have set to
+    ``MAP_SHARED``: an in-place op on a weight would then write the checkpoint file. Force
+    ``MAP_PRIVATE`` (copy-on-write) for this load. (Windows has neither flag; its maps are private.)"""
+    flag = getattr(mmap, "MAP_PRIVATE", None)
+    if flag is None:
+        yield
+        return
+    with torch.serialization.set_default_mmap_options(flag):
+        yield
+
+
 # ---------------------------------------------------------------------------- open handles
 class OpenFiles:
-    """Checkpoint files opened on demand, each closed again after ``budget`` bytes were read from it.
+    """Checkpoint files, each memory-mapped once, handing out tensors that are views of the mapped bytes.
 
-    Pages of a memory map that have been read stay resident, and count in the process's RSS, until
-    the map is closed. Holding a 10 GB shard open for the whole load would therefore add the whole
-    shard to peak memory on top of the materialised copy; re-opening every ``budget`` bytes caps
-    that at about ``budget``. (Re-opening is cheap: a header parse and an ``mmap`` call.)
+    Maps are private and copy-on-write (``mmap.ACCESS_COPY``; ``MAP_PRIVATE`` for ``torch.load``): an
+    in-place op on a weight that is such a view copies the touched page into this process and never
+    writes the file. A view keeps its map alive after :meth:`close` (the map goes when its last view
+    does), so the loader can use a view as the weight itself (zero copy). The file must then stay as
+    it is while the weights live: rewriting it in place changes the weights' pages not yet copied, and
+    truncating it makes reading them crash the process (SIGBUS). Writers that write a new file and
+    rename it over the old one (``huggingface_hub``, ``llama_ref.loading.synthetic``) are safe.
+
+    Leaving a :meth:`tensor` block drops the pages read inside it from this process's resident set
+    (:mod:`.pages`): they stay in the shared page cache, so a later read costs a minor fault, and the
+    peak RSS of a load is what it allocates, not the size of the files it read.
     """
 
-    def __init__(self, budget: int = 512 * 1024 * 1024) -> None:
-        self.budget = budget
+    def __init__(self) -> None:
         self._handles: dict[str, Any] = {}
-        self._read: dict[str, int] = {}
 
     def __enter__(self) -> "OpenFiles":
         return self
@@ -184,53 +207,86 @@ class OpenFiles:
         self.close()
 
     def close(self) -> None:
-        for path in list(self._handles):
-            self._close(path)
+        """Forget the handles. Never unmaps: views handed out keep their map (closing a map under a
+        live view would make reading it crash)."""
+        self._handles.clear()
 
     def describe(self, path: str) -> dict[str, StoredTensor]:
         """Every tensor of ``path``, from its header (safetensors) or its memory-mapped pickle (torch)."""
         if path.endswith(".safetensors"):
             return read_safetensors_header(path)
-        return describe_torch_state(path, self._open(path))
+        return describe_torch_state(path, self._open(path).state)
 
     @contextmanager
     def tensor(self, stored: StoredTensor) -> Iterator[torch.Tensor]:
-        """The stored tensor as a view of the file; valid only inside the ``with`` block."""
+        """The stored tensor as a view of the mapped file (a copy only for a misaligned safetensors entry).
+        The view stays valid after the block; leaving it drops the pages read from this process's RSS."""
         handle = self._open(stored.file)
-        try:
-            if stored.file.endswith(".safetensors"):
-                t = handle.get_tensor(stored.key)
-            else:
-                t = handle[stored.key]
-        except Exception as e:  # safetensors raises its own SafetensorError type
-            raise CheckpointError(f"{stored.file}: cannot read tensor {stored.key!r}: {e}") from None
+        t = handle.get(stored)
         try:
             yield t
         finally:
+            handle.release(stored, t)
             del t
-            self._read[stored.file] = self._read.get(stored.file, 0) + stored.nbytes
-            if self._read[stored.file] >= self.budget:
-                self._close(stored.file)
 
     def _open(self, path: str) -> Any:
         if path not in self._handles:
-            if path.endswith(".safetensors"):
-                from safetensors import safe_open
-
-                check_file(path, "safetensors file")  # never hand a FIFO or directory to safe_open
-                try:
-                    handle = safe_open(path, framework="pt", device="cpu")
-                    handle.__enter__()
-                except Exception as e:
-                    raise CheckpointError(f"{path}: cannot open safetensors file: {e}") from None
-            else:
-                handle = load_torch_file(path)
-            self._handles[path] = handle
-            self._read[path] = 0
+            self._handles[path] = _SafetensorsMap(path) if path.endswith(".safetensors") else _TorchFile(path)
         return self._handles[path]
 
-    def _close(self, path: str) -> None:
-        handle = self._handles.pop(path, None)
-        self._read.pop(path, None)
-        if handle is not None and hasattr(handle, "__exit__"):
-            handle.__exit__(None, None, None)
+
+class _SafetensorsMap:
+    """One safetensors file mapped whole; tensors are ``torch.frombuffer`` views (which hold the map)."""
+
+    def __init__(self, path: str) -> None:
+        if sys.byteorder != "little":
+            raise CheckpointError(f"{path}: safetensors data are little-endian and are used as they are mapped; "
+                                  "this loader needs a little-endian machine")
+        self.path = path
+        with open_binary(path, "safetensors file") as f:
+            self.data_start = 8 + int.from_bytes(f.read(8), "little")
+            try:
+                self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{path}: cannot memory-map the file: {e}") from None
+
+    def _range(self, stored: StoredTensor) -> tuple[int, int]:
+        start = self.data_start + stored.offset
+        if start + stored.nbytes > len(self.mm):
+            raise CheckpointError(f"{self.path}: cannot read tensor {stored.key!r}: the file is shorter than its "
+                                  "header says (it changed while being loaded?)")
+        return start, stored.nbytes
+
+    def get(self, stored: StoredTensor) -> torch.Tensor:
+        start, nbytes = self._range(stored)
+        if nbytes == 0:
+            return torch.empty(stored.shape, dtype=stored.dtype)
+        if start % stored.dtype.itemsize:
+            # The format does not promise aligned data; a misaligned view would be slow or unusable on
+            # some CPUs, so this one tensor is copied (bytes into fresh, aligned storage).
+            raw = torch.frombuffer(self.mm, dtype=torch.uint8, count=nbytes, offset=start)
+            return raw.clone().view(stored.dtype).view(stored.shape)
+        return torch.frombuffer(self.mm, dtype=stored.dtype, count=math.prod(stored.shape),
+                                offset=start).view(stored.shape)
+
+    def release(self, stored: StoredTensor, t: torch.Tensor) -> None:
+        release_mmap_range(self.mm, *self._range(stored))
+
+
+class _TorchFile:
+    """One PyTorch archive, ``torch.load``-ed memory-mapped (private); tensors are views of that map."""
+
+    def __init__(self, path: str) -> None:
+        self.state = load_torch_file(path)
+        # A legacy file is read, not mapped: its tensors lie in no mapping of the file and are never released.
+        self.mappings = file_mappings(path)
+
+    def get(self, stored: StoredTensor) -> torch.Tensor:
+        try:
+            return self.state[stored.key]
+        except KeyError:
+            raise CheckpointError(f"{stored.file}: cannot read tensor {stored.key!r}: not in the file") from None
+
+    def release(self, stored: StoredTensor, t: torch.Tensor) -> None:
+        if t.is_contiguous():
+            release_address_range(t.data_ptr(), t.numel() * t.element_size(), self.mappings)

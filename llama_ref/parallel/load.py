@@ -23,6 +23,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..compute_dtype import parse_compute_dtype
 from ..config import LlamaConfig
 from ..config_files import read_json
 from ..hf import unpermute_qk
@@ -42,10 +43,6 @@ from .memory import check_fits
 from .tp import tensor_parallel_llama
 
 logger = logging.getLogger(__name__)
-
-# Mapped pages of a file stay in this process's RSS until the file is closed; closing (and re-opening,
-# which costs a header parse) every 128 MiB keeps that overhead small next to a rank's share.
-MAP_BUDGET_BYTES = 128 * 2**20
 
 SHARD_PER_RANK = "shard-per-rank"
 SLICED = "sliced"
@@ -101,7 +98,7 @@ def _vocab_split_embedding(files: CheckpointFiles, opener: OpenFiles, rank: int)
 def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None,
                        device: Union[str, torch.device] = "cpu", dtype: Union[None, str, torch.dtype] = None,
                        attn_kernel: str = "math", schedule: ScheduleSpec = None,
-                       compute_dtype: Union[None, str, torch.dtype] = None, max_seq_len: Optional[int] = None,
+                       compute_dtype: Union[str, torch.dtype] = "auto", max_seq_len: Optional[int] = None,
                        requires_grad: bool = False):
     """Load this rank's part of a checkpoint directory: a :func:`~llama_ref.parallel.parallelize`-d ``Llama``.
 
@@ -118,10 +115,10 @@ def load_tp_pretrained(path: Union[str, os.PathLike], *, group: GroupLike = None
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device={device!r} is not a valid torch device ({e})") from None
     dtype = parse_dtype(dtype, "dtype")
-    compute_dtype = parse_dtype(compute_dtype, "compute_dtype")
+    compute_dtype = parse_compute_dtype(compute_dtype)
     files = find_checkpoint_files(path)
     t0 = time.perf_counter()
-    with OpenFiles(budget=MAP_BUDGET_BYTES) as opener:
+    with OpenFiles() as opener:
         rp = plan_rank(files, opener, group.rank, group.world_size)
         config = rp.config if max_seq_len is None else rp.config.replace(max_seq_len=max_seq_len)
         layout = TPLayout(config, group.world_size)
