@@ -294,7 +294,10 @@ class Llama(nn.Module):
         schedule, device = guards.check_build(config, schedule=schedule, device=device, dtype=dtype,
                                               attn_kernel=attn_kernel, compute_dtype=compute_dtype)
         self.config = config
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype)
+        # No random init on meta: normal_ on meta imports torch._dynamo, a second of every checkpoint load.
+        on_meta = torch.empty(0, device=device).is_meta
+        table = torch.empty(config.vocab_size, config.dim, device="meta", dtype=dtype) if on_meta else None
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, device=device, dtype=dtype, _weight=table)
         self.layers = nn.ModuleList(TransformerBlock(i, config, attn_kernel, device=device, dtype=dtype)
                                     for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
@@ -321,10 +324,10 @@ class Llama(nn.Module):
             logger.info("%s on %s computes in %s: %s", self.config.name, device, dtype, self.compute_dtype_reason)
         self.compute_dtype = dtype
         # A table made in inference_mode would be unusable by a later forward with autograd: build a normal one.
-        # On the CPU, then moved: every device gets the bit-identical table (as Meta's code does).
+        # On the CPU, then moved: every device gets the bit-identical table (as Meta's code does); meta too
+        # (computed on meta, its scalar ops would import torch._dynamo: a second of every checkpoint load).
         with torch.inference_mode(False), torch.no_grad():
-            where = device if device.type == "meta" else None
-            table = precompute_freqs_cis(c.head_dim, self.rope_positions, c.rope_theta, where, scaling=c.rope_scaling)
+            table = precompute_freqs_cis(c.head_dim, self.rope_positions, c.rope_theta, scaling=c.rope_scaling)
         self.freqs_cis = table.to(device)  # (rope_positions, head_dim // 2) complex64
 
     def reserve_positions(self, end: int) -> None:
