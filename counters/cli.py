@@ -21,7 +21,7 @@ import sys
 import traceback
 from typing import Optional, Sequence
 
-from .commands import count, mfu, params, schedules
+from .commands import count, memory, mfu, params, schedules
 from .commands.common import (
     EXIT_BAD_INPUT,
     EXIT_DISAGREE,
@@ -38,7 +38,8 @@ from .studies import roofline_command
 __all__ = ["EXIT_BAD_INPUT", "EXIT_DISAGREE", "EXIT_INTERNAL", "EXIT_OK", "EXIT_UNCOUNTED", "SUBCOMMANDS",
            "build_parser", "main"]
 
-SUBCOMMANDS = {"count": count, "schedules": schedules, "params": params, "roofline": roofline_command, "mfu": mfu}
+SUBCOMMANDS = {"count": count, "schedules": schedules, "params": params, "roofline": roofline_command, "mfu": mfu,
+               "memory": memory}
 # Errors that mean the user's input (arguments, files) is wrong, from our checks and the libraries'.
 BAD_INPUT_ERRORS = (BadInput, ValueError, OSError, MemoryError)
 

@@ -112,7 +112,7 @@ class LiveBytes(TorchDispatchMode):
 @contextlib.contextmanager
 def layer_scopes(model, tracker: LiveBytes, on_layer: Optional[Callable] = None):
     """Name the tracker's scope after the module running: ``layers.<run>`` for the decoder-layer runs (in
-    schedule order), ``tok_embeddings``, ``norm``, ``output``."""
+    schedule order), ``tok_embeddings``, ``norm``, ``output``. Yields a dict whose ``"n"`` counts the runs."""
     handles, runs = [], {"n": 0}
 
     def pre(name):
@@ -220,8 +220,8 @@ def measure_request(model, *, batch: int, n_tokens: int, n_cached: int = 0, trai
     tracker.peak, tracker.where = tracker.live, ("start", "-", "-")
     saved = SavedTensors(exclude, tracker)
     scopes = layer_scopes(model, tracker, on_layer=lambda scope: _layer_start(m, tracker, scope))
-    keep = _checkpoint_inputs(saved) if train and recompute else contextlib.nullcontext()
-    with tracker, scopes, keep:
+    with tracker, scopes as runs, _checkpoint_scope(saved, tracker, runs) if train and recompute \
+            else contextlib.nullcontext():
         request.run(tracker, saved, m)
         _layer_end(m, tracker)
     m.peak, m.where, m.events = tracker.peak, tracker.where, tracker.events
@@ -374,24 +374,48 @@ class SavedTensors:
 
 
 @contextlib.contextmanager
-def _checkpoint_inputs(saved: SavedTensors):
-    """Record the tensor arguments of every ``torch.utils.checkpoint.checkpoint`` call of the model: what a
-    non-reentrant checkpoint keeps for its recomputation."""
-    import llama_ref.model as model_module
+def _checkpoint_scope(saved: SavedTensors, tracker: LiveBytes, runs: dict):
+    """A non-reentrant checkpoint saves its tensor arguments (``_CheckpointFrame.save_inputs``, through the
+    saved-tensor hooks) before the layer's own hooks run: attribute them to the layer run they serve."""
+    import torch.utils.checkpoint as checkpoint_module
 
-    real = model_module.torch.utils.checkpoint.checkpoint
+    real = checkpoint_module.checkpoint
 
-    def recording(fn, *args, **kwargs):
-        for a in args:
-            if isinstance(a, torch.Tensor):
-                saved.add(a)
-        return real(fn, *args, **kwargs)
+    def scoped(fn, *args, **kwargs):
+        saved.scope_override = f"layers.{runs['n']}"
+        try:
+            return real(fn, *args, **kwargs)
+        finally:
+            saved.scope_override = None
 
-    model_module.torch.utils.checkpoint.checkpoint = recording
+    checkpoint_module.checkpoint = scoped
     try:
         yield
     finally:
-        model_module.torch.utils.checkpoint.checkpoint = real
+        checkpoint_module.checkpoint = real
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """The profiler's C++ side announces its start and stop on file descriptor 2: keep the command's stderr for
+    its own messages."""
+    import os
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def allocator_peak(fn: Callable[[], None]) -> int:
@@ -400,7 +424,7 @@ def allocator_peak(fn: Callable[[], None]) -> int:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = []
     stack = list(prof.profiler.kineto_results.experimental_event_tree())

@@ -189,7 +189,7 @@ def decode_loop(model, prompts: list[list[int]], max_new_tokens: int, pick, *,
         raise ValueError("eos_id needs token values, which a meta-device model does not have")
     # Refuses (with the estimate) before anything is allocated when the prefill or the batch's cache cannot
     # fit; outside the try: a refused setup leaves the model as it was.
-    check_forward_memory(model, bsz, min_len)
+    check_forward_memory(model, bsz, min_len, kv_cache=True)
     model.setup_cache(bsz, total_len)
     try:
         pad = 0

@@ -224,6 +224,58 @@ def _breakdown(request: MemoryRequest, program: Program, out: Outcome, extra: di
         peak_memtracker=extra["memtracker"].peak if "memtracker" in extra else None, extra=extra)
 
 
+# ---------------------------------------------------------------------------- requests of a model, for the guards
+def device_type_of(device: torch.device) -> str:
+    """The algebra's device type for a torch device: CUDA's allocator and kernels, meta's, or the CPU's."""
+    t = torch.device(device).type
+    return t if t in DEVICE_TYPES else "cpu"
+
+
+def model_request(model, bsz: int, seqlen: int, start_pos: int = 0, *, kv_cache: Optional[bool] = None,
+                  last_only: bool = False) -> MemoryRequest:
+    """The forward ``model(tokens (bsz, seqlen), start_pos)`` as ``model`` would run it: its config, dtypes,
+    kernel, schedule, device and tensor-parallel share; with a KV cache if it has one (``kv_cache``: whether the
+    forward will have one, e.g. a prefill about to set it up)."""
+    caches = getattr(model, "caches", None)
+    kv_cache = caches is not None if kv_cache is None else kv_cache
+    positions = int(caches[0].cache_k.shape[1]) if caches is not None and kv_cache else None
+    group = getattr(model, "tp_group", None)
+    return MemoryRequest(model.config, batch=bsz, tokens=seqlen, cached=start_pos,
+                         weight_dtype=model.tok_embeddings.weight.dtype, compute_dtype=model.compute_dtype,
+                         kernel=model.attn_kernel, device_type=device_type_of(model.device), kv_cache=kv_cache,
+                         cache_positions=positions if positions and positions >= start_pos + seqlen else None,
+                         last_only=last_only, tp=group.world_size if group is not None else 1,
+                         schedule=tuple(model.schedule))
+
+
+def cyclic_schedule(n_layers: int, n_runs: Optional[int]) -> Optional[tuple]:
+    """A schedule of ``n_runs`` layer runs (every layer once, then again from the first): the memory of a
+    forward depends on the number of runs, not on which layers (they are all shaped alike)."""
+    if n_runs is None or n_runs == n_layers:
+        return None
+    return tuple(i % n_layers for i in range(n_runs))
+
+
+def forward_need(config: LlamaConfig, *, device_type: str, weight_dtype: torch.dtype,
+                 compute_dtype: Optional[torch.dtype] = None, batch: int = 1, n_tokens: int = 1, n_cached: int = 0,
+                 n_runs: Optional[int] = None, kernel: str = "math", train: bool = False, loss: str = "cross-entropy",
+                 recompute: bool = False) -> MemoryBreakdown:
+    """What counting or timing one forward needs, as the counters run it: with ``n_cached`` > 0 a KV cache of
+    ``n_cached + n_tokens`` positions and a prefill of ``n_cached`` tokens before the step (the larger peak of
+    the two); without, a plain forward; with ``train`` a training step without optimizer."""
+    common = dict(weight_dtype=weight_dtype, compute_dtype=compute_dtype, kernel=kernel, device_type=device_type,
+                  schedule=cyclic_schedule(config.n_layers, n_runs), batch=batch)
+    if train:
+        return memory(MemoryRequest(config, tokens=n_tokens, train=True, loss=loss, recompute=recompute,
+                                    optimizer="none", **common))
+    if not n_cached:
+        return memory(MemoryRequest(config, tokens=n_tokens, kv_cache=False, **common))
+    end = n_cached + n_tokens
+    step = memory(MemoryRequest(config, tokens=n_tokens, cached=n_cached, **common))
+    prefill = memory(MemoryRequest(config, tokens=n_cached, cache_positions=end, **common))
+    return step if step.peak >= prefill.peak else prefill
+
+
 # ---------------------------------------------------------------------------- the largest request that fits
 def largest_fitting(request: MemoryRequest, field_name: str, device_memory: int, *,
                     upper: Optional[int] = None) -> tuple[int, Optional[MemoryBreakdown]]:
@@ -273,4 +325,4 @@ def largest_fitting(request: MemoryRequest, field_name: str, device_memory: int,
 
 
 __all__ = ["DEVICE_TYPES", "KERNELS", "LOSSES", "LayerMemory", "MemoryBreakdown", "MemoryRequest", "OPTIMIZERS",
-           "largest_fitting", "memory"]
+           "cyclic_schedule", "device_type_of", "forward_need", "largest_fitting", "memory", "model_request"]
