@@ -99,6 +99,9 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self.phase == "backward":  # the module whose backward node is running (tagged by layer_scopes)
+            node = torch._C._current_autograd_node()
+            self.scope = "-" if node is None else node.metadata.get(SCOPE_KEY, "-")
         name = func.overloadpacket.__name__ if func.overloadpacket else str(func)
         overload = func._overloadname
         op = name if overload == "default" else f"{name}.{overload}"
@@ -109,17 +112,41 @@ class LiveBytes(TorchDispatchMode):
 
 
 # ---------------------------------------------------------------------------- the layer runs
+SCOPE_KEY = "llama_ref.memory_scope"
+
+
+def tag_graph(output, scope: str, stop=()) -> None:
+    """Mark the backward nodes behind ``output`` as ``scope`` (``metadata``), down to ``stop`` (the nodes of the
+    module's inputs) and to nodes already marked; gradient accumulators stay unmarked."""
+    stop_ids = {id(n) for n in stop if n is not None}
+    roots = [t.grad_fn for t in (output if isinstance(output, (tuple, list)) else (output,))
+             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    seen = set()
+    while roots:
+        node = roots.pop()
+        if node is None or id(node) in seen or id(node) in stop_ids or type(node).__name__ == "AccumulateGrad":
+            continue
+        seen.add(id(node))
+        if SCOPE_KEY in node.metadata:
+            continue
+        node.metadata[SCOPE_KEY] = scope
+        roots.extend(n for n, _ in node.next_functions)
+
+
 @contextlib.contextmanager
 def layer_scopes(model, tracker: LiveBytes, on_layer: Optional[Callable] = None):
     """Name the tracker's scope after the module running: ``layers.<run>`` for the decoder-layer runs (in
-    schedule order), ``tok_embeddings``, ``norm``, ``output``. Yields a dict whose ``"n"`` counts the runs."""
+    schedule order), ``tok_embeddings``, ``norm``, ``output``; and mark each one's backward nodes, so that the
+    backward is named after the module whose node runs. Yields a dict whose ``"n"`` counts the runs."""
     handles, runs = [], {"n": 0}
+    inputs: dict = {}
 
     def pre(name):
         def hook(module, args):
+            if torch._C._current_graph_task_id() != -1:
+                return  # a checkpointed layer recomputed in backward keeps the backward's scope
+            inputs[id(module)] = [a.grad_fn for a in args if isinstance(a, torch.Tensor)]
             if name == "layer":
-                if torch._C._current_graph_task_id() != -1:
-                    return  # a checkpointed layer recomputed in backward keeps the backward's scope
                 tracker.scope = f"layers.{runs['n']}"
                 runs["n"] += 1
                 if on_layer is not None:
@@ -130,6 +157,7 @@ def layer_scopes(model, tracker: LiveBytes, on_layer: Optional[Callable] = None)
 
     def post(module, args, output):
         if torch._C._current_graph_task_id() == -1:
+            tag_graph(output, tracker.scope, inputs.pop(id(module), ()))
             tracker.scope = "-"
 
     for layer in model.layers:
@@ -167,6 +195,7 @@ class MeasuredMemory:
     layer_starts: dict = field(default_factory=dict)
     layer_peaks: dict = field(default_factory=dict)
     allocator_peak: Optional[int] = None
+    threads: int = 1  # torch's intra-op threads during the allocator run (kernels' scratch scales with them)
     events: Optional[list] = None
 
 
@@ -210,6 +239,7 @@ def measure_request(model, *, batch: int, n_tokens: int, n_cached: int = 0, trai
     exclude = {storage_key(t) for t in [*params, *model.buffers(), tokens]}
 
     if allocator and model.device.type == "cpu":
+        m.threads = torch.get_num_threads()
         m.allocator_peak = allocator_peak(lambda: request.run())
         request.prepare()
 
@@ -306,6 +336,9 @@ class _Request:
             if saved is not None:
                 saved.scope_override = "loss"
             value = loss_of(logits, tokens, self.loss)
+        if tracker is not None:
+            tag_graph(logits, "-")
+            tag_graph(value, "loss")
         if m is not None:
             m.logits = storage_bytes(logits)
             m.saved, m.loss = saved.by_scope(), saved.loss_bytes()
@@ -418,9 +451,9 @@ def _quiet_stderr():
         os.close(devnull)
 
 
-def allocator_peak(fn: Callable[[], None]) -> int:
-    """The most bytes the CPU allocator held during ``fn()`` beyond what it held at the start, from
-    ``torch.profiler``'s memory events (every allocation and free of the CPU allocator, no dispatch mode)."""
+def allocator_events(fn: Callable[[], None]) -> list[tuple[int, str]]:
+    """Every allocation (positive size) and free (negative) of the CPU allocator during ``fn()``, in order, with
+    the op it happened in, from ``torch.profiler``'s memory events (no dispatch mode)."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
@@ -431,10 +464,15 @@ def allocator_peak(fn: Callable[[], None]) -> int:
     while stack:
         node = stack.pop()
         if node.tag == _EventType.Allocation:
-            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.parent.name if node.parent else "-"))
         stack.extend(node.children)
+    return [(size, op) for _t, size, op in sorted(events)]
+
+
+def allocator_peak(fn: Callable[[], None]) -> int:
+    """The most bytes the CPU allocator held during ``fn()`` beyond what it held at the start."""
     live = peak = 0
-    for _t, size in sorted(events):
+    for size, _op in allocator_events(fn):
         live += size
         peak = max(peak, live)
     return peak

@@ -95,6 +95,8 @@ def render_table(checks: Sequence[MemoryCheck], *, title: str, footer: Sequence[
             ok = "yes" if row.agree else "NO"
             if row.measured is None:
                 ok = "  -"
+            elif row.informational:
+                ok = "info"
             note = ""
             if row.expected is not None and row.expected != row.analytic:
                 note = f" (as MemTracker observes the program: {row.expected:,})"

@@ -154,11 +154,12 @@ def _scalar_view(new_shape: Shape) -> Shape:
 class T:
     """A tensor: a view (shape, strides, dtype) of a :class:`Storage`, with its autograd edge."""
 
-    __slots__ = ("st", "shape", "stride", "dtype", "grad_fn", "out_nr", "requires_grad", "leaf", "grad",
+    __slots__ = ("st", "shape", "stride", "dtype", "grad_fn", "out_nr", "requires_grad", "leaf", "grad", "is_view",
                  "__weakref__")
 
-    def __init__(self, st: Storage, shape: Shape, stride: Shape, dtype: torch.dtype) -> None:
+    def __init__(self, st: Storage, shape: Shape, stride: Shape, dtype: torch.dtype, is_view: bool = False) -> None:
         self.st, self.shape, self.stride, self.dtype = st, tuple(shape), tuple(stride), dtype
+        self.is_view = is_view  # made by a view op: torch tracks it as a view of its base (``_base``)
         self.grad_fn: Optional[Node] = None
         self.out_nr = 0
         self.requires_grad = False
@@ -314,7 +315,7 @@ def record(name: str, inputs: Sequence[Optional[T]], outputs: Sequence[T], fn: C
 
 # ---------------------------------------------------------------------------- views (no allocation)
 def as_view(x: T, shape: Shape, stride: Shape, dtype: Optional[torch.dtype] = None) -> T:
-    return T(x.st, shape, stride, dtype or x.dtype)
+    return T(x.st, shape, stride, dtype or x.dtype, is_view=True)
 
 
 def view(x: T, shape: Shape, name: str = "ViewBackward0") -> T:
@@ -344,7 +345,10 @@ def reshape(x: T, shape: Shape) -> T:
 
 
 def unsafe_view(x: T, shape: Shape) -> T:
-    return view(x, shape, "UnsafeViewBackward0")
+    """``_unsafe_view``: the same storage, but not a view in autograd's sense."""
+    out = view(x, shape, "UnsafeViewBackward0")
+    out.is_view = False
+    return out
 
 
 def clone(x: T, op: str = "clone") -> T:
@@ -537,13 +541,14 @@ def _holders(v: T, buffers: dict, pending: list) -> int:
 
 
 def _add_grads(old: T, var: T, buffers: dict, pending: list) -> T:
-    """``InputBuffer::accumulate``: in place into a gradient held only by this buffer, else a new sum."""
+    """``InputBuffer::accumulate``: ``old.add_(var)`` when the buffer holds the last reference to ``old`` and to
+    its storage (``can_accumulate_inplace``), else a new ``old + var``. A view never qualifies: torch keeps its
+    base alive (``_base``), a second reference to the storage (so the sum of two projections' input gradients,
+    each a view of an ``mm`` output, is a new tensor)."""
     sim = old.sim
-    if not sim.dispatch_mode:
-        if old.is_dense() and old.st.n_tensors == 1 and _holders(old, buffers, pending) == 1:
-            return old
-        if var.is_dense() and var.st.n_tensors == 1 and _holders(var, buffers, pending) == 0:
-            return var
+    if not sim.dispatch_mode and not old.is_view and old.is_dense() and old.st.n_tensors == 1 \
+            and _holders(old, buffers, pending) == 1:
+        return old
     return new(sim, old.shape, old.dtype, "add.Tensor")
 
 

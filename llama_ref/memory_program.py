@@ -332,9 +332,11 @@ def llama_forward(sim: Sim, p: Program, W: Weights, tokens: T, out: Outcome) -> 
             m = new(sim, (), torch.int64, name)
             del m
     bsz, seqlen = tokens.shape
+    # Scopes are the modules' (forward hooks name them): what Llama.forward does between modules is "-".
     sim.scope = "tok_embeddings"
-    h = op.to(embedding(p, W.tok_embeddings, tokens), cd)
+    h = embedding(p, W.tok_embeddings, tokens)
     sim.scope = "-"
+    h = op.to(h, cd)
     freqs_cis = narrow(W.freqs_cis, 0, start_pos, seqlen)
     mask = None
     if seqlen > 1:
@@ -354,14 +356,16 @@ def llama_forward(sim: Sim, p: Program, W: Weights, tokens: T, out: Outcome) -> 
         else:
             h = transformer_block(p, W.layers[layer_id], h, start_pos, freqs_cis, mask, cache)
         out.layer_peaks[run] = sim.scope_peaks.get(f"{sim.phase}:{sim.scope}", sim.live)
+        sim.scope = "-"
     sim.scope = "norm"
     h = rms_norm(h, W.norm)
+    sim.scope = "-"
     if p.last_only:
         h = narrow(h, 1, seqlen - 1, 1)
     sim.scope = "output"
-    logits = op.to(column_linear(p, h, W.output, gather=True), torch.float32)
+    logits = column_linear(p, h, W.output, gather=True)
     sim.scope = "-"
-    return logits
+    return op.to(logits, torch.float32)
 
 
 def embedding(p: Program, weight: T, tokens: T) -> T:
