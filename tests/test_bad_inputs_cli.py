@@ -36,6 +36,7 @@ import torch
 from counters import cli
 from counters.commands import models
 from counters.commands import count as count_command
+from counters.commands import memory as memory_command
 from counters.commands import common as common_command
 from counters.commands import params as params_command
 from counters.commands import schedules as schedules_command
@@ -266,6 +267,19 @@ def _low_memory_train(c: Ctx) -> list:
     return _count("tiny", "--device", "cpu", "--batch", "8", "--tokens", "64", "--train")
 
 
+def _memory(*args: str) -> list:
+    return ["memory", *args]
+
+
+def _low_memory_memory(c: Ctx) -> list:
+    c.low_memory(3_000_000)
+    return _memory("tiny", "--device", "cpu", "--batch", "8", "--tokens", "64", "--train")
+
+
+def _tied_tp(c: Ctx) -> list:
+    return _memory(c.hf_dir({"tie_word_embeddings": True}), "--tp", "2", "--tokens", "4")
+
+
 def _low_memory_measure(c: Ctx) -> list:
     c.low_memory(10_000_000)
     return ["roofline", "tiny", "--hardware", "cpu", "--measure", "--tokens", "128", "--batch", "64", "--no-plot",
@@ -374,6 +388,49 @@ CASES: list[CliCase] = [
             lambda c: _count(c.hf_dir({"hidden_size": 2**40, "intermediate_size": 2**40, "head_dim": None}),
                              "--tokens", "4"), 2,
             "attention.wq.weight would hold 1,208,925,819,614,629,174,706,176 elements"),
+    # --- memory: sizes, training options, the search, checked before any work
+    CliCase("memory-tokens-zero", _memory("tiny", "--tokens", "0"), 2, "--tokens must be >= 1, got 0", quick=True),
+    CliCase("memory-batch-zero", _memory("tiny", "--batch", "0"), 2, "--batch must be >= 1, got 0", quick=True),
+    CliCase("memory-cached-negative", _memory("tiny", "--cached", "-2"), 2, "--cached must be >= 0, got -2", quick=True),
+    CliCase("memory-tp-zero", _memory("tiny", "--tp", "0"), 2, "--tp must be >= 1, got 0", quick=True),
+    CliCase("memory-optimizer-without-train", _memory("tiny", "--optimizer", "sgd"), 2,
+            "--optimizer describe a training step: add --train", quick=True),
+    CliCase("memory-recompute-without-train", _memory("tiny", "--recompute"), 2,
+            "--recompute describe a training step: add --train", quick=True),
+    CliCase("memory-optimizer-choice", _memory("tiny", "--train", "--optimizer", "adam"), 2,
+            "--optimizer: invalid choice: 'adam'", quick=True),
+    CliCase("memory-train-cached", _memory("tiny", "--train", "--cached", "4"), 2,
+            "--cached must be 0, got 4", quick=True),
+    CliCase("memory-train-last-logits", _memory("tiny", "--train", "--logits", "last"), 2,
+            "--logits last is what generation computes", quick=True),
+    CliCase("memory-max-both", _memory("tiny", "--max-batch", "--max-tokens", "--device-memory", "100"), 2,
+            "--max-batch and --max-tokens: choose one", quick=True),
+    CliCase("memory-hardware-and-bytes", _memory("tiny", "--max-batch", "--hardware", "h100-sxm", "--device-memory",
+                                                 "100"), 2, "--hardware and --device-memory", quick=True),
+    CliCase("memory-device-memory-units", _memory("tiny", "--max-batch", "--device-memory", "80GB"), 2,
+            "bad --device-memory '80GB': give a whole number of bytes", quick=True),
+    CliCase("memory-device-memory-zero", _memory("tiny", "--max-batch", "--device-memory", "0"), 2,
+            "--device-memory must be at least 1 byte, got '0'", quick=True),
+    CliCase("memory-hardware-without-search", _memory("tiny", "--hardware", "h100-sxm"), 2,
+            "add --max-batch or --max-tokens", quick=True),
+    CliCase("memory-hardware-choice", _memory("tiny", "--max-batch", "--hardware", "tpu-v5"), 2,
+            "--hardware: invalid choice: 'tpu-v5'", quick=True),
+    CliCase("memory-out-is-a-folder", lambda c: _memory("tiny", "--out", c.folder("d")), 2,
+            f"--out {PATH} is a directory; give a file name", quick=True),
+    CliCase("memory-search-on-meta", _memory("tiny", "--max-batch", "--device", "meta"), 2,
+            "--max-batch/--max-tokens need the memory to fill"),
+    CliCase("memory-end-past-max-seq-len", _memory("tiny", "--tokens", "100", "--cached", "29"), 2,
+            "--cached 29 + --tokens 100 = 129 exceeds the model's max_seq_len 128"),
+    CliCase("memory-tp-indivisible", _memory("tiny", "--tp", "3"), 2,
+            "cannot split tiny across 3 tensor-parallel ranks"),
+    CliCase("memory-tp-tied", _tied_tp, 2, "tied embeddings (tie_word_embeddings=True) cannot be tensor-parallel"),
+    CliCase("memory-tp-on-cpu", _memory("tiny", "--tp", "2", "--device", "cpu"), 2,
+            "--tp 2 measures each rank on meta"),
+    CliCase("memory-device-garbage", _memory("tiny", "--device", "tpu"), 2, "bad --device 'tpu'"),
+    CliCase("memory-unknown-model", _memory("no-such-model"), 2, "unknown model 'no-such-model'"),
+    # tiny, batch 8 x 64, a training step on the CPU: the weights and gradients alone are 2 x 870,656 bytes
+    CliCase("memory-low-memory-train", _low_memory_memory, 2, "--device cpu: counting this training step needs about",
+            "but only 2.86 MiB (3,000,000 bytes) of RAM is available"),
     # --- config.json: wrong types, values, JSON, file kinds; every message names the file and the field
     CliCase("cfg-string-int", lambda c: _count(c.hf_dir({"hidden_size": "64"})), 2, PATH,
             "hidden_size must be an int, got '64'"),
@@ -638,6 +695,8 @@ def forbid_work(monkeypatch: pytest.MonkeyPatch) -> None:
         return trip
 
     for module, names in ((count_command, ("resolve_model", "build_model", "crosscheck", "choose_device")),
+                          (memory_command, ("resolve_model", "build_model", "check", "measure_for", "choose_device",
+                                            "largest_fitting")),
                           (params_command, ("resolve_model",)), (schedules_command, ("resolve_model",)),
                           (roofline_command, ("resolve_model", "analyze", "get_hardware", "measure",
                                               "plot_roofline", "plot_macs_vs_context", "load_timings"))):
