@@ -78,6 +78,8 @@ class LiveBytes(TorchDispatchMode):
         if st in self._info:
             return
         n = st.nbytes()
+        if self.device.type == "cuda":  # the caching allocator's blocks, as MemTracker counts them
+            n = -(-n // 512) * 512
         self._info[st] = (n, weakref.ref(st, lambda _ref, n=n, op=op: self._freed(n, op)))
         self.live += n
         if self.live > self.peak:
@@ -281,6 +283,8 @@ class _Request:
         self.train, self.loss, self.recompute, self.optimizer = train, loss, recompute, optimizer
         self.last_only, self.kv_cache = last_only, kv_cache
         self.opt = None
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.checkpointing = model.activation_checkpointing
 
     def prepare(self) -> None:
         model, params = self.model, list(self.model.parameters())
@@ -308,9 +312,11 @@ class _Request:
         return [v for state in self.opt.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
 
     def finish(self) -> None:
-        for p in self.model.parameters():
+        """Leave the model as it was: no gradients, its own requires_grad flags and checkpointing."""
+        for p, flag in self.flags:
             p.grad = None
-        self.model.set_activation_checkpointing(False)
+            p.requires_grad_(flag)
+        self.model.set_activation_checkpointing(self.checkpointing)
         self.opt = None
 
     def run(self, tracker: Optional[LiveBytes] = None, saved: Optional["SavedTensors"] = None,

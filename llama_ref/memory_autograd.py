@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -151,6 +152,16 @@ def _scalar_view(new_shape: Shape) -> Shape:
     return tuple([1] * len(new_shape))
 
 
+def dense(shape: Shape, stride: Shape) -> bool:
+    """Non-overlapping and dense (no expanded or skipped element), as ATen's ``is_non_overlapping_and_dense``."""
+    expected = 1
+    for s, n in sorted((s, n) for n, s in zip(shape, stride) if n != 1):
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
 class T:
     """A tensor: a view (shape, strides, dtype) of a :class:`Storage`, with its autograd edge."""
 
@@ -186,14 +197,7 @@ class T:
         return all(n == 1 or s == c for n, s, c in zip(self.shape, self.stride, contiguous_strides(self.shape)))
 
     def is_dense(self) -> bool:
-        """Non-overlapping and dense (no expanded dimension), as ``is_non_overlapping_and_dense``."""
-        dims = sorted((s, n) for n, s in zip(self.shape, self.stride) if n != 1)
-        expected = 1
-        for s, n in dims:
-            if s != expected:
-                return False
-            expected *= n
-        return True
+        return dense(self.shape, self.stride)
 
     def data(self) -> "T":
         """A handle on the same data without the autograd edge: what a saved variable holds."""
@@ -220,11 +224,6 @@ def external(sim: Sim, shape: Shape, dtype: torch.dtype, op: str, *, requires_gr
         t.requires_grad = True
         t.leaf = AccumulateGrad(t)
     return t
-
-
-def host_scalar(sim: Sim, dtype: torch.dtype, op: str) -> T:
-    """A 0-dim tensor in host memory (not on the model's device)."""
-    return T(Storage(sim, dtype.itemsize, op, device="host"), (), (), dtype)
 
 
 # ---------------------------------------------------------------------------- autograd graph
@@ -265,8 +264,6 @@ class AccumulateGrad(Node):
     __slots__ = ("param",)
 
     def __init__(self, param: T) -> None:  # noqa: super not called: no inputs, never in forward order
-        import weakref
-
         self.name, self.seq, self.edges, self.saved, self.meta = "AccumulateGrad", INF_SEQ, [], (), []
         self.fn = None
         self.scope = "-"

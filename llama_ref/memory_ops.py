@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from .memory_autograd import (Sim, T, contiguous, expand, like, new, permute, record, reshape, t, transpose, unsafe_view,
-                              view)
+from .memory_autograd import (Sim, T, contiguous, dense, expand, like, new, permute, record, reshape, t, transpose,
+                              unsafe_view, view)
 
 Shape = tuple[int, ...]
 
@@ -215,7 +215,7 @@ def sdpa_flash_cpu(q: T, k: T, v: T, mask: Optional[T]) -> T:
 
     def backward(g, q=(q.shape, q.stride), k=(k.shape, k.stride), v=(v.shape, v.stride)):
         grads = [new(sim, s, g[0].dtype, "_scaled_dot_product_flash_attention_for_cpu_backward",
-                     stride=st if _dense(s, st) else None) for s, st in (q, k, v)]
+                     stride=st if dense(s, st) else None) for s, st in (q, k, v)]
         return grads + [None]
     record("ScaledDotProductFlashAttentionForCpuBackward0", [q, k, v, mask], [out], backward, saved=saved)
     del lse
@@ -257,16 +257,6 @@ def sdpa_math(q: T, k: T, v: T, mask: Optional[T], causal: bool) -> T:
     out = to(out, dtype)
     del weights
     return out
-
-
-def _dense(shape: Shape, stride: Shape) -> bool:
-    dims = sorted((s, n) for n, s in zip(shape, stride) if n != 1)
-    expected = 1
-    for s, n in dims:
-        if s != expected:
-            return False
-        expected *= n
-    return True
 
 
 # ---------------------------------------------------------------------------- losses

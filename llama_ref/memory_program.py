@@ -47,8 +47,9 @@ class Shapes:
 class Program:
     """What runs: ``batch`` sequences of ``tokens`` new tokens after ``cached`` ones; weights in
     ``weight_dtype``, activations in ``compute_dtype``; ``kernel`` math or sdpa (``sdpa_backend``: which kernel
-    the sdpa call dispatches to on the device: ``cpu`` flash, or ``math`` where no fused kernel exists, e.g.
-    meta); a KV cache of ``cache_positions`` positions (0: none) in ``cache_dtype``; or a training step."""
+    the sdpa call dispatches to on the device: ``flash`` (the CPU's), or ``math`` where no fused kernel exists,
+    e.g. meta); a KV cache of ``cache_positions`` positions (0: none) in ``cache_dtype``; or a training step.
+    Built by :meth:`llama_ref.memory_algebra.MemoryRequest.program`."""
 
     shapes: Shapes
     n_runs: int
@@ -325,7 +326,7 @@ def transformer_block(p: Program, w: dict, x: T, start_pos: int, freqs_cis: T, m
 
 # ---------------------------------------------------------------------------- the model
 def llama_forward(sim: Sim, p: Program, W: Weights, tokens: T, out: Outcome) -> T:
-    s, cd = p.shapes, p.compute_dtype
+    cd = p.compute_dtype
     start_pos = p.cached
     if p.token_check:  # guards.check_token_values: int(tokens.min()), int(tokens.max())
         for name in ("min", "max"):

@@ -9,6 +9,7 @@ recompute; fp32 and bf16; on the CPU and on meta (full-size configs with two lay
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -179,15 +180,16 @@ def test_dispatch_mode_changes_the_program():
 
 
 def test_largest_fitting_is_the_largest():
-    request = MemoryRequest(PRESETS["llama-2-7b"], tokens=4096, weight_dtype=torch.bfloat16, device_type="cuda",
-                            last_only=True)
-    memory_bytes = 80 * 2**30
+    # Llama-2-7B's layers, four of them (the search does not depend on the depth)
+    config = PRESETS["llama-2-7b"].replace(n_layers=4)
+    request = MemoryRequest(config, tokens=4096, weight_dtype=torch.bfloat16, device_type="cuda", last_only=True)
+    memory_bytes = 20 * 2**30
     best, at = largest_fitting(request, "batch", memory_bytes)
-    assert at.peak <= memory_bytes < memory(request.__class__(**{**request.__dict__, "batch": best + 1})).peak
-    assert at.request.batch == best
-    tokens, at = largest_fitting(MemoryRequest(PRESETS["llama-2-7b"], weight_dtype=torch.bfloat16, batch=8,
-                                               device_type="cuda", train=True, optimizer="none"), "tokens", 60 * 2**30)
-    assert 0 < tokens < 4096 and at.peak <= 60 * 2**30
+    assert at.peak <= memory_bytes < memory(replace(request, batch=best + 1)).peak and at.request.batch == best > 1
+    train = MemoryRequest(config, weight_dtype=torch.bfloat16, batch=8, device_type="cuda", train=True,
+                          optimizer="none")
+    tokens, at = largest_fitting(train, "tokens", 12 * 2**30)
+    assert 0 < tokens < 4096 and at.peak <= 12 * 2**30 < memory(replace(train, tokens=tokens + 1)).peak
     assert largest_fitting(request, "batch", 1000) == (0, None)  # not even the weights fit
     # the whole context fits: the search stops at max_seq_len - cached
     assert largest_fitting(MemoryRequest(PRESETS["tiny"], cached=28), "tokens", 1 << 40)[0] == 100
@@ -253,13 +255,18 @@ def test_command_on_a_checkpoint_and_a_hub_id(capsys, tmp_path, monkeypatch):
 
 def test_command_max_batch_and_max_tokens(capsys):
     code, out, err = _cli(capsys, "llama-2-7b", "--tokens", "4096", "--logits", "last", "--max-batch", "--hardware",
-                          "h100-sxm", "--format", "json")
+                          "h100-sxm", "--no-measure", "--format", "json")
     doc = json.loads(out)
-    assert code == cli.EXIT_OK and doc["agree"], err
+    assert code == cli.EXIT_OK, err
     request = MemoryRequest(PRESETS["llama-2-7b"], tokens=4096, last_only=True, weight_dtype=torch.bfloat16,
                             device_type="cuda")
-    assert doc["max_batch"] == largest_fitting(request, "batch", 80 * 2**30)[0] and doc["request"]["batch"] == doc["max_batch"]
+    assert doc["max_batch"] == largest_fitting(request, "batch", 80 * 2**30)[0] == doc["request"]["batch"]
     assert doc["device_memory_bytes"] == 80 * 2**30 and doc["sizing"]["peak_bytes"] <= 80 * 2**30
+    # measured at the size found (on meta)
+    code, out, err = _cli(capsys, "tiny", "--max-batch", "--device-memory", "3000000", "--tokens", "32", "--format",
+                          "json")
+    doc = json.loads(out)
+    assert code == cli.EXIT_OK and doc["agree"] and doc["request"]["batch"] == doc["max_batch"] > 1, err
     code, out, err = _cli(capsys, "tiny", "--max-tokens", "--device-memory", "1200000", "--no-measure")
     assert code == cli.EXIT_OK and "max tokens:" in out, err
     code, out, err = _cli(capsys, "tiny", "--max-batch", "--device-memory", "1000")
