@@ -41,17 +41,18 @@ from .interrupt import EXIT_INTERRUPTED, InterruptWatch, report_interrupt, watch
 __all__ = ["EXIT_BAD_INPUT", "EXIT_DISAGREE", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_UNCOUNTED",
            "SUBCOMMANDS", "build_parser", "main"]
 
-SUBCOMMANDS = ("count", "schedules", "params", "roofline", "mfu")
+SUBCOMMANDS = ("count", "schedules", "params", "roofline", "mfu", "memory")
 # Errors that mean the user's input (arguments, files) is wrong, from our checks and the libraries'.
 BAD_INPUT_ERRORS = (BadInput, ValueError, OSError, MemoryError)
 
 
 def _subcommands() -> dict[str, ModuleType]:
     """The command modules, imported on first use (they import torch)."""
-    from .commands import count, mfu, params, schedules
+    from .commands import count, memory, mfu, params, schedules
     from .studies import roofline_command
 
-    return {"count": count, "schedules": schedules, "params": params, "roofline": roofline_command, "mfu": mfu}
+    return {"count": count, "schedules": schedules, "params": params, "roofline": roofline_command, "mfu": mfu,
+            "memory": memory}
 
 logger = logging.getLogger("llama_ref.cli")
 

@@ -45,6 +45,7 @@ import torch
 
 from .devices import DeviceLike, parse_device
 from .dtypes import DTYPES, names, parse_dtype, short_name
+from .errors import DeviceUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,9 @@ def resolve_compute_dtype(requested: ComputeDtypeLike, device: DeviceLike,
         return weight, (f"{w}: the meta device runs no kernels; computing in the weight dtype, as a device "
                         f"with native {w} matmuls would (auto)")
     if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(f"device={str(dev)!r}: CUDA is not available here, so its native matmuls "
+                                         "cannot be known; choose an explicit compute_dtype")
         native, why = cuda_native(dev, weight)
     elif dev.type == "cpu":
         native, why = cpu_native(weight)

@@ -205,7 +205,7 @@ def decode_loop(model, prompts: list[list[int]], max_new_tokens: int, pick, *,
     cache_len = min(model.config.max_seq_len, max(16, 1 << (total_len - 1).bit_length())) if compile else total_len
     # Refuses (with the estimate) before anything is allocated when the prefill or the batch's cache cannot
     # fit; outside the try: a refused setup leaves the model as it was.
-    check_forward_memory(model, bsz, min_len)
+    check_forward_memory(model, bsz, min_len, kv_cache=True, last_only=not all_logits)
     model.setup_cache(bsz, cache_len)
     step = torch.compile(model, fullgraph=True, dynamic=False) if compile else None
     pos = torch.zeros((), dtype=torch.long, device=device)  # a compiled step's position, as data

@@ -27,13 +27,14 @@ from .devices import resolve_device
 from .errors import NonFiniteError
 from .finite import all_finite, describe_nonfinite
 from .memory import check_memory
+from .memory_algebra import memory, model_request
 from .schedule import resolve_schedule
-from .shapes import (TORCH_MAX_TENSOR_BYTES, activation_bytes, check_tensor_sizes, forward_tensor_sizes,
-                     kv_cache_bytes, param_count, rope_table_bytes, weight_bytes, weight_tensor_sizes)
+from .shapes import (TORCH_MAX_TENSOR_BYTES, check_tensor_sizes, forward_tensor_sizes, kv_cache_bytes, param_count,
+                     rope_table_bytes, weight_bytes, weight_tensor_sizes)
 
 ATTENTION_KERNELS = ("math", "sdpa")
-# A forward whose activations are estimated above this is checked against the memory available
-# (smaller ones are not worth reading /proc/meminfo for).
+# A forward that allocates more than this is checked against the memory available (smaller ones are not worth
+# reading /proc/meminfo for).
 ACTIVATION_CHECK_BYTES = 1 << 28
 
 
@@ -336,15 +337,26 @@ def check_token_values(tokens: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab_size})")
 
 
-def check_forward_memory(model, bsz: int, seqlen: int, start_pos: int = 0) -> None:
-    """Refuse a forward whose activations cannot fit in the memory available (estimated from the shapes;
-    the memory is looked up only for a forward large enough to matter)."""
+def forward_bytes(model, bsz: int, seqlen: int, start_pos: int = 0, *, kv_cache: Optional[bool] = None,
+                  last_only: bool = False):
+    """The memory algebra's breakdown of the forward ``model`` would run (:mod:`llama_ref.memory_algebra`); what
+    it allocates beyond the weights, buffers and tokens is ``peak - start``."""
+    return memory(model_request(model, bsz, seqlen, start_pos, kv_cache=kv_cache, last_only=last_only))
+
+
+def check_forward_memory(model, bsz: int, seqlen: int, start_pos: int = 0, *, kv_cache: Optional[bool] = None,
+                         last_only: bool = False) -> None:
+    """Refuse a forward whose activations and temporaries cannot fit in the memory available: the bytes it
+    allocates at its peak, exactly (the memory algebra), beyond what is already allocated (weights, buffers, the
+    KV cache; ``kv_cache``: the forward will run with one, default whether the model has one). The memory is
+    looked up only for a forward large enough to matter."""
     if model.device.type == "meta":
         return
-    act = activation_bytes(model.config, bsz=bsz, seqlen=seqlen, start_pos=start_pos,
-                           compute_dtype=model.compute_dtype, kernel=model.attn_kernel)
-    if act > ACTIVATION_CHECK_BYTES:
-        check_memory(act, model.device, f"{_what(bsz, seqlen, start_pos)} (its largest activations)")
+    b = forward_bytes(model, bsz, seqlen, start_pos, kv_cache=kv_cache, last_only=last_only)
+    need = b.peak - b.start
+    if need > ACTIVATION_CHECK_BYTES:
+        check_memory(need, model.device, f"{_what(bsz, seqlen, start_pos)} (its activations and temporaries at "
+                                         f"the peak: {b.where})")
 
 
 def check_call(model, tokens: torch.Tensor, start_pos) -> int:
@@ -375,5 +387,5 @@ def check_inputs(model, tokens: torch.Tensor, start_pos=0) -> None:
 
 
 __all__ = ["ATTENTION_KERNELS", "FillMarks", "check_build", "check_cache_request", "check_call",
-           "check_forward_memory", "check_inputs", "check_kernel", "check_token_values", "mark_cache_filled",
+           "check_forward_memory", "forward_bytes", "check_inputs", "check_kernel", "check_token_values", "mark_cache_filled",
            "mark_written", "resolve_compute_dtype", "resolve_schedule"]

@@ -324,10 +324,13 @@ class Llama(nn.Module):
             logger.info("%s on %s computes in %s: %s", self.config.name, device, dtype, self.compute_dtype_reason)
         self.compute_dtype = dtype
         # A table made in inference_mode would be unusable by a later forward with autograd: build a normal one.
-        # On the CPU, then moved: every device gets the bit-identical table (as Meta's code does); meta too
-        # (computed on meta, its scalar ops would import torch._dynamo: a second of every checkpoint load).
+        # On the CPU, then moved: every device gets the bit-identical table (as Meta's code does). On meta only its
+        # shape (computed there, its scalar ops would import torch._dynamo: a second of every checkpoint load).
         with torch.inference_mode(False), torch.no_grad():
-            table = precompute_freqs_cis(c.head_dim, self.rope_positions, c.rope_theta, scaling=c.rope_scaling)
+            if device.type == "meta":
+                table = torch.empty(self.rope_positions, c.head_dim // 2, dtype=torch.complex64, device=device)
+            else:
+                table = precompute_freqs_cis(c.head_dim, self.rope_positions, c.rope_theta, scaling=c.rope_scaling)
         self.freqs_cis = table.to(device)  # (rope_positions, head_dim // 2) complex64
 
     def reserve_positions(self, end: int) -> None:

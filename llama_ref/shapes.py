@@ -1,8 +1,9 @@
 """The shape algebra: every size, count and byte figure of a Llama that follows from its config, in one place.
 
 The model's guards, the loaders, the counters (analytic, estimates, tensor parallel), the commands and the
-studies all take these from here: the parameter count, the weight and KV-cache bytes, the largest tensors a
-forward makes (against torch's size limit), and the memory of a forward or a training step.
+studies all take these from here: the parameter count, the weight and KV-cache bytes and the largest tensors a
+forward makes (against torch's size limit). The memory of a whole request (every activation, its peak) is
+:mod:`llama_ref.memory_algebra`'s, which builds on these.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from typing import Optional
 import torch
 
 from .config import LlamaConfig
-from .memory import format_bytes
 
 #: RoPE positions a model's table covers when it is made (fewer if max_seq_len is smaller); more on demand.
 ROPE_EAGER_POSITIONS = 4096
@@ -186,104 +186,6 @@ class TPShares:
         return self.config.dim // self.world_size
 
 
-# ---------------------------------------------------------------------------- memory of a forward or a step
-@dataclass(frozen=True)
-class ForwardMemory:
-    """Bytes one forward needs on a real device, in parts (weights and cache exact; activations the largest
-    transient tensors alive at once, rounded up)."""
-
-    weights: int  # parameters + the RoPE table
-    kv_cache: int
-    activations: int
-    gradients: int = 0  # a training step: one gradient per parameter
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.kv_cache + self.activations + self.gradients
-
-    def describe(self) -> str:
-        grads = f", gradients {format_bytes(self.gradients)}" if self.gradients else ""
-        return (f"{format_bytes(self.total)}: weights {format_bytes(self.weights)}{grads}, KV cache "
-                f"{format_bytes(self.kv_cache)}, activations {format_bytes(self.activations)}")
-
-
-def activation_bytes(config: LlamaConfig, *, bsz: int, seqlen: int, start_pos: int = 0,
-                     compute_dtype: torch.dtype = torch.float32, kernel: str = "math") -> int:
-    """The largest transient tensors of one forward alive at once, in bytes (an upper-ish estimate).
-
-    The math kernel holds about three score tensors at a time (the product, the masked scores and the
-    softmax, taken in fp32); ``sdpa`` at most one. Around them: the keys and values repeated over the query
-    heads, the mask, the MLP's gate, up and product, a handful of hidden-state-sized tensors, and the logits
-    (in the compute dtype, then fp32).
-    """
-    cd = compute_dtype.itemsize
-    s = forward_tensor_sizes(config, bsz, seqlen, start_pos)
-    score_copies = 3 if kernel == "math" else 1
-    scores = score_copies * s["the attention scores"] * max(cd, 4)
-    repeated_kv = 2 * s["the keys repeated over the query heads"] * cd if config.n_rep > 1 else 0
-    mask = 3 * s["the attention mask"] * cd if seqlen > 1 else 0
-    mlp = 3 * s["the MLP activations"] * cd
-    hidden = 8 * bsz * seqlen * max(config.dim, config.q_dim) * cd
-    logits = s["the logits"] * (cd + 4)
-    return scores + repeated_kv + mask + mlp + hidden + logits + bsz * seqlen * 8
-
-
-def forward_memory(config: LlamaConfig, *, batch: int, n_tokens: int, n_cached: int = 0,
-                   n_runs: Optional[int] = None, weight_dtype: torch.dtype = torch.float32,
-                   compute_dtype: Optional[torch.dtype] = None, kv_cache: Optional[bool] = None,
-                   kernel: str = "math") -> ForwardMemory:
-    """What a model of ``config`` needs to run one forward of ``n_tokens`` new tokens per sequence after
-    ``n_cached`` cached ones (``batch`` sequences, ``n_runs`` layer runs, default all layers).
-
-    ``kv_cache`` (default: when ``n_cached > 0``) adds a cache for ``n_cached + n_tokens`` positions in the
-    compute dtype, and the forward that prefilled it (``n_cached`` tokens) counts among the transients: the
-    peak is the larger of the prefill and the step. ``compute_dtype`` defaults to the weight dtype.
-    """
-    compute_dtype = weight_dtype if compute_dtype is None else compute_dtype
-    n_runs = config.n_layers if n_runs is None else n_runs
-    kv_cache = n_cached > 0 if kv_cache is None else kv_cache
-    end = n_cached + n_tokens
-    weights = param_count(config) * weight_dtype.itemsize + rope_table_bytes(config, end)
-    cache = kv_cache_bytes(config, batch=batch, n_positions=end, n_runs=n_runs,
-                           kv_dtype_bytes=compute_dtype.itemsize) if kv_cache else 0
-    act = activation_bytes(config, bsz=batch, seqlen=n_tokens, start_pos=n_cached, compute_dtype=compute_dtype,
-                           kernel=kernel)
-    if kv_cache and n_cached > 0:
-        act = max(act, activation_bytes(config, bsz=batch, seqlen=n_cached, compute_dtype=compute_dtype,
-                                        kernel=kernel))
-    return ForwardMemory(weights=weights, kv_cache=cache, activations=act)
-
-
-def training_memory(config: LlamaConfig, *, batch: int, n_tokens: int, n_runs: Optional[int] = None,
-                    weight_dtype: torch.dtype = torch.float32, compute_dtype: Optional[torch.dtype] = None,
-                    kernel: str = "math", recompute: bool = False) -> ForwardMemory:
-    """What one training step (forward + loss + backward of ``batch`` sequences of ``n_tokens``, every
-    parameter trainable) needs: the weights, one gradient per parameter (in the weight dtype), the
-    activations autograd keeps for the backward and the largest transients (an upper-ish estimate).
-
-    Kept per layer run: the math kernel's scores and their softmax (fp32), the keys and values repeated
-    over the query heads (GQA), four MLP-width tensors and about ten hidden-width ones; with activation
-    checkpointing (``recompute``) only each layer run's input is kept, plus one layer's worth while it is
-    recomputed. Kept once: the logits and their log-softmax and its gradient (fp32).
-    """
-    compute_dtype = weight_dtype if compute_dtype is None else compute_dtype
-    n_runs = config.n_layers if n_runs is None else n_runs
-    cd = compute_dtype.itemsize
-    s = forward_tensor_sizes(config, batch, n_tokens)
-    rows = batch * n_tokens
-    per_run = ((2 * s["the attention scores"] * max(cd, 4) if kernel == "math" else 0)
-               + (2 * s["the keys repeated over the query heads"] * cd if config.n_rep > 1 else 0)
-               + 4 * s["the MLP activations"] * cd + 10 * rows * max(config.dim, config.q_dim) * cd)
-    kept = n_runs * rows * config.dim * cd + per_run if recompute else n_runs * per_run
-    logits = s["the logits"] * (cd + 4 + 4)
-    act = kept + logits + activation_bytes(config, bsz=batch, seqlen=n_tokens, compute_dtype=compute_dtype,
-                                           kernel=kernel)
-    params = param_count(config) * weight_dtype.itemsize
-    return ForwardMemory(weights=params + rope_table_bytes(config, n_tokens), kv_cache=0, activations=act,
-                         gradients=params)
-
-
-__all__ = ["FREQS_CIS_ENTRY_BYTES", "ForwardMemory", "TPShares", "check_world_size", "ROPE_EAGER_POSITIONS", "TORCH_MAX_TENSOR_BYTES",
-           "activation_bytes", "check_tensor_sizes", "forward_memory", "forward_tensor_sizes", "kv_cache_bytes",
-           "layer_param_count", "param_count", "rope_positions_for", "rope_table_bytes", "training_memory",
-           "weight_bytes", "weight_tensor_sizes"]
+__all__ = ["FREQS_CIS_ENTRY_BYTES", "TPShares", "check_world_size", "ROPE_EAGER_POSITIONS", "TORCH_MAX_TENSOR_BYTES",
+           "check_tensor_sizes", "forward_tensor_sizes", "kv_cache_bytes", "layer_param_count", "param_count",
+           "rope_positions_for", "rope_table_bytes", "weight_bytes", "weight_tensor_sizes"]

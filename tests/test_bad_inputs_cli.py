@@ -36,6 +36,7 @@ import torch
 from counters import cli
 from counters.commands import models
 from counters.commands import count as count_command
+from counters.commands import memory as memory_command
 from counters.commands import common as common_command
 from counters.commands import params as params_command
 from counters.commands import schedules as schedules_command
@@ -44,7 +45,7 @@ from counters.studies import roofline_command
 from counters.studies.hardware import available_cpus
 from llama_ref import PRESETS
 from llama_ref import memory as llama_memory
-from llama_ref import shapes as llama_shapes
+from llama_ref import guards
 from llama_ref.config_files import MAX_JSON_BYTES
 from llama_ref.hf import hf_config_dict
 
@@ -265,6 +266,19 @@ def _low_memory_train(c: Ctx) -> list:
     return _count("tiny", "--device", "cpu", "--batch", "8", "--tokens", "64", "--train")
 
 
+def _memory(*args: str) -> list:
+    return ["memory", *args]
+
+
+def _low_memory_memory(c: Ctx) -> list:
+    c.low_memory(3_000_000)
+    return _memory("tiny", "--device", "cpu", "--batch", "8", "--tokens", "64", "--train")
+
+
+def _tied_tp(c: Ctx) -> list:
+    return _memory(c.hf_dir({"tie_word_embeddings": True}), "--tp", "2", "--tokens", "4")
+
+
 def _low_memory_measure(c: Ctx) -> list:
     c.low_memory(10_000_000)
     return ["roofline", "tiny", "--hardware", "cpu", "--measure", "--tokens", "128", "--batch", "64", "--no-plot",
@@ -341,18 +355,22 @@ CASES: list[CliCase] = [
     CliCase("device-bad-index", _count("tiny", "--device", "cuda:x"), 2, "bad --device 'cuda:x'"),
     CliCase("device-meta-index", _count("tiny", "--device", "meta:1"), 2, "bad --device 'meta:1'"),
     CliCase("device-empty", _count("tiny", "--device", ""), 2, "--device is empty"),
-    # --- count: memory, estimated before anything is built
-    # tiny, batch 100000 x 128 tokens, fp32: activations alone are ~153 GiB (attention scores
-    # 3 x 100000 x 4 heads x 128 x 128 x 4 bytes = 78.6 GB, logits 12.8M rows x 256 x 8 bytes = 26.2 GB, ...)
+    # --- count: memory, computed exactly (the memory algebra) before anything is built
+    # tiny, batch B=100000 x S=128 tokens, fp32, math kernel, no cache: the peak is layer 0's scores / sqrt(d).
+    # Alive then: U = B*S*64*4 = 3,276,800,000 bytes each for h, the norm output, xq and the keys and values
+    # repeated over the query heads (5U); xk and xv U/2 each; the scores and their quotient B*4*S*S*4 =
+    # 26,214,400,000 each; the mask S*S*4 = 65,536: 72,089,665,536 bytes; plus what was there before: weights
+    # 217,664*4 = 870,656, the RoPE table 128*8*8 = 8,192 and the tokens B*S*8 = 102,400,000: 72,192,944,384.
     CliCase("cpu-batch-100000", _count("tiny", "--device", "cpu", "--batch", "100000", "--tokens", "128"), 2,
-            "--device cpu: counting this forward needs about", "activations 153.", "of RAM is available",
-            "use --device meta", skip=_memory_at_least(165_000_000_000)),
+            "--device cpu: counting this forward needs about 67.23 GiB (72,192,944,384 bytes)",
+            "activations and temporaries 67.14 GiB (72,089,665,536 bytes) at the peak (forward, layers.0, div.Tensor)",
+            "of RAM is available", "use --device meta", skip=_memory_at_least(73_000_000_000)),
     CliCase("cpu-low-memory", _low_memory_count, 2, "--device cpu: counting this forward needs about",
             "but only 9.54 MiB (10,000,000 bytes) of RAM is available"),
     CliCase("cpu-low-memory-train", _low_memory_train, 2, "--device cpu: counting this training step needs about",
             "gradients 850.25 KiB (870,656 bytes)", "but only 2.86 MiB (3,000,000 bytes) of RAM is available"),
-    # 70B fp32 random weights: 68,976,648,192 x 4 + RoPE table 4096 x 64 x 8 = 275,908,689,920 bytes
-    CliCase("cpu-70b", _count("llama-2-70b", "--device", "cpu"), 2, "weights 256.96 GiB (275,908,689,920 bytes)",
+    # 70B fp32 random weights: 68,976,648,192 x 4 = 275,906,592,768 bytes (the RoPE table is not a weight)
+    CliCase("cpu-70b", _count("llama-2-70b", "--device", "cpu"), 2, "weights 256.96 GiB (275,906,592,768 bytes)",
             "use --device meta", skip=_memory_at_least(276_000_000_000)),
     # --- count on meta: torch's limit of 2**63 - 1 bytes per tensor
     # logits: 2**40 x 4096 x 32000 = 144,115,188,075,855,872,000 elements
@@ -369,6 +387,49 @@ CASES: list[CliCase] = [
             lambda c: _count(c.hf_dir({"hidden_size": 2**40, "intermediate_size": 2**40, "head_dim": None}),
                              "--tokens", "4"), 2,
             "attention.wq.weight would hold 1,208,925,819,614,629,174,706,176 elements"),
+    # --- memory: sizes, training options, the search, checked before any work
+    CliCase("memory-tokens-zero", _memory("tiny", "--tokens", "0"), 2, "--tokens must be >= 1, got 0", quick=True),
+    CliCase("memory-batch-zero", _memory("tiny", "--batch", "0"), 2, "--batch must be >= 1, got 0", quick=True),
+    CliCase("memory-cached-negative", _memory("tiny", "--cached", "-2"), 2, "--cached must be >= 0, got -2", quick=True),
+    CliCase("memory-tp-zero", _memory("tiny", "--tp", "0"), 2, "--tp must be >= 1, got 0", quick=True),
+    CliCase("memory-optimizer-without-train", _memory("tiny", "--optimizer", "sgd"), 2,
+            "--optimizer describe a training step: add --train", quick=True),
+    CliCase("memory-recompute-without-train", _memory("tiny", "--recompute"), 2,
+            "--recompute describe a training step: add --train", quick=True),
+    CliCase("memory-optimizer-choice", _memory("tiny", "--train", "--optimizer", "adam"), 2,
+            "--optimizer: invalid choice: 'adam'", quick=True),
+    CliCase("memory-train-cached", _memory("tiny", "--train", "--cached", "4"), 2,
+            "--cached must be 0, got 4", quick=True),
+    CliCase("memory-train-last-logits", _memory("tiny", "--train", "--logits", "last"), 2,
+            "--logits last is what generation computes", quick=True),
+    CliCase("memory-max-both", _memory("tiny", "--max-batch", "--max-tokens", "--device-memory", "100"), 2,
+            "--max-batch and --max-tokens: choose one", quick=True),
+    CliCase("memory-hardware-and-bytes", _memory("tiny", "--max-batch", "--hardware", "h100-sxm", "--device-memory",
+                                                 "100"), 2, "--hardware and --device-memory", quick=True),
+    CliCase("memory-device-memory-units", _memory("tiny", "--max-batch", "--device-memory", "80GB"), 2,
+            "bad --device-memory '80GB': give a whole number of bytes", quick=True),
+    CliCase("memory-device-memory-zero", _memory("tiny", "--max-batch", "--device-memory", "0"), 2,
+            "--device-memory must be at least 1 byte, got '0'", quick=True),
+    CliCase("memory-hardware-without-search", _memory("tiny", "--hardware", "h100-sxm"), 2,
+            "add --max-batch or --max-tokens", quick=True),
+    CliCase("memory-hardware-choice", _memory("tiny", "--max-batch", "--hardware", "tpu-v5"), 2,
+            "--hardware: invalid choice: 'tpu-v5'", quick=True),
+    CliCase("memory-out-is-a-folder", lambda c: _memory("tiny", "--out", c.folder("d")), 2,
+            f"--out {PATH} is a directory; give a file name", quick=True),
+    CliCase("memory-search-on-meta", _memory("tiny", "--max-batch", "--device", "meta"), 2,
+            "--max-batch/--max-tokens need the memory to fill"),
+    CliCase("memory-end-past-max-seq-len", _memory("tiny", "--tokens", "100", "--cached", "29"), 2,
+            "--cached 29 + --tokens 100 = 129 exceeds the model's max_seq_len 128"),
+    CliCase("memory-tp-indivisible", _memory("tiny", "--tp", "3"), 2,
+            "cannot split tiny across 3 tensor-parallel ranks"),
+    CliCase("memory-tp-tied", _tied_tp, 2, "tied embeddings (tie_word_embeddings=True) cannot be tensor-parallel"),
+    CliCase("memory-tp-on-cpu", _memory("tiny", "--tp", "2", "--device", "cpu"), 2,
+            "--tp 2 measures each rank on meta"),
+    CliCase("memory-device-garbage", _memory("tiny", "--device", "tpu"), 2, "bad --device 'tpu'"),
+    CliCase("memory-unknown-model", _memory("no-such-model"), 2, "unknown model 'no-such-model'"),
+    # tiny, batch 8 x 64, a training step on the CPU: the weights and gradients alone are 2 x 870,656 bytes
+    CliCase("memory-low-memory-train", _low_memory_memory, 2, "--device cpu: counting this training step needs about",
+            "but only 2.86 MiB (3,000,000 bytes) of RAM is available"),
     # --- config.json: wrong types, values, JSON, file kinds; every message names the file and the field
     CliCase("cfg-string-int", lambda c: _count(c.hf_dir({"hidden_size": "64"})), 2, PATH,
             "hidden_size must be an int, got '64'"),
@@ -633,6 +694,8 @@ def forbid_work(monkeypatch: pytest.MonkeyPatch) -> None:
         return trip
 
     for module, names in ((count_command, ("resolve_model", "build_model", "crosscheck", "choose_device")),
+                          (memory_command, ("resolve_model", "build_model", "check", "measure_for", "choose_device",
+                                            "largest_fitting")),
                           (params_command, ("resolve_model",)), (schedules_command, ("resolve_model",)),
                           (roofline_command, ("resolve_model", "analyze", "get_hardware", "measure",
                                               "plot_roofline", "plot_macs_vs_context", "load_timings"))):
@@ -747,20 +810,24 @@ def test_a_2_31_position_model_counts_and_plots(tmp_path, capsys, offline_hub):
     assert (tmp_path / "plots" / "macs_vs_context.png").stat().st_size > 0
 
 
-def test_the_forward_memory_estimate_is_one_function():
-    """count, the roofline's --measure and the studies share llama_ref.memory.forward_memory."""
+def test_the_forward_memory_is_one_function():
+    """count, the roofline's --measure and the studies take the memory of a forward from the memory algebra."""
+    from llama_ref.memory_algebra import MemoryRequest, memory
+
     config = PRESETS["llama-2-7b"]
-    # 7B fp32 weights: 6,738,415,616 x 4 bytes + RoPE table 4096 x 64 x 8 = 26,955,759,616 bytes
+    # 7B fp32 weights: 6,738,415,616 x 4 = 26,953,662,464 bytes; RoPE table 4096 x 64 x 8 = 2,097,152 bytes
     need = models.forward_need(config, "cpu", 4, batch=1, n_tokens=4)
-    assert need.weights == 26_955_759_616 and need.kv_cache == 0
+    assert need.weights == 26_953_662_464 and need.rope_table == 2_097_152 and need.kv_cache == 0
+    # roofline --measure sets up a cache of N positions for the timed forward
     assert factory.estimate_forward_memory(config, batch=1, n_tokens=4, n_cached=0, n_runs=32, dtype_bytes=4) == \
-        llama_shapes.forward_memory(config, batch=1, n_tokens=4, n_runs=32, weight_dtype=torch.float32,
-                                    kv_cache=True).total
-    # a KV cache for C + N positions, and the prefill of C tokens among the transients:
-    # 2 x 1 x 2048 positions x 4096 x 4 bytes x 32 runs = 2,147,483,648 bytes
-    step = llama_shapes.forward_memory(config, batch=1, n_tokens=1, n_cached=2047)
+        memory(MemoryRequest(config, batch=1, tokens=4, weight_dtype=torch.float32)).peak
+    # a KV cache for C + N positions: 2 x 1 x 2048 positions x 4096 x 4 bytes x 32 runs = 2,147,483,648 bytes; the
+    # prefill of C tokens comes first, and its peak is the larger
+    step = models.forward_need(config, "cpu", 4, batch=1, n_tokens=1, n_cached=2047)
     assert step.kv_cache == 2_147_483_648
-    assert step.activations == llama_shapes.activation_bytes(config, bsz=1, seqlen=2047)
+    prefill = memory(MemoryRequest(config, tokens=2047, cache_positions=2048, weight_dtype=torch.float32))
+    assert step.peak == prefill.peak > memory(MemoryRequest(config, tokens=1, cached=2047,
+                                                            weight_dtype=torch.float32)).peak
 
 
 # ---------------------------------------------------------------------------- the study scripts' commands
@@ -830,15 +897,25 @@ def test_a_forward_too_large_for_memory_is_refused_before_it_runs(monkeypatch):
     monkeypatch.setattr(llama_memory, "available_memory_bytes", lambda device: 10_000_000)
     model = Llama(TINY).eval()
     tokens = torch.zeros(1024, 128, dtype=torch.long)
-    need = llama_shapes.activation_bytes(TINY, bsz=1024, seqlen=128)
-    # the attention scores alone: 3 copies x 1024 x 4 heads x 128 x 128 x 4 bytes = 805,306,368 bytes
-    assert need > 805_306_368
+    # B=1024 x S=128, fp32, no cache: the peak is layer 0's scores / sqrt(d); it allocates beyond the weights,
+    # buffers and tokens: U = B*S*64*4 = 33,554,432 for h, the norm output, xq and the repeated keys and values
+    # (5U), U/2 for xk and xv, the scores and their quotient B*4*S*S*4 = 268,435,456 each, the mask S*S*4 = 65,536:
+    # 738,263,040 bytes
+    need = 738_263_040
+    b = guards.forward_bytes(model, 1024, 128)
+    assert b.peak - b.start == need
     with pytest.raises(InsufficientMemoryError) as info:
         check_inputs(model, tokens)
     message = str(info.value)
     assert "a forward of 1,024 sequence(s) x 128 tokens after 0 cached" in message
     assert llama_memory.format_bytes(need) in message and "10,000,000 bytes" in message
-    prefill = llama_shapes.activation_bytes(TINY, bsz=1024, seqlen=100)
+    assert "forward, layers.0, div.Tensor" in message
+    # generate's prefill (S=100) runs with its KV cache: xk and xv stay bound while the cache is written, the keys
+    # and values are repeated from the cache: U = 1024*100*64*4 = 26,214,400; 6U + 2 x 1024*4*100*100*4 + the mask
+    # 100*100*4 = 157,286,400 + 327,680,000 + 40,000 = 485,006,400 bytes
+    prefill = 485_006_400
+    assert guards.forward_bytes(model, 1024, 100, kv_cache=True).peak - \
+        guards.forward_bytes(model, 1024, 100, kv_cache=True).start == prefill
     with pytest.raises(InsufficientMemoryError, match="1,024 sequence\\(s\\) x 100 tokens") as info:
         generate(model, [[1] * 100] * 1024, 4)
     assert llama_memory.format_bytes(prefill) in str(info.value) and model.caches is None

@@ -608,18 +608,24 @@ def test_bad_input(case: Case, ckpts, tmp_path, monkeypatch):
 # ---------------------------------------------------------------- a training step's memory
 def test_training_memory_adds_gradients_and_kept_activations():
     from llama_ref import LlamaConfig
-    from llama_ref.shapes import forward_memory, param_count, training_memory
+    from llama_ref.memory_algebra import MemoryRequest, memory
 
     cfg = LlamaConfig.from_preset("tiny")
-    fwd = forward_memory(cfg, batch=4, n_tokens=32)
-    step = training_memory(cfg, batch=4, n_tokens=32)
-    assert step.gradients == param_count(cfg) * 4 == 217_664 * 4  # fp32 gradients, one per parameter
+    fwd = memory(MemoryRequest(cfg, batch=4, tokens=32, kv_cache=False))
+    step = memory(MemoryRequest(cfg, batch=4, tokens=32, train=True, optimizer="none"))
+    assert step.gradients == 217_664 * 4  # fp32 gradients, one per parameter
     assert step.weights == fwd.weights and step.kv_cache == 0
-    assert step.activations > fwd.activations  # what the backward needs is kept on top of the transients
-    # Checkpointing keeps each layer run's input instead of its activations: less, for more than one layer.
-    assert training_memory(cfg, batch=4, n_tokens=32, recompute=True).activations < step.activations
-    # The sdpa kernel keeps no score matrix.
-    assert training_memory(cfg, batch=4, n_tokens=32, kernel="sdpa").activations < step.activations
+    # Kept per layer run (math kernel, fp32): per token 6*dim + 4*q_dim + 4*hidden + 2 + n_heads*S elements
+    # = 384 + 256 + 704 + 2 + 4*32 = 1,474, x 4*32 tokens x 4 bytes = 754,688 bytes
+    assert [layer.saved_activation_bytes for layer in step.layers] == [754_688] * 4
+    assert step.peak > fwd.peak
+    # Checkpointing keeps each layer run's input instead (4*32*64*4 = 32,768 bytes; the first also the mask 32*32*4)
+    recompute = memory(MemoryRequest(cfg, batch=4, tokens=32, train=True, optimizer="none", recompute=True))
+    assert [layer.saved_activation_bytes for layer in recompute.layers] == [32_768 + 4_096] + [32_768] * 3
+    # The sdpa kernel keeps no score matrix: per token its n_heads*S = 128 probabilities become n_heads = 4
+    # logsumexp values: (1,474 - 128 + 4) x 128 tokens x 4 bytes = 691,200 bytes
+    sdpa = memory(MemoryRequest(cfg, batch=4, tokens=32, train=True, optimizer="none", kernel="sdpa"))
+    assert [layer.saved_activation_bytes for layer in sdpa.layers] == [691_200] * 4
     assert "gradients" in step.describe() and "gradients" not in fwd.describe()
 
 

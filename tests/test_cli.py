@@ -304,7 +304,7 @@ def test_params(capsys):
 
 
 def test_every_subcommand_is_registered():
-    assert set(cli.SUBCOMMANDS) == {"count", "schedules", "params", "roofline", "mfu"}
+    assert set(cli.SUBCOMMANDS) == {"count", "schedules", "params", "roofline", "mfu", "memory"}
     parser = cli.build_parser()
     assert parser.parse_args(["roofline", "tiny"]).command == "roofline"
 

@@ -207,6 +207,7 @@ def gpu(monkeypatch):
         monkeypatch.setattr(torch.version, "hip", hip)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: rocm_bf16)
         monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
     return _set
 
@@ -244,3 +245,13 @@ def test_real_cuda_device():
     cap = torch.cuda.get_device_capability(0)
     assert resolve_compute_dtype("auto", "cuda:0", BF16)[0] == (BF16 if cap >= (8, 0) else FP32)
     assert resolve_compute_dtype("auto", "cuda:0", FP16)[0] == FP16
+
+
+def test_cuda_that_is_not_there_is_refused_not_guessed():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    from llama_ref.errors import DeviceUnavailableError
+
+    with pytest.raises(DeviceUnavailableError, match="'cuda'.*CUDA is not available here"):
+        resolve_compute_dtype("auto", "cuda", torch.bfloat16)
+    assert resolve_compute_dtype(torch.float32, "cuda", torch.bfloat16)[0] == torch.float32  # explicit: no query

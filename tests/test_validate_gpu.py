@@ -66,6 +66,10 @@ def test_end_to_end_on_cpu(vg, tmp_path, capsys):
         assert len(blocks) == 4 and all(r["measured_s"] > 0 for r in blocks)
         assert "pct_peak_flops[h100-sxm]" in blocks[0] and "pct_peak_bw[h100-sxm]" in p["overall"]
         assert p["overall"]["forward_s"] > 0
+    # 1b. memory: the CPU allocator's peak within the algebra's bound, per phase and for a training step.
+    mem = doc["memory"]
+    for r in [*mem["phases"].values(), mem["training"]]:
+        assert r["ok"] and 0 <= r["excess_bytes"] <= r["bound_bytes"][1] and r["analytic_bytes"] > 0, r
     # 3. logits vs transformers (fp32: tight).
     for phase in ("prefill", "decode"):
         m = doc["hf_comparison"][phase]
@@ -274,6 +278,35 @@ def test_training_counter_check_catches_a_wrong_backward(vg, make_model, monkeyp
     monkeypatch.setattr(torch.nn.functional, "silu", Silu.apply)
     bad = check_training_counters(model, TrainStep(5), tokens, names=["torch"])
     assert not bad["torch"]["agree"] and bad["torch"]["problems"]
+
+
+def test_memory_check_on_cuda_reads_max_memory_allocated(monkeypatch):
+    """The CUDA branch of the memory check: reset the peak, read memory_allocated before, max_memory_allocated
+    after (simulated: the counters of a fake CUDA device), and compare with the algebra within the CUDA bound."""
+    from counters.studies import validate_memory as vm
+
+    calls = []
+    state = {"allocated": 1000, "peak": 1000}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats",
+                        lambda device=None: (calls.append("reset"), state.update(peak=state["allocated"])))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: state["allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    assert vm.device_peak(lambda: state.update(peak=5096), torch.device("cuda")) == 4096
+    assert calls == ["sync", "reset", "sync"]
+    ok = vm._verdict("x", 4096, 4096 + vm.CUDA_SLACK_BYTES, torch.device("cuda"))
+    bad = vm._verdict("x", 4096, 4095, torch.device("cuda"))
+    assert ok["ok"] and not bad["ok"] and ok["source"] == "torch.cuda.max_memory_allocated"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_memory_check_on_a_real_gpu(vg, make_model):
+    from counters.studies.validate_memory import memory_validation
+
+    model = make_model(LlamaConfig.from_preset("tiny")).to("cuda")
+    result = memory_validation(model, [vg.Phase("prefill", 12, 0), vg.Phase("decode", 1, 12)], batch=2,
+                               train=vg.TrainStep(10), log=lambda s: None)
+    assert all(r["ok"] for r in [*result["phases"].values(), result["training"]]), result
 
 
 def test_device_peaks(vg):

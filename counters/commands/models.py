@@ -22,7 +22,10 @@ from llama_ref.loading import find_checkpoint_files
 from llama_ref.memory import available_memory_bytes, format_bytes
 from llama_ref.loading import load_pretrained
 from llama_ref.model import Llama
-from llama_ref.shapes import ForwardMemory, forward_memory, param_count, training_memory
+from llama_ref.guards import resolve_compute_dtype
+from llama_ref.memory_algebra import MemoryBreakdown
+from llama_ref.memory_algebra import forward_need as algebra_forward_need
+from llama_ref.shapes import param_count
 
 from ..studies.factory import random_model
 from ..training import Training
@@ -117,25 +120,25 @@ def resolve_model(spec: str, *, vocab_size: Optional[int] = None, revision: Opti
     return ModelSource(config, kind, path=spec, checkpoint_dir=directory if weights else None)
 
 
-# Weights of this many bytes per element are counted as this dtype; only the size matters to an estimate.
+# Weights of this many bytes per element are counted as this dtype; only the size matters to the memory.
 _DTYPE_OF_BYTES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
 
 
 def forward_need(config: LlamaConfig, device_type: str, dtype_bytes: int, *, batch: int = 1, n_tokens: int = 1,
                  n_cached: int = 0, n_runs: Optional[int] = None, kernel: str = "math",
-                 training: Optional[Training] = None) -> ForwardMemory:
-    """Memory a counted forward needs on a real device of type ``device_type``: the weights
-    (``dtype_bytes`` each), the KV cache and the prefill of ``n_cached`` positions when there are any, and
-    the largest activations (:func:`llama_ref.memory.forward_memory`); with ``training``, a training step:
-    gradients and the activations kept for the backward too (:func:`llama_ref.memory.training_memory`).
-    Activations are fp32 on the CPU and in the weight dtype elsewhere, as the model computes."""
+                 training: Optional[Training] = None) -> MemoryBreakdown:
+    """Memory a counted forward needs on a real device of type ``device_type``, exactly (the memory algebra,
+    :func:`llama_ref.memory_algebra.forward_need`): the weights (``dtype_bytes`` each), the KV cache and the
+    prefill of ``n_cached`` positions when there are any, every activation at the peak; with ``training``, a
+    training step (gradients and the activations kept for the backward). Activations in the compute dtype the
+    model would choose on that device (:func:`llama_ref.guards.resolve_compute_dtype`)."""
     weight_dtype = _DTYPE_OF_BYTES[dtype_bytes]
-    compute = torch.float32 if device_type == "cpu" else weight_dtype
-    if training is not None:
-        return training_memory(config, batch=batch, n_tokens=n_tokens, n_runs=n_runs, weight_dtype=weight_dtype,
-                               compute_dtype=compute, kernel=kernel, recompute=training.recompute)
-    return forward_memory(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs,
-                          weight_dtype=weight_dtype, compute_dtype=compute, kernel=kernel)
+    compute, _reason = resolve_compute_dtype("auto", torch.device(device_type), weight_dtype)
+    train = training is not None
+    return algebra_forward_need(config, device_type=device_type, weight_dtype=weight_dtype, compute_dtype=compute,
+                                batch=batch, n_tokens=n_tokens, n_cached=0 if train else n_cached, n_runs=n_runs,
+                                kernel=kernel, train=train, loss=training.loss if train else "cross-entropy",
+                                recompute=training.recompute if train else False)
 
 
 def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: int, *, batch: int = 1,
@@ -170,7 +173,7 @@ def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: in
             raise BadInput(f"bad --device {requested!r}: use cpu, meta or cuda[:N]")
         need = forward_need(source.config, dev.type, dtype_bytes, **shape)
         avail = available_memory_bytes(dev)
-        if avail is not None and need.total > avail:
+        if avail is not None and need.peak > avail:
             where = "RAM" if dev.type == "cpu" else f"free memory on {dev}"
             raise InsufficientMemoryError(
                 f"--device {requested}: counting this {'training step' if training else 'forward'} needs about "
@@ -179,14 +182,14 @@ def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: in
         return requested, f"--device {requested}"
     avail = available_memory_bytes("cpu") or 0
     need = forward_need(source.config, "cpu", dtype_bytes, **shape)
-    run_bytes = need.total - weight_bytes  # the forward's activations, KV cache and RoPE table
+    run_bytes = need.peak - weight_bytes  # the forward's activations, KV cache, RoPE table and tokens
     if source.has_weights:
         if weight_bytes * 5 // 4 + run_bytes <= avail:
             return "cpu", f"checkpoint weights ({weight_bytes / gib:.1f} GiB) fit in available RAM ({avail / gib:.1f} GiB)"
         return "meta", (f"checkpoint weights ({weight_bytes / gib:.1f} GiB) and the forward ({run_bytes / gib:.1f} GiB) "
                         f"exceed available RAM ({avail / gib:.1f} GiB): counted on meta without loading")
     limit = min(RANDOM_INIT_MAX_BYTES, avail // 2)
-    if weight_bytes <= limit and need.total <= avail // 2:
+    if weight_bytes <= limit and need.peak <= avail // 2:
         return "cpu", f"random weights ({weight_bytes / gib:.2f} GiB) on the CPU"
     return "meta", (f"no checkpoint, and random weights ({weight_bytes / gib:.1f} GiB, limit {limit / gib:.1f} GiB) "
                     f"plus the forward ({run_bytes / gib:.1f} GiB) are too large for the CPU: counted on meta "

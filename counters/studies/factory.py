@@ -8,9 +8,9 @@ import torch
 
 from llama_ref.config import LlamaConfig
 from llama_ref.memory import available_memory_bytes
+from llama_ref.memory_algebra import MemoryRequest, cyclic_schedule, memory
 from llama_ref.model import Llama
 from llama_ref.schedule import resolve_schedule
-from llama_ref.shapes import forward_memory
 
 from .timing import Timing, time_forward
 
@@ -35,12 +35,17 @@ def random_model(config: LlamaConfig, *, schedule=None, device="cpu", dtype=torc
 
 
 def estimate_forward_memory(config: LlamaConfig, *, batch: int, n_tokens: int, n_cached: int, n_runs: int,
-                            dtype_bytes: int, kernel: str = "math") -> int:
-    """Bytes :func:`measure` needs: weights, the KV cache, and the largest transient activations of the
-    prefill and the timed forward (:func:`llama_ref.memory.forward_memory`, the one estimate)."""
+                            dtype_bytes: int, kernel: str = "math", device_type: str = "cpu") -> int:
+    """Bytes :func:`measure` needs at its peak, exactly (the memory algebra): the weights, a KV cache of
+    ``n_cached + n_tokens`` positions, and the larger of the prefill's and the timed forward's activations;
+    activations in the weight dtype, as :func:`measure` builds the model."""
     dtype = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[dtype_bytes]
-    return forward_memory(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs,
-                          weight_dtype=dtype, compute_dtype=dtype, kv_cache=True, kernel=kernel).total
+    common = dict(batch=batch, weight_dtype=dtype, compute_dtype=dtype, kernel=kernel, device_type=device_type,
+                  schedule=cyclic_schedule(config.n_layers, n_runs), cache_positions=n_cached + n_tokens)
+    peak = memory(MemoryRequest(config, tokens=n_tokens, cached=n_cached, **common)).peak
+    if n_cached:  # the prefill that fills the cache first
+        peak = max(peak, memory(MemoryRequest(config, tokens=n_cached, **common)).peak)
+    return peak
 
 
 MEASURE_HINT = ("measure fewer layers of the same shape with --layers K (every decoder layer costs the same), a smaller "
@@ -54,7 +59,8 @@ def check_measure_memory(config: LlamaConfig, *, device, dtype: torch.dtype, bat
     device = torch.device(device)
     n_runs = len(resolve_schedule(schedule, config.n_layers))
     need = estimate_forward_memory(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs,
-                                   dtype_bytes=dtype.itemsize, kernel=attn_kernel)
+                                   dtype_bytes=dtype.itemsize, kernel=attn_kernel,
+                                   device_type="cuda" if device.type == "cuda" else "cpu")
     avail = available_memory_bytes(device)
     if avail is not None and need > 0.9 * avail:
         raise MemoryError(

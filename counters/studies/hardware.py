@@ -107,6 +107,23 @@ _TABLE: dict[str, tuple[dict[str, float], float, str, str]] = {
 }
 HARDWARE_NAMES = (*_TABLE, "cpu")
 
+# name -> (device memory in bytes, source). The datasheets say "80GB": five 16 GiB HBM stacks, 80 GiB. CUDA
+# reports somewhat less as total memory (a driver reserve; ECC on HBM costs nothing extra), and a process can
+# allocate less still (its CUDA context): for the bytes a run can really use, give --device-memory (the second
+# value of torch.cuda.mem_get_info on the device).
+_MEMORY: dict[str, tuple[int, str]] = {
+    "h100-sxm": (80 * 2**30, "NVIDIA H100 Tensor Core GPU Datasheet, H100 SXM: GPU memory 80GB (HBM3, 5 x 16 GiB)"),
+    "h100-pcie": (80 * 2**30, "NVIDIA H100 Tensor Core GPU Datasheet, H100 PCIe: GPU memory 80GB (HBM2e)"),
+    "a100-80g": (80 * 2**30, "NVIDIA A100 Tensor Core GPU Datasheet, A100 80GB SXM: GPU memory 80GB (HBM2e)"),
+}
+
+
+def table_memory_bytes(name: str) -> int:
+    """Device memory of a hardware-table entry, in bytes (see :data:`_MEMORY` for what the figure is)."""
+    if name not in _MEMORY:
+        raise ValueError(f"no memory size for hardware {name!r}; known: {', '.join(_MEMORY)} (or give the bytes)")
+    return _MEMORY[name][0]
+
 
 def table_hardware(name: str, dtype: str = "bf16") -> Hardware:
     """A datasheet entry. ``dtype``: one of bf16, fp16, tf32, fp32."""

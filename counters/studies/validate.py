@@ -11,7 +11,10 @@ prefill (N=2048 new tokens) and a cached decode step (C=2048 cached, N=1):
    table entry, and a matmul/copy measurement on the device itself);
 3. logits are compared with ``transformers.LlamaForCausalLM`` (sdpa attention) built from the same
    weights on the same GPU (HF layout via ``llama_ref.hf.convert_meta_tensor_to_hf``);
-4. a training step (N=2048, forward + loss + backward): counts exact per row and phase, forward and
+4. memory: each phase's and a training step's peak as the allocator counts it (CUDA:
+   ``torch.cuda.max_memory_allocated``) against the memory algebra, within a stated bound
+   (:mod:`.validate_memory`);
+5. a training step (N=2048, forward + loss + backward): counts exact per row and phase, forward and
    backward timed per layer run, and the measured MFU (:mod:`.validate_training`).
 
 Writes ``validate_gpu.json`` and PNGs (roofline with measured points; per-layer throughput) to
@@ -44,9 +47,8 @@ from llama_ref.dtypes import short_name
 from llama_ref.hf import convert_meta_tensor_to_hf, hf_config_dict, hf_forward_with_cache
 from llama_ref.loading import load_pretrained
 from llama_ref.memory import check_memory
-from llama_ref.model import Llama
+from llama_ref.memory_algebra import MemoryRequest, memory
 from llama_ref.schedule import format_schedule
-from llama_ref.shapes import training_memory
 from llama_ref.usage import OneLineParser
 
 from ..analytic import analyze
@@ -58,6 +60,7 @@ from .hardware import HARDWARE_NAMES, Hardware, detect_table_name, device_name, 
 from .plots import plot_roofline, save_figure
 from .roofline import roofline_table, summarize
 from .timing import Timing, make_timer, time_forward
+from .validate_memory import memory_validation
 from .validate_training import TrainStep, check_training_counters, step_report, time_step
 
 DTYPES = {short_name(d): d for d in (torch.bfloat16, torch.float16, torch.float32)}
@@ -375,6 +378,12 @@ def run_validation(config: LlamaConfig, *, device, dtype_name: str = "bf16", che
                 failures.append(f"{ph.name}: counter {name} {what}: {'; '.join(r['problems'][:3])}")
     result["steps"]["counters_s"] = time.perf_counter() - t0
 
+    # 1b. memory: the allocator's peak per phase (and a training step) against the memory algebra
+    t0 = time.perf_counter()
+    result["memory"] = memory_validation(model, phases, batch=batch, train=train, seed=seed, failures=failures,
+                                         log=log)
+    result["steps"]["memory_s"] = time.perf_counter() - t0
+
     # 2. timing
     t0 = time.perf_counter()
     phase_reports = []
@@ -573,9 +582,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                  hint="use a smaller --batch, --prefill-tokens or --decode-cached, or a smaller --model")
         train = None if args.no_train else TrainStep(args.train_tokens, recompute=args.recompute)
         if train is not None:  # the step keeps gradients and every layer's activations: refuse it up front too
-            need = training_memory(config, batch=args.batch, n_tokens=train.n_tokens, weight_dtype=DTYPES[args.dtype],
-                                   kernel="math", recompute=train.recompute)
-            check_memory(need.total, device, "the training-step check (weights, gradients, kept activations; use a "
+            need = memory(MemoryRequest(config, batch=args.batch, tokens=train.n_tokens, train=True,
+                                        weight_dtype=DTYPES[args.dtype], kernel=args.train_kernel or "math",
+                                        recompute=train.recompute, optimizer="none",
+                                        device_type="cuda" if device.type == "cuda" else "cpu"))
+            check_memory(need.peak, device, "the training-step check (weights, gradients, kept activations; use a "
                          "smaller --train-tokens or --batch, --recompute, or --no-train)")
         peak_kwargs = {"n": 1024, "repeats": 3, "nbytes": 64 * 2**20} if device.type == "cpu" else None
         result = run_validation(
