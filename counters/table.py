@@ -443,7 +443,11 @@ def _attention_read(module, args, kwargs, output) -> Attn:
     if values.shape[1] != keys.shape[1]:
         raise ValueError(f"attention core got {keys.shape[1]} keys but {values.shape[1]} values")
     bsz, seqlen, n_heads, head_dim = (int(d) for d in xq.shape)
-    return Attn(bsz, seqlen, int(keys.shape[1]), n_heads, int(keys.shape[2]), head_dim, mask is not None)
+    # More than one new token is causally masked: by the mask the model built, or (sdpa without a cached prefix)
+    # by the kernel itself (is_causal, no mask tensor). A mask given to a one-token step would be work no row has.
+    if mask is not None and seqlen == 1:
+        raise ValueError("attention core got a mask for a one-token step")
+    return Attn(bsz, seqlen, int(keys.shape[1]), n_heads, int(keys.shape[2]), head_dim, seqlen > 1)
 
 
 def _attention_bytes(s: Attn, dt: Dtypes) -> Bytes:

@@ -418,7 +418,7 @@ def _recomputed_sdpa_call(mod: AttentionCore, args: tuple) -> OpCall:
     masked = isinstance(mask, torch.Tensor)
     return OpCall("scaled_dot_product_attention", {"query": q, "key": kv, "value": kv,
                                                    "attn_mask": TensorMeta.of(mask) if masked else None,
-                                                   "dropout_p": 0.0, "is_causal": False})
+                                                   "dropout_p": 0.0, "is_causal": not masked and seqlen > 1})
 
 
 def _install_module_stack(model: nn.Module, tally: _Tally) -> list:

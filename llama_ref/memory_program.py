@@ -265,8 +265,8 @@ def attention_core(p: Program, xq: T, keys: T, values: T, mask: Optional[T]) -> 
         scores = op.to(op.softmax(op.to(scores, torch.float32)), q.dtype)
         output = op.matmul(scores, v)
     else:
-        causal = mask is not None and mask.shape[-1] == seqlen
-        output = sdpa(p, q, k, v, None if causal else mask, causal)
+        causal = mask is None and seqlen > 1
+        output = sdpa(p, q, k, v, mask, causal)
     return reshape(transpose(output, 1, 2), (bsz, seqlen, n_heads * head_dim))
 
 
@@ -340,7 +340,7 @@ def llama_forward(sim: Sim, p: Program, W: Weights, tokens: T, out: Outcome) -> 
     h = op.to(h, cd)
     freqs_cis = narrow(W.freqs_cis, 0, start_pos, seqlen)
     mask = None
-    if seqlen > 1:
+    if seqlen > 1 and not (start_pos == 0 and p.kernel == "sdpa"):  # sdpa's own is_causal: no mask tensor
         mask = new(sim, (seqlen, seqlen), cd, "full")
         mask = new(sim, (seqlen, seqlen), cd, "triu")
         zeros = new(sim, (seqlen, start_pos), cd, "zeros")

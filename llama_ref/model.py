@@ -193,8 +193,8 @@ class AttentionCore(nn.Module):
             # Softmax in fp32: exp of bf16 logits loses the small differences that matter.
             scores = F.softmax(scores.float(), dim=-1).type_as(q)
             output = torch.matmul(scores, v)  # (bsz, n_heads, seqlen, head_dim)
-        elif mask is not None and mask.shape[-1] == seqlen:
-            # No cached prefix: the mask is plain causal, which the fused kernels handle natively.
+        elif mask is None and seqlen > 1:
+            # No cached prefix (the model built no mask): plain causal, which the fused kernels apply natively.
             output = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (bsz, n_heads, seqlen, head_dim)
         else:
             output = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (bsz, n_heads, seqlen, head_dim)
@@ -444,7 +444,9 @@ class Llama(nn.Module):
         else:
             freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]  # (seqlen, head_dim // 2)
             mask = None
-            if seqlen > 1:  # causal within the new tokens; every cached position (the first start_pos) is visible
+            # Causal within the new tokens; every cached position (the first start_pos) is visible. Without a
+            # cached prefix the sdpa kernel applies it itself (is_causal): no seqlen x seqlen tensor to build.
+            if seqlen > 1 and not (start_pos == 0 and self.attn_kernel == "sdpa"):
                 mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device, dtype=self.compute_dtype)
                 mask = torch.triu(mask, diagonal=1)
                 mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device, dtype=self.compute_dtype),

@@ -90,14 +90,15 @@ class _BackendCore(nn.Module):
     def __init__(self, n_rep: int, backend: str) -> None:
         super().__init__()
         self.n_rep, self.backend = n_rep, backend
+        self.kernel = "sdpa"  # the model builds no mask for a prefill without a cache, as for its own sdpa kernel
 
     def forward(self, xq, keys, values, mask):
         bsz, seqlen, n_heads, head_dim = xq.shape
         q = xq.transpose(1, 2)
         k = repeat_kv(keys, self.n_rep).transpose(1, 2)
         v = repeat_kv(values, self.n_rep).transpose(1, 2)
-        causal = mask is not None and mask.shape[-1] == seqlen
-        bias = None if mask is None or causal else mask.expand(bsz, n_heads, seqlen, mask.shape[-1])
+        causal = mask is None and seqlen > 1
+        bias = None if mask is None else mask.expand(bsz, n_heads, seqlen, mask.shape[-1])
         op = getattr(torch.ops.aten, self.backend)
         if self.backend == "_scaled_dot_product_flash_attention":
             assert bias is None, "flash attention takes no mask"
