@@ -1,6 +1,8 @@
 # Two commands on a fresh machine (each sets everything up on first use):
 #   make count   # the main job: count Llama-2-7B, four counters, exact agreement
-#   make test    # the test suite
+#   make test    # the whole test suite (what CI runs; about 3 minutes on 2 cores, one worker per core)
+#   make check   # the fast lane for everyday work (about 35 s): the model, the counters, parity with
+#                # transformers, the model's bad-input battery, the layout rules
 #
 # The virtualenv (.venv) gets a CPU build of torch from PyTorch's CPU index, so a machine without a GPU
 # never downloads the multi-GB CUDA build; the package itself asks only for torch>=2.4. When that index
@@ -16,13 +18,23 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.llama-ref-installed
 export MPLBACKEND := Agg
 
-.PHONY: count test setup clean
+# The fast lane: the model and its guards, compiling, the counters and their op registry, parity with
+# transformers, the model's bad-input battery and the layout rules (slow-marked tests left out).
+CHECK_TESTS ?= tests/test_model.py tests/test_generate.py tests/test_compile.py tests/test_analytic.py \
+	tests/test_crosscheck.py tests/test_hooks.py tests/test_ops.py tests/test_torch_counter.py \
+	tests/test_fvcore_counter.py tests/test_sabotage.py tests/test_hf_parity.py tests/test_bad_inputs_model.py \
+	tests/test_config.py tests/test_structure.py tests/test_tree.py
+
+.PHONY: count test check setup clean
 
 count: $(STAMP)
 	@$(BIN)/llama-ref count $(COUNT_ARGS)
 
 test: $(STAMP)
-	@$(BIN)/python -m pytest -q
+	@$(BIN)/python -m pytest -q -n auto
+
+check: $(STAMP)
+	@$(BIN)/python -m pytest -q -n auto -m "not slow" $(CHECK_TESTS)
 
 setup: $(STAMP)
 

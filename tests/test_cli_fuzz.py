@@ -324,7 +324,7 @@ def test_fuzz_count(data, zoo, sandbox):
     _property(data, zoo, "count")
 
 
-@_settings(60)
+@_settings(30)
 @given(data=st.data())
 def test_fuzz_roofline(data, zoo, sandbox):
     _property(data, zoo, "roofline")

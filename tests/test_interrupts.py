@@ -118,12 +118,11 @@ def test_ctrl_c_in_a_script(delay):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("when, group", [(1.0, True), (2, False), (3, True), (4, False), (5, True)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("when, group", [(1.0, True), (3, False), (5, True)], ids=lambda v: str(v))
 def test_ctrl_c_on_count_tp_leaves_nothing_behind(when, group):
-    # import torch (1.0 s in), then by what has started, whatever the machine's speed: the fork server (2
-    # processes), the resource tracker (3), the first rank (4), both ranks (5). Whichever the signal meets, every
-    # process of the session is gone and the report is one line.
+    # import torch (1.0 s in), then by what has started, whatever the machine's speed: the fork server and the
+    # resource tracker (3 processes), both ranks (5). Whichever the signal meets, every process of the session
+    # is gone and the report is one line.
     argv = [*ENTRY, "count", "tiny", "--tp", "2", "--tokens", "64", "--batch", "2", "--device", "cpu"]
     status, err, left = _interrupt(argv, when, group=group)
     _check(status, err, left, "llama-ref count: interrupted")
