@@ -3,19 +3,19 @@
 Every row of :mod:`counters.table` evaluated on sizes from the config (source ``formula``): no model is
 built and no tensor is touched, so a 70B model costs the same microseconds as a tiny one.
 
-Prefill and decode are the same formula: ``n_tokens`` new tokens attend to ``n_cached`` cached
-positions plus themselves (dense ``n_tokens x (n_cached + n_tokens)`` score matrix per query head).
+Prefill and decode are the same formula: ``seqlen`` new tokens attend to ``start_pos`` cached
+positions plus themselves (dense ``seqlen x (start_pos + seqlen)`` score matrix per query head).
 
 Bytes moved (a kernel-agnostic, "each tensor crosses memory once per use" model):
 
 * ``weight_bytes`` - every weight a row uses, read once per *run* (a layer repeated in the schedule
   reads its weights again; a skipped layer reads nothing). For the embedding this is only the rows it
-  gathers (``batch * n_tokens`` rows of ``dim``), not the whole table.
+  gathers (``batch * seqlen`` rows of ``dim``), not the whole table.
 * ``act_bytes`` - activations read and written by the row (for RoPE also the ``freqs_cis`` table
   slice, complex64; for the embedding the int64 token ids). The attention score matrix is *not*
   counted as traffic (fused / flash-style attention keeps it on chip).
-* ``kv_read_bytes`` - the attention core reads keys and values of ``n_cached + n_tokens`` positions.
-* ``kv_write_bytes`` - the ``attention`` row writes the new ``n_tokens`` keys and values to the cache.
+* ``kv_read_bytes`` - the attention core reads keys and values of ``start_pos + seqlen`` positions.
+* ``kv_write_bytes`` - the ``attention`` row writes the new ``seqlen`` keys and values to the cache.
 
 Tensor parallelism (``tp=N``): the same rows with one rank's sizes (:class:`counters.table.Dims`; every
 rank of Meta's layout has the same), and the collectives each rank runs per row (``collectives``: 0 FLOPs,
@@ -136,13 +136,13 @@ def row_cost(row: T.Row, config, shape: T.RunShape, dtypes: T.Dtypes) -> RowCost
 
 @dataclass
 class AnalyticReport:
-    """Closed-form costs of one forward of ``n_tokens`` new tokens over ``n_cached`` cached ones."""
+    """Closed-form costs of one forward of ``seqlen`` new tokens over ``start_pos`` cached ones."""
 
     config: LlamaConfig
     schedule: tuple[int, ...]
     batch: int
-    n_tokens: int
-    n_cached: int
+    seqlen: int
+    start_pos: int
     weight_dtype_bytes: int
     act_dtype_bytes: int
     kv_dtype_bytes: int
@@ -212,10 +212,10 @@ class AnalyticReport:
 
     @property
     def kv_cache_bytes(self) -> int:
-        """KV cache holding ``n_cached + n_tokens`` positions: one cache per schedule position
+        """KV cache holding ``start_pos + seqlen`` positions: one cache per schedule position
         (a repeated layer keeps separate keys per run, as ``Llama.setup_cache`` allocates); a rank's share
         (its kv heads) under tensor parallelism."""
-        return kv_cache_bytes(self.config, batch=self.batch, n_positions=self.n_cached + self.n_tokens,
+        return kv_cache_bytes(self.config, batch=self.batch, n_positions=self.start_pos + self.seqlen,
                               n_runs=self.n_runs, kv_dtype_bytes=self.kv_dtype_bytes, n_kv_heads=self.dims.n_kv_heads)
 
     def as_counter_result(self) -> CounterResult:
@@ -226,7 +226,7 @@ class AnalyticReport:
             for c, calls in per_row.items():
                 result.add_collective(key, c, calls=calls)
         result.notes.append(
-            f"closed form: batch={self.batch} n_tokens={self.n_tokens} n_cached={self.n_cached} "
+            f"closed form: batch={self.batch} seqlen={self.seqlen} start_pos={self.start_pos} "
             f"schedule={self.schedule_str}" + ("" if self.tp is None else f" tp={self.tp} (one rank's share)")
         )
         return result
@@ -252,11 +252,11 @@ def _check_int(name: str, value, minimum: int) -> int:
     return value
 
 
-def analyze(config: LlamaConfig, *, batch: int = 1, n_tokens: int, n_cached: int = 0,
+def analyze(config: LlamaConfig, *, batch: int = 1, seqlen: int, start_pos: int = 0,
             schedule: ScheduleSpec = None, weight_dtype_bytes: int = 2, act_dtype_bytes: int = 2,
             kv_dtype_bytes: Optional[int] = None, tp: Optional[int] = None, last_only: bool = False) -> AnalyticReport:
-    """Closed-form per-row costs of one forward of ``n_tokens`` new tokens (per sequence, ``batch``
-    sequences) after ``n_cached`` cached positions, running the layers of ``schedule``; ``last_only``: the
+    """Closed-form per-row costs of one forward of ``seqlen`` new tokens (per sequence, ``batch``
+    sequences) after ``start_pos`` cached positions, running the layers of ``schedule``; ``last_only``: the
     output head on each sequence's last position only (``Llama.forward(..., last_only=True)``).
 
     ``kv_dtype_bytes`` defaults to ``act_dtype_bytes`` (the model caches in its compute dtype).
@@ -268,14 +268,14 @@ def analyze(config: LlamaConfig, *, batch: int = 1, n_tokens: int, n_cached: int
     if not isinstance(config, LlamaConfig):
         raise ValueError(f"config must be a LlamaConfig, got {type(config).__name__}")
     _check_int("batch", batch, 1)
-    _check_int("n_tokens", n_tokens, 1)
-    _check_int("n_cached", n_cached, 0)
+    _check_int("seqlen", seqlen, 1)
+    _check_int("start_pos", start_pos, 0)
     _check_int("weight_dtype_bytes", weight_dtype_bytes, 1)
     _check_int("act_dtype_bytes", act_dtype_bytes, 1)
     kv_dtype_bytes = act_dtype_bytes if kv_dtype_bytes is None else _check_int("kv_dtype_bytes", kv_dtype_bytes, 1)
     order = resolve_schedule(schedule, config.n_layers)
     dims = T.Dims(config, tp)
-    shape = T.RunShape(batch, n_tokens, n_cached, bool(last_only))
+    shape = T.RunShape(batch, seqlen, start_pos, bool(last_only))
     dtypes = T.Dtypes(weight_dtype_bytes, act_dtype_bytes, kv_dtype_bytes)
     block = [row_cost(r, dims, shape, dtypes) for r in T.BLOCK_ROWS]  # every run costs the same
     rows = [row_cost(r, dims, shape, dtypes) for r in T.TOP_ROWS_BEFORE]
@@ -287,7 +287,7 @@ def analyze(config: LlamaConfig, *, batch: int = 1, n_tokens: int, n_cached: int
         for c in row.collectives(dims, shape, dtypes):
             per_row = collectives.setdefault(key, {})
             per_row[c] = per_row.get(c, 0) + 1
-    return AnalyticReport(config, order, batch, n_tokens, n_cached, weight_dtype_bytes, act_dtype_bytes,
+    return AnalyticReport(config, order, batch, seqlen, start_pos, weight_dtype_bytes, act_dtype_bytes,
                           kv_dtype_bytes, rows, tp, collectives)
 
 
@@ -308,12 +308,12 @@ def macs_polynomial(config: LlamaConfig, schedule: ScheduleSpec = None) -> tuple
     Both come from the table: MACs at N=1 and N=2 (with ``M(N) = a*N + b*N^2``) determine them.
     """
     order = resolve_schedule(schedule, config.n_layers)
-    m1 = analyze(config, n_tokens=1, schedule=order).macs
-    m2 = analyze(config, n_tokens=2, schedule=order).macs
+    m1 = analyze(config, seqlen=1, schedule=order).macs
+    m2 = analyze(config, seqlen=2, schedule=order).macs
     # m1 = a + b, m2 = 2a + 4b  ->  b = (m2 - 2 m1) / 2
     b, rem = divmod(m2 - 2 * m1, 2)
     a = m1 - b
-    m3 = analyze(config, n_tokens=3, schedule=order).macs
+    m3 = analyze(config, seqlen=3, schedule=order).macs
     if rem or m3 != 3 * a + 9 * b:  # pragma: no cover - a row's MACs would not be of the form a*N + b*N^2
         raise ArithmeticError(f"MACs {m1}, {m2}, {m3} (N=1, 2, 3) are not of the form a*N + b*N^2")
     return a, b
@@ -344,12 +344,12 @@ class TrainingRow:
 @dataclass
 class TrainingReport:
     """Closed-form costs of one training step (forward + loss + backward) of ``batch`` sequences of
-    ``n_tokens`` tokens, running the layers of ``schedule``."""
+    ``seqlen`` tokens, running the layers of ``schedule``."""
 
     config: LlamaConfig
     schedule: tuple[int, ...]
     batch: int
-    n_tokens: int
+    seqlen: int
     training: Training
     rows: list[TrainingRow]
 
@@ -370,7 +370,7 @@ class TrainingReport:
         for phase in phases:
             for r in self.rows:
                 result.add(r.key, getattr(r, phase), SOURCE_FORMULA, phase)
-        result.notes.append(f"closed form of a training step: batch={self.batch} n_tokens={self.n_tokens} "
+        result.notes.append(f"closed form of a training step: batch={self.batch} seqlen={self.seqlen} "
                             f"loss={self.training.loss} recompute={self.training.recompute} "
                             f"schedule={format_schedule(self.schedule)}")
         return result
@@ -385,7 +385,7 @@ def _param_owner(row: T.Row, layer: Optional[int], config: LlamaConfig):
     return (layer, row.name)
 
 
-def analyze_training(config: LlamaConfig, *, batch: int = 1, n_tokens: int, schedule: ScheduleSpec = None,
+def analyze_training(config: LlamaConfig, *, batch: int = 1, seqlen: int, schedule: ScheduleSpec = None,
                      training: Training = Training()) -> TrainingReport:
     """Closed-form per-row costs of one training step: every row's forward (as :func:`analyze`), its
     backward as autograd runs it (the table's backward ops and each row's own gradient adds), the loss,
@@ -396,9 +396,9 @@ def analyze_training(config: LlamaConfig, *, batch: int = 1, n_tokens: int, sche
     backward runs the last use first)."""
     if not isinstance(training, Training):
         raise ValueError(f"training must be a Training, got {type(training).__name__}")
-    forward = analyze(config, batch=batch, n_tokens=n_tokens, schedule=schedule)
+    forward = analyze(config, batch=batch, seqlen=seqlen, schedule=schedule)
     order = forward.schedule
-    shape = T.RunShape(batch, n_tokens, 0)
+    shape = T.RunShape(batch, seqlen, 0)
     uses: list[tuple[RowKey, Optional[tuple], T.Row]] = []  # (row key, param owner, row), forward order
     for r in T.TOP_ROWS_BEFORE:
         uses.append(((None, r.name), _param_owner(r, None, config), r))
@@ -422,4 +422,4 @@ def analyze_training(config: LlamaConfig, *, batch: int = 1, n_tokens: int, sche
     loss = T.loss_row(training.loss)
     sizes = loss.sizes(config, shape)
     rows.append(TrainingRow(None, None, loss.name, loss.kind.count(sizes), T.sum_ops(loss.backward_ops(sizes))))
-    return TrainingReport(config, order, batch, n_tokens, training, rows)
+    return TrainingReport(config, order, batch, seqlen, training, rows)

@@ -3,7 +3,7 @@
 Counters: ``analytic`` (closed form from the config), ``hooks`` (module hooks on real shapes), ``fvcore``
 and ``torch`` (op-level counters over the ops a forward really runs).
 
-For ``n_cached = C > 0`` the model gets a cache for ``C + N`` positions, an *uncounted* prefill of
+For ``start_pos = C > 0`` the model gets a cache for ``C + N`` positions, an *uncounted* prefill of
 ``C`` tokens fills it, then every counter counts the same ``N``-token step at ``start_pos = C``
 (each counted forward rewrites the same cache slots, so the counters see identical state).
 
@@ -134,8 +134,8 @@ class CrosscheckReport:
     config: object
     schedule: tuple[int, ...]
     batch: int
-    n_tokens: int
-    n_cached: int
+    seqlen: int
+    start_pos: int
     counters: list[str]
     results: dict[str, CounterResult]
     analytic: Optional[AnalyticReport]
@@ -151,7 +151,7 @@ class CrosscheckReport:
     generation: Optional[Generation] = None
     device: str = ""
     dtype: str = ""
-    kernel: str = ""
+    attn_kernel: str = ""
     compute_dtype: str = ""  # the activations' dtype, and why (llama_ref.compute_dtype's rule)
     compute_dtype_reason: str = ""
     notes: list[str] = field(default_factory=list)
@@ -232,17 +232,17 @@ class CrosscheckReport:
         return out
 
 
-def _prefill(model, batch: int, n_cached: int, n_tokens: int, device) -> None:
-    model.setup_cache(batch, n_cached + n_tokens)
-    prefill_tokens = torch.zeros((batch, n_cached), dtype=torch.long, device=device)
+def _prefill(model, batch: int, start_pos: int, seqlen: int, device) -> None:
+    model.setup_cache(batch, start_pos + seqlen)
+    prefill_tokens = torch.zeros((batch, start_pos), dtype=torch.long, device=device)
     with torch.no_grad():
         model(prefill_tokens, 0)
 
 
-def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Optional[Sequence[str]] = None,
+def crosscheck(model, tokens: torch.Tensor, *, start_pos: int = 0, counters: Optional[Sequence[str]] = None,
                strict: bool = False, training: Optional[Training] = None, weight_dtype_bytes: Optional[int] = None,
                act_dtype_bytes: Optional[int] = None) -> CrosscheckReport:
-    """Count one forward of ``tokens`` (shape ``(batch, N)``) after ``n_cached`` cached positions - or with
+    """Count one forward of ``tokens`` (shape ``(batch, N)``) after ``start_pos`` cached positions - or with
     ``training``, one training step on them - with each of ``counters`` (default: all four) and compare
     them row by row.
 
@@ -252,13 +252,13 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
     compute dtype.
     """
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
-        raise ValueError("tokens must be a (batch, n_tokens) integer tensor")
-    if isinstance(n_cached, bool) or not isinstance(n_cached, int) or n_cached < 0:
-        raise ValueError(f"n_cached must be a non-negative int, got {n_cached!r}")
+        raise ValueError("tokens must be a (batch, seqlen) integer tensor")
+    if isinstance(start_pos, bool) or not isinstance(start_pos, int) or start_pos < 0:
+        raise ValueError(f"start_pos must be a non-negative int, got {start_pos!r}")
     if training is not None and not isinstance(training, Training):
         raise ValueError(f"training must be a counters.training.Training, got {type(training).__name__}")
-    if training is not None and n_cached:
-        raise ValueError(f"a training step has no KV cache: n_cached must be 0, got {n_cached}")
+    if training is not None and start_pos:
+        raise ValueError(f"a training step has no KV cache: start_pos must be 0, got {start_pos}")
     names = list(COUNTER_NAMES if counters is None else counters)
     if not names:
         raise ValueError("no counters to run")
@@ -274,18 +274,18 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
     if tp is not None and training is not None:
         raise ValueError("a training step of a tensor-parallel rank is not counted: its backward all-reduces "
                          "(CopyToTensorParallel) have no row yet; count its forward")
-    batch, n_tokens = tokens.shape
+    batch, seqlen = tokens.shape
     config = model.config
     schedule = tuple(model.schedule)
     results: dict[str, CounterResult] = {}
     analytic_report = training_report = None
     if "analytic" in names:
-        analytic_report = analyze(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, schedule=schedule,
+        analytic_report = analyze(config, batch=batch, seqlen=seqlen, start_pos=start_pos, schedule=schedule,
                                   weight_dtype_bytes=weight_dtype_bytes, act_dtype_bytes=act_dtype_bytes, tp=tp)
         if training is None:
             results["analytic"] = analytic_report.as_counter_result()
         else:
-            training_report = analyze_training(config, batch=batch, n_tokens=n_tokens, schedule=schedule,
+            training_report = analyze_training(config, batch=batch, seqlen=seqlen, schedule=schedule,
                                                 training=training)
             results["analytic"] = training_report.as_counter_result()
 
@@ -293,21 +293,21 @@ def crosscheck(model, tokens: torch.Tensor, *, n_cached: int = 0, counters: Opti
     runs_model = any(n != "analytic" for n in names)
     # The RoPE table grows on demand; grow it now, so that no counted forward builds it.
     if runs_model:
-        model.reserve_positions(n_cached + n_tokens)
+        model.reserve_positions(start_pos + seqlen)
     try:
-        if n_cached > 0 and runs_model:
-            _prefill(model, batch, n_cached, n_tokens, tokens.device)
+        if start_pos > 0 and runs_model:
+            _prefill(model, batch, start_pos, seqlen, tokens.device)
         elif training is not None:
             model.caches = None
         for name in names:
             if name != "analytic":
                 logger.info("counting with %s", name)
                 kwargs = {} if training is None else {"training": training}
-                results[name] = COUNTER_FUNCTIONS[name](model, tokens, n_cached, strict=strict, **kwargs)
+                results[name] = COUNTER_FUNCTIONS[name](model, tokens, start_pos, strict=strict, **kwargs)
     finally:
         model.caches = saved_caches
 
-    report = compare(results, schedule=schedule, config=config, batch=batch, n_tokens=n_tokens, n_cached=n_cached,
+    report = compare(results, schedule=schedule, config=config, batch=batch, seqlen=seqlen, start_pos=start_pos,
                      analytic=analytic_report, order=names, loss=training is not None)
     if tp is not None:
         report.tp, report.rank = tp, model.tp_group.rank
@@ -346,8 +346,8 @@ def crosscheck_generation(model, *, batch: int, generation: Generation, counters
         results["analytic"] = analyze_generation(config, batch=batch, generation=generation, schedule=model.schedule)
     results.update(count_generation(model, batch=batch, generation=generation,
                                     counters=[n for n in names if n != "analytic"], strict=strict, seed=seed))
-    report = compare(results, schedule=model.schedule, config=config, batch=batch, n_tokens=generation.prompt,
-                     n_cached=0, order=names)
+    report = compare(results, schedule=model.schedule, config=config, batch=batch, seqlen=generation.prompt,
+                     start_pos=0, order=names)
     report.generation = generation
     _note_compute_dtype(report, model)
     closed = generation_macs(config, generation, batch=batch, schedule=model.schedule)
@@ -361,8 +361,8 @@ def crosscheck_generation(model, *, batch: int, generation: Generation, counters
     return report
 
 
-def compare(results: dict[str, CounterResult], *, schedule: Sequence[int], config, batch: int, n_tokens: int,
-            n_cached: int, analytic: Optional[AnalyticReport] = None, order: Optional[Sequence[str]] = None,
+def compare(results: dict[str, CounterResult], *, schedule: Sequence[int], config, batch: int, seqlen: int,
+            start_pos: int, analytic: Optional[AnalyticReport] = None, order: Optional[Sequence[str]] = None,
             loss: bool = False) -> CrosscheckReport:
     """Build the per-row table of ``results`` and list every disagreement (pure, no model work).
 
@@ -435,7 +435,7 @@ def compare(results: dict[str, CounterResult], *, schedule: Sequence[int], confi
     for n in names:
         notes.extend(f"{n}: {note}" for note in results[n].notes)
     return CrosscheckReport(
-        config=config, schedule=schedule, batch=batch, n_tokens=n_tokens, n_cached=n_cached, counters=names,
+        config=config, schedule=schedule, batch=batch, seqlen=seqlen, start_pos=start_pos, counters=names,
         results=results, analytic=analytic, params=param_count(config), rows=rows, totals=totals,
         compared=compared, mismatches=mismatches,
         unknown_ops={n: dict(results[n].unknown_ops) for n in names}, phases=phases, notes=notes,

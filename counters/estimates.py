@@ -119,7 +119,7 @@ def exact_forward_macs(config: Any, seq_len: int, batch: int = 1, schedule: Sche
     """MACs of one forward of ``batch`` sequences of ``seq_len`` tokens, empty cache, math kernel, running
     the layers of ``schedule`` (default all): the work table's count (:func:`counters.analytic.analyze`)."""
     c, n = as_config(config), _seq_len(seq_len)
-    return analyze(c, batch=_positive_int("batch", batch), n_tokens=n, schedule=schedule).macs
+    return analyze(c, batch=_positive_int("batch", batch), seqlen=n, schedule=schedule).macs
 
 
 def exact_train_macs(config: Any, seq_len: int, batch: int = 1, schedule: ScheduleSpec = None) -> int:
@@ -147,7 +147,7 @@ def exact_model_flops_per_token(config: Any, seq_len: int, *, train: bool = True
 
 def _layer_run_macs(config: Any, n: int, schedule: ScheduleSpec) -> int:
     """Forward MACs of the decoder-layer runs alone (the table's rows with a schedule position)."""
-    return sum(r.macs for r in analyze(as_config(config), n_tokens=n, schedule=schedule).rows if r.position is not None)
+    return sum(r.macs for r in analyze(as_config(config), seqlen=n, schedule=schedule).rows if r.position is not None)
 
 
 def exact_executed_flops_per_token(config: Any, seq_len: int, *, recompute: bool,
@@ -375,7 +375,7 @@ def three_x_forward_flops_per_token(config: Any, seq_len: int, include_nonmatmul
     flops = exact_model_flops_per_token(c, t)
     if not include_nonmatmul:
         return flops
-    nonmatmul = analyze(c, n_tokens=t).nonmatmul_flops  # the work table's conventions, one forward
+    nonmatmul = analyze(c, seqlen=t).nonmatmul_flops  # the work table's conventions, one forward
     per_token, rem = divmod(3 * nonmatmul, t)
     if rem:
         return _int_or_fraction(flops + Fraction(3 * nonmatmul, t))  # pragma: no cover - every term has a factor N

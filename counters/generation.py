@@ -58,7 +58,7 @@ class Generation:
 
 
 def generation_forwards(generation: Generation) -> list[tuple[int, int]]:
-    """``(start_pos, n_tokens)`` of every forward the loop runs, in order."""
+    """``(start_pos, seqlen)`` of every forward the loop runs, in order."""
     p, g = generation.prompt, generation.new_tokens
     return [(0, p)] + [(p + j - 1, 1) for j in range(1, g)]
 
@@ -85,12 +85,12 @@ def analyze_generation(config: LlamaConfig, *, batch: int = 1, generation: Gener
     affinity on three points."""
     order = resolve_schedule(schedule, config.n_layers)
     result = CounterResult("analytic")
-    for r in analyze(config, batch=batch, n_tokens=generation.prompt, schedule=order,
+    for r in analyze(config, batch=batch, seqlen=generation.prompt, schedule=order,
                      last_only=not generation.all_logits).rows:
         result.add(r.key, r.count, SOURCE_FORMULA, PREFILL)
     steps = generation.new_tokens - 1
     if steps:
-        c1, c2, c3 = ({r.key: r.count for r in analyze(config, batch=batch, n_tokens=1, n_cached=k,
+        c1, c2, c3 = ({r.key: r.count for r in analyze(config, batch=batch, seqlen=1, start_pos=k,
                                                        schedule=order).rows} for k in (0, 1, 2))
         offsets = steps * (generation.prompt - 1) + steps * (steps + 1) // 2  # sum over j of (P + j - 1) - 0
         for key, one in c1.items():

@@ -211,7 +211,7 @@ def count_hooks(model: nn.Module, tokens: torch.Tensor, start_pos: int = 0, *, s
         return counter.result
     if start_pos:
         raise ValueError(f"a training step starts at position 0, got start_pos={start_pos}")
-    with trainable(model, training), HookCounter(model, strict=strict, backward=True) as counter, \
+    with trainable(model, training), HookCounter(model, strict=strict, backward=True) as counter,\
             warnings.catch_warnings():
         # The embedding's input (token ids) needs no gradient, so its backward hook fires on the output's:
         # exactly what we want (the sizes of the gradient it scatters), not worth a warning.

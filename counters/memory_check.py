@@ -38,11 +38,11 @@ def flash_cpu_scratch_bytes(request: MemoryRequest, threads: int) -> int:
     through torch's allocator for its own use during one call: per thread, forward ``qS*kvS + 2*qS + qS*head_dim``
     values of the accumulation type (fp32) and ``qS*kvS`` of a reduced type; backward ``2*qS*kvS`` of each and a
     ``qS`` row sum; qS = min(256, 64 or 32 by query length, queries), kvS = min(512, keys)."""
-    if request.kernel != "sdpa" or request.device_type != "cpu":
+    if request.attn_kernel != "sdpa" or request.device_type != "cpu":
         return 0
     compute = request.compute_dtype or request.weight_dtype
     reduced = compute.itemsize if compute in (torch.bfloat16, torch.float16) else 0
-    q_len, kv_len = request.tokens, request.cached + request.tokens
+    q_len, kv_len = request.seqlen, request.start_pos + request.seqlen
     qs, kvs = min(_q_split(q_len), q_len), min(512, kv_len)
     forward = (qs * kvs + 2 * qs + qs * request.config.head_dim) * 4 + qs * kvs * reduced
     backward = (2 * qs * kvs + qs) * 4 + 2 * qs * kvs * reduced if request.train else 0
@@ -123,7 +123,7 @@ class MemoryCheck:
 def measure_for(model, request: MemoryRequest, *, allocator: bool = True, memtracker: bool = True,
                 seed: int = 0) -> MeasuredMemory:
     """Measure ``request`` on ``model`` (built for it: its config, dtypes, kernel and schedule)."""
-    return measure_request(model, batch=request.batch, n_tokens=request.tokens, n_cached=request.cached,
+    return measure_request(model, batch=request.batch, seqlen=request.seqlen, start_pos=request.start_pos,
                            train=request.train, loss=request.loss, recompute=request.recompute,
                            optimizer=request.optimizer if request.train else "none", last_only=request.last_only,
                            kv_cache=request.kv_cache, allocator=allocator, memtracker=memtracker, seed=seed)

@@ -202,11 +202,11 @@ class MeasuredMemory:
 
 
 # ---------------------------------------------------------------------------- one request
-def make_tokens(model, batch: int, n_tokens: int, seed: int = 0) -> torch.Tensor:
+def make_tokens(model, batch: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     if model.device.type == "meta":
-        return torch.zeros((batch, n_tokens), dtype=torch.long, device="meta")
+        return torch.zeros((batch, seqlen), dtype=torch.long, device="meta")
     gen = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (batch, n_tokens), generator=gen).to(model.device)
+    return torch.randint(0, model.config.vocab_size, (batch, seqlen), generator=gen).to(model.device)
 
 
 def make_optimizer(model, name: str):
@@ -219,20 +219,20 @@ def make_optimizer(model, name: str):
     raise ValueError(f"unknown optimizer {name!r}; choose adamw, sgd or none")
 
 
-def measure_request(model, *, batch: int, n_tokens: int, n_cached: int = 0, train: bool = False,
+def measure_request(model, *, batch: int, seqlen: int, start_pos: int = 0, train: bool = False,
                     loss: str = "cross-entropy", recompute: bool = False, optimizer: str = "none",
                     last_only: bool = False, kv_cache: bool = True, record: bool = False,
                     allocator: bool = False, memtracker: bool = True, seed: int = 0) -> MeasuredMemory:
-    """Run one request on ``model`` (a forward of ``batch`` x ``n_tokens`` after ``n_cached`` cached positions,
+    """Run one request on ``model`` (a forward of ``batch`` x ``seqlen`` after ``start_pos`` cached positions,
     with a KV cache unless ``kv_cache`` is False; or with ``train`` one training step, ``optimizer`` stepping)
     and measure it: once under :class:`LiveBytes` with the saved-tensor hooks, once under MemTracker
     (``memtracker``), once under the profiler (``allocator``, CPU). Each run starts from the same state."""
     m = MeasuredMemory()
-    end = n_cached + n_tokens
+    end = start_pos + seqlen
     model.reserve_positions(end)
-    tokens = make_tokens(model, batch, n_tokens, seed)
+    tokens = make_tokens(model, batch, seqlen, seed)
     params = list(model.parameters())
-    request = _Request(model, tokens, batch, n_cached, train, loss, recompute, optimizer, last_only, kv_cache)
+    request = _Request(model, tokens, batch, start_pos, train, loss, recompute, optimizer, last_only, kv_cache)
     request.prepare()
     m.weights = distinct_bytes(params)
     m.rope_table = storage_bytes(model.freqs_cis)
@@ -252,7 +252,7 @@ def measure_request(model, *, batch: int, n_tokens: int, n_cached: int = 0, trai
     tracker.peak, tracker.where = tracker.live, ("start", "-", "-")
     saved = SavedTensors(exclude, tracker)
     scopes = layer_scopes(model, tracker, on_layer=lambda scope: _layer_start(m, tracker, scope))
-    with tracker, scopes as runs, _checkpoint_scope(saved, tracker, runs) if train and recompute \
+    with tracker, scopes as runs, _checkpoint_scope(saved, tracker, runs) if train and recompute\
             else contextlib.nullcontext():
         request.run(tracker, saved, m)
         _layer_end(m, tracker)
@@ -278,8 +278,8 @@ class _Request:
     """One request, runnable several times from the same state (gradients dropped, optimizer new, cache
     marks reset)."""
 
-    def __init__(self, model, tokens, batch, n_cached, train, loss, recompute, optimizer, last_only, kv_cache):
-        self.model, self.tokens, self.batch, self.n_cached = model, tokens, batch, n_cached
+    def __init__(self, model, tokens, batch, start_pos, train, loss, recompute, optimizer, last_only, kv_cache):
+        self.model, self.seqlen, self.batch, self.start_pos = model, tokens, batch, start_pos
         self.train, self.loss, self.recompute, self.optimizer = train, loss, recompute, optimizer
         self.last_only, self.kv_cache = last_only, kv_cache
         self.opt = None
@@ -299,10 +299,10 @@ class _Request:
             self.opt = make_optimizer(model, self.optimizer)
         elif self.kv_cache:
             if model.caches is None:
-                model.setup_cache(self.batch, self.n_cached + self.tokens.shape[1])
+                model.setup_cache(self.batch, self.start_pos + self.seqlen.shape[1])
             model.reset_cache()
-            if self.n_cached:
-                mark_cache_filled(model, self.n_cached, self.batch)
+            if self.start_pos:
+                mark_cache_filled(model, self.start_pos, self.batch)
         else:
             model.clear_cache()
 
@@ -321,7 +321,7 @@ class _Request:
 
     def run(self, tracker: Optional[LiveBytes] = None, saved: Optional["SavedTensors"] = None,
             m: Optional[MeasuredMemory] = None) -> None:
-        model, tokens = self.model, self.tokens
+        model, tokens = self.model, self.seqlen
 
         def phase(name):
             if tracker is not None:
@@ -330,7 +330,7 @@ class _Request:
         phase("forward")
         if not self.train:
             with torch.no_grad():
-                logits = model(tokens, self.n_cached, last_only=self.last_only)
+                logits = model(tokens, self.start_pos, last_only=self.last_only)
             if m is not None:
                 m.logits = storage_bytes(logits)
             del logits

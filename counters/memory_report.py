@@ -26,10 +26,10 @@ def _where(where) -> Optional[dict]:
 
 def request_json(check: MemoryCheck) -> dict:
     r = check.breakdown.request
-    return {"model": r.config.name, "batch": r.batch, "tokens": r.tokens, "cached": r.cached,
+    return {"model": r.config.name, "batch": r.batch, "tokens": r.seqlen, "cached": r.start_pos,
             "weight_dtype": str(r.weight_dtype).replace("torch.", ""),
             "compute_dtype": str(r.compute_dtype or r.weight_dtype).replace("torch.", ""),
-            "kernel": r.kernel, "device_type": r.device_type, "kv_cache": r.kv_cache and not r.train,
+            "kernel": r.attn_kernel, "device_type": r.device_type, "kv_cache": r.kv_cache and not r.train,
             "last_only": r.last_only, "train": r.train,
             **({"loss": r.loss, "recompute": r.recompute, "optimizer": r.optimizer} if r.train else {}),
             "tp": r.tp}

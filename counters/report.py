@@ -21,7 +21,7 @@ JSON_SCHEMA = "llama-ref.count/2"
 
 CONVENTIONS = (
     "MAC = one multiply+accumulate of a matrix product (q, k, v, o, w1, w3, w2, output head, QK^T, "
-    "attention x V); attention counted dense over the n_tokens x (n_cached + n_tokens) score matrix of every "
+    "attention x V); attention counted dense over the tokens x (cached + tokens) score matrix of every "
     "query head (GQA shares k/v heads, not the products); embedding lookup = 0 MACs. FLOPs = 2 x MACs. "
     "Non-matmul FLOPs (RMSNorm, RoPE, scale, mask, softmax, SiLU gate, residual adds) per element with the "
     "op primitives of counters.primitives, kept apart. flops_exact = M*N*(2K-1) per matrix product; "
@@ -41,7 +41,7 @@ def fmt(n: Optional[int]) -> str:
 
 def counted_line(report: CrosscheckReport) -> str:
     """One line saying what was counted and how."""
-    kvlen = report.n_cached + report.n_tokens
+    kvlen = report.start_pos + report.seqlen
     where = f" on device {report.device}" if report.device else ""
     if report.generation is not None:
         g = report.generation
@@ -55,13 +55,13 @@ def counted_line(report: CrosscheckReport) -> str:
         t = report.training
         return (f"Counted: one training step (forward + {t.loss} loss + backward, every parameter trained"
                 + (", activation checkpointing per layer" if t.recompute else "")
-                + f") of batch {report.batch} x {report.n_tokens} tokens, {len(report.schedule)} layer runs; "
-                f"attention dense over {report.n_tokens} x {kvlen} scores per query head; by "
+                + f") of batch {report.batch} x {report.seqlen} tokens, {len(report.schedule)} layer runs; "
+                f"attention dense over {report.seqlen} x {kvlen} scores per query head; by "
                 f"{', '.join(report.counters)}{where}.")
-    step = "prefill" if report.n_cached == 0 else "step"
-    return (f"Counted: one forward ({step}) of batch {report.batch} x {report.n_tokens} new tokens after "
-            f"{report.n_cached} cached, {len(report.schedule)} layer runs; attention dense over "
-            f"{report.n_tokens} x {kvlen} scores per query head; by {', '.join(report.counters)}{where}.")
+    step = "prefill" if report.start_pos == 0 else "step"
+    return (f"Counted: one forward ({step}) of batch {report.batch} x {report.seqlen} new tokens after "
+            f"{report.start_pos} cached, {len(report.schedule)} layer runs; attention dense over "
+            f"{report.seqlen} x {kvlen} scores per query head; by {', '.join(report.counters)}{where}.")
 
 
 def _check_cell(report: CrosscheckReport, row: CrosscheckRow) -> str:
@@ -224,14 +224,14 @@ def to_json(report: CrosscheckReport, *, extra: Optional[dict] = None) -> dict:
         "schedule": format_schedule(report.schedule),
         "schedule_layers": list(report.schedule),
         "layer_runs_count": len(report.schedule),
-        "tokens": report.n_tokens,
-        "cached": report.n_cached,
+        "tokens": report.seqlen,
+        "cached": report.start_pos,
         "batch": report.batch,
         "device": report.device,
         "dtype": report.dtype,
         "compute_dtype": report.compute_dtype,
         "compute_dtype_reason": report.compute_dtype_reason,
-        "kernel": report.kernel,
+        "kernel": report.attn_kernel,
         "counters": list(report.counters),
         "phases": list(report.phases),
         "conventions": CONVENTIONS,

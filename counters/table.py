@@ -90,19 +90,19 @@ def sum_ops(ops) -> Count:
 
 @dataclass(frozen=True)
 class RunShape:
-    """What one forward computes: ``batch`` sequences of ``n_tokens`` new tokens after ``n_cached``
+    """What one forward computes: ``batch`` sequences of ``seqlen`` new tokens after ``start_pos``
     cached positions; ``last_only``: the output head runs on each sequence's last position only (what
     generation needs: ``Llama.forward(..., last_only=True)``), else on every position (scoring, training)."""
 
     batch: int
-    n_tokens: int
-    n_cached: int = 0
+    seqlen: int
+    start_pos: int = 0
     last_only: bool = False
 
     @property
     def rows(self) -> int:
         """Token vectors in flight: batch x new tokens."""
-        return self.batch * self.n_tokens
+        return self.batch * self.seqlen
 
     @property
     def logit_rows(self) -> int:
@@ -111,8 +111,8 @@ class RunShape:
 
     @property
     def kvlen(self) -> int:
-        """Positions each new token attends to at most (the dense score matrix is n_tokens x kvlen)."""
-        return self.n_cached + self.n_tokens
+        """Positions each new token attends to at most (the dense score matrix is seqlen x kvlen)."""
+        return self.start_pos + self.seqlen
 
 
 @dataclass(frozen=True)
@@ -744,9 +744,9 @@ BLOCK_ROWS: tuple[Row, ...] = (
     _linear_row("attention.wk", _dim, _kv_dim, shares_input=True),
     _linear_row("attention.wv", _dim, _kv_dim),
     Row("attention.rope", "attention.rope", ROPE,
-        lambda d, s: Rope(s.batch, s.n_tokens, d.n_heads, d.n_kv_heads, d.head_dim)),
+        lambda d, s: Rope(s.batch, s.seqlen, d.n_heads, d.n_kv_heads, d.head_dim)),
     Row("attention.core", "attention.core", ATTENTION_CORE,
-        lambda d, s: Attn(s.batch, s.n_tokens, s.kvlen, d.n_heads, d.n_kv_heads, d.head_dim, s.n_tokens > 1)),
+        lambda d, s: Attn(s.batch, s.seqlen, s.kvlen, d.n_heads, d.n_kv_heads, d.head_dim, s.seqlen > 1)),
     _linear_row("attention.wo", _q_width, _dim, tp_class=ROW_PARALLEL, collective=_reduce_residual,
                 collective_op=ALL_REDUCE),
     Row("attention", "attention", ATTENTION_OWN, lambda d, s: KvWrite(s.rows, d.kv_dim)),

@@ -445,7 +445,7 @@ def _install_module_stack(model: nn.Module, tally: _Tally) -> list:
             else:
                 position = tally.stack[-1][1] if tally.stack else None
             tally.stack.append((fqn, position))
-            if isinstance(mod, AttentionCore) and mod.kernel == "sdpa" and backward_context():
+            if isinstance(mod, AttentionCore) and mod.attn_kernel == "sdpa" and backward_context():
                 tally.open_region(_recomputed_sdpa_call(mod, args))
 
         def post(mod, args, output, fqn=fqn):

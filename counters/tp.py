@@ -45,10 +45,10 @@ def row_tp(module: str) -> str:
 
 
 # ---------------------------------------------------------------- one rank
-def count_rank(model, tokens: torch.Tensor, *, n_cached: int = 0,
+def count_rank(model, tokens: torch.Tensor, *, start_pos: int = 0,
                counters: Optional[Sequence[str]] = None, strict: bool = False) -> dict[str, CounterResult]:
     """Run the model-running counters (``hooks``, ``fvcore``, ``torch``; ``analytic`` needs no model and is
-    left to :func:`rank_report`) on this rank: one forward of ``tokens`` after ``n_cached`` cached
+    left to :func:`rank_report`) on this rank: one forward of ``tokens`` after ``start_pos`` cached
     positions, in lockstep with the other ranks (same tokens, same counters, same order)."""
     if tp_world_size(model) is None:
         raise ValueError(f"count_rank counts a rank of a tensor-parallel model (llama_ref.parallel.parallelize), "
@@ -56,25 +56,25 @@ def count_rank(model, tokens: torch.Tensor, *, n_cached: int = 0,
     names = [n for n in (COUNTER_NAMES if counters is None else counters) if n != "analytic"]
     if not names:
         return {}
-    return crosscheck(model, tokens, n_cached=n_cached, counters=names, strict=strict).results
+    return crosscheck(model, tokens, start_pos=start_pos, counters=names, strict=strict).results
 
 
 def rank_report(results: dict[str, CounterResult], *, config: LlamaConfig, tp: int, rank: int,
-                schedule: Sequence[int], batch: int, n_tokens: int, n_cached: int, counters: Sequence[str],
+                schedule: Sequence[int], batch: int, seqlen: int, start_pos: int, counters: Sequence[str],
                 weight_dtype_bytes: int, act_dtype_bytes: int) -> CrosscheckReport:
     """Rank ``rank``'s cross-check: its counters' ``results`` (from :func:`count_rank`, possibly in another
     process) and, if ``counters`` names it, the closed form of one rank, compared row by row."""
     results = dict(results)
     analytic = None
     if "analytic" in counters:
-        analytic = analyze(config, batch=batch, n_tokens=n_tokens, n_cached=n_cached, schedule=schedule,
+        analytic = analyze(config, batch=batch, seqlen=seqlen, start_pos=start_pos, schedule=schedule,
                            weight_dtype_bytes=weight_dtype_bytes, act_dtype_bytes=act_dtype_bytes, tp=tp)
         results["analytic"] = analytic.as_counter_result()
     missing = [n for n in counters if n not in results]
     if missing:
         raise ValueError(f"rank {rank}: no results from counter(s) {', '.join(missing)}")
     report = compare({n: results[n] for n in counters}, schedule=schedule, config=config, batch=batch,
-                     n_tokens=n_tokens, n_cached=n_cached, analytic=analytic, order=list(counters))
+                     seqlen=seqlen, start_pos=start_pos, analytic=analytic, order=list(counters))
     report.tp, report.rank = tp, rank
     return report
 
@@ -95,7 +95,7 @@ class TPReport:
     dtype: str = ""
     compute_dtype: str = ""  # the ranks' activations' dtype, and why (llama_ref.compute_dtype's rule)
     compute_dtype_reason: str = ""
-    kernel: str = ""
+    attn_kernel: str = ""
     mode: str = ""  # how the ranks ran: "meta (fake process group)", "spawned gloo", "torchrun", ...
     notes: list[str] = field(default_factory=list)
 
@@ -181,13 +181,13 @@ def combine(reports: Sequence[CrosscheckReport], *, weight_dtype_bytes: Optional
                          f"{[r.rank for r in reports]}")
     for r in reports[1:]:
         same = (r.config == first.config and r.tp == tp and r.schedule == first.schedule and r.batch == first.batch
-                and r.n_tokens == first.n_tokens and r.n_cached == first.n_cached and r.counters == first.counters)
+                and r.seqlen == first.seqlen and r.start_pos == first.start_pos and r.counters == first.counters)
         if not same:
             raise ValueError(f"rank {r.rank} counted a different model or task than rank 0")
     config, schedule = first.config, first.schedule
     wb = weight_dtype_bytes if weight_dtype_bytes is not None else (first.analytic.weight_dtype_bytes if first.analytic else 2)
     ab = act_dtype_bytes if act_dtype_bytes is not None else (first.analytic.act_dtype_bytes if first.analytic else 2)
-    kw = dict(batch=first.batch, n_tokens=first.n_tokens, n_cached=first.n_cached, schedule=schedule,
+    kw = dict(batch=first.batch, seqlen=first.seqlen, start_pos=first.start_pos, schedule=schedule,
               weight_dtype_bytes=wb, act_dtype_bytes=ab)
     single = analyze(config, **kw)
     per_rank = analyze(config, tp=tp, **kw)

@@ -42,9 +42,9 @@ def _ranks_label(n: int) -> str:
 
 def tp_counted_line(report: TPReport) -> str:
     r0 = report.ranks[0]
-    step = "prefill" if r0.n_cached == 0 else "step"
+    step = "prefill" if r0.start_pos == 0 else "step"
     where = f" on device {report.device}" if report.device else ""
-    return (f"Counted: one forward ({step}) of batch {r0.batch} x {r0.n_tokens} new tokens after {r0.n_cached} "
+    return (f"Counted: one forward ({step}) of batch {r0.batch} x {r0.seqlen} new tokens after {r0.start_pos} "
             f"cached, {len(report.schedule)} layer runs, on each of {report.tp} tensor-parallel ranks (Meta's "
             f"layout); by {', '.join(report.counters)}{where}.")
 
@@ -227,9 +227,9 @@ def tp_to_json(report: TPReport, *, extra: Optional[dict] = None) -> dict:
         "schedule": format_schedule(report.schedule),
         "schedule_layers": list(report.schedule),
         "layer_runs_count": len(report.schedule),
-        "tokens": r0.n_tokens, "cached": r0.n_cached, "batch": r0.batch,
+        "tokens": r0.seqlen, "cached": r0.start_pos, "batch": r0.batch,
         "device": report.device, "dtype": report.dtype, "compute_dtype": report.compute_dtype,
-        "compute_dtype_reason": report.compute_dtype_reason, "kernel": report.kernel,
+        "compute_dtype_reason": report.compute_dtype_reason, "kernel": report.attn_kernel,
         "counters": list(names),
         "phases": ["forward"],
         "conventions": CONVENTIONS + " " + TP_CONVENTIONS,

@@ -55,10 +55,10 @@ def check_flag(name: str, value: object) -> bool:
     return value
 
 
-def check_kernel(kernel: object) -> str:
-    if kernel not in ATTENTION_KERNELS:
-        raise ValueError(f"unknown attention kernel {kernel!r}; choose one of {ATTENTION_KERNELS}")
-    return kernel
+def check_kernel(attn_kernel: object) -> str:
+    if attn_kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"unknown attention kernel {attn_kernel!r}; choose one of {ATTENTION_KERNELS}")
+    return attn_kernel
 
 
 # ---------------------------------------------------------------------------- building a model

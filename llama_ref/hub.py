@@ -90,7 +90,7 @@ def is_hub_id(spec: object) -> bool:
 
 
 def _check_repo_id(repo_id: object) -> str:
-    if not isinstance(repo_id, str) or not _HUB_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id \
+    if not isinstance(repo_id, str) or not _HUB_ID.fullmatch(repo_id) or "--" in repo_id or ".." in repo_id\
             or repo_id.endswith(".git"):
         raise ValueError(f"{repo_id!r} is not a Hugging Face repo id: expected 'org/name' (letters, digits, "
                          "'-', '_', '.'; no '--' or '..'; at most 96 characters each)")
@@ -100,7 +100,7 @@ def _check_repo_id(repo_id: object) -> str:
 def _check_revision(revision: object) -> str:
     if revision is None:
         return DEFAULT_REVISION
-    if not isinstance(revision, str) or not revision or revision != revision.strip() \
+    if not isinstance(revision, str) or not revision or revision != revision.strip()\
             or any(c.isspace() or c == "\\" for c in revision) or ".." in revision or revision.startswith("/"):
         # The revision becomes a path under refs/ in the cache: no way out of it.
         raise ValueError(f"revision {revision!r} is not a branch, tag or commit hash")
@@ -260,7 +260,7 @@ def hub_checkpoint_dir(repo_id: str, *, revision: Optional[str] = None, token: U
     repo_id, revision = _check_repo_id(repo_id), _check_revision(revision)
     if allow_patterns is None:
         patterns = list(SAFETENSORS_PATTERNS) + (list(BIN_PATTERNS) if include_bin else [])
-    elif isinstance(allow_patterns, str) or not all(isinstance(p, str) and p for p in allow_patterns) \
+    elif isinstance(allow_patterns, str) or not all(isinstance(p, str) and p for p in allow_patterns)\
             or not allow_patterns:
         raise ValueError(f"allow_patterns must be a non-empty list of glob strings, got {allow_patterns!r}")
     else:
@@ -282,7 +282,7 @@ def hub_checkpoint_dir(repo_id: str, *, revision: Optional[str] = None, token: U
             raise problem[0] from None
         from huggingface_hub import errors
 
-        if offline and isinstance(err, errors.LocalEntryNotFoundError) and \
+        if offline and isinstance(err, errors.LocalEntryNotFoundError) and\
                 not isinstance(err, getattr(errors, "IncompleteSnapshotError", ())):
             raise _offline_error(repo_id, revision, cache, "the checkpoint") from None
         raise _translate(err, repo_id, revision, token, cache, endpoint, wanted="the checkpoint")[0] from None
@@ -292,7 +292,7 @@ def hub_checkpoint_dir(repo_id: str, *, revision: Optional[str] = None, token: U
     weights = [name for name in os.listdir(folder) if not name.endswith(".json")
                and any(fnmatch.fnmatch(name, p) for p in patterns)]
     if not weights:
-        hint = "" if include_bin or allow_patterns is not None else \
+        hint = "" if include_bin or allow_patterns is not None else\
             " (if the repo has only pytorch_model*.bin weights, pass include_bin=True)"
         raise HubNotFoundError(f"{_what(repo_id, revision)}: no weights matching {', '.join(patterns)} in {folder}"
                                f"{hint}", repo_id=repo_id, revision=revision) from None

@@ -49,14 +49,14 @@ class MemoryRequest:
 
     config: LlamaConfig
     batch: int = 1
-    tokens: int = 1
-    cached: int = 0
+    seqlen: int = 1
+    start_pos: int = 0
     weight_dtype: torch.dtype = torch.float32
     compute_dtype: Optional[torch.dtype] = None  # default: the weight dtype
-    kernel: str = "math"
+    attn_kernel: str = "math"
     device_type: str = "cpu"  # decides the sdpa kernel, the optimizer's implementation, the token check
     kv_cache: bool = True  # a forward runs with the KV cache generation sets up (cache_positions positions)
-    cache_positions: Optional[int] = None  # default cached + tokens
+    cache_positions: Optional[int] = None  # default start_pos + seqlen
     cache_dtype: Optional[torch.dtype] = None  # default the compute dtype
     last_only: bool = False  # the head on the last position only (generation)
     train: bool = False
@@ -67,41 +67,41 @@ class MemoryRequest:
     schedule: Optional[tuple] = None  # layer runs (default: every layer once)
 
     def __post_init__(self) -> None:
-        for name in ("batch", "tokens"):
+        for name in ("batch", "seqlen"):
             _positive(name, getattr(self, name))
-        if isinstance(self.cached, bool) or not isinstance(self.cached, int) or self.cached < 0:
-            raise ValueError(f"cached must be a non-negative int, got {self.cached!r}")
+        if isinstance(self.start_pos, bool) or not isinstance(self.start_pos, int) or self.start_pos < 0:
+            raise ValueError(f"start_pos must be a non-negative int, got {self.start_pos!r}")
         for name in ("weight_dtype", "compute_dtype", "cache_dtype"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, torch.dtype) or not value.is_floating_point):
                 raise ValueError(f"{name} must be a floating-point torch.dtype, got {value!r}")
-        if self.kernel not in KERNELS:
-            raise ValueError(f"unknown attention kernel {self.kernel!r}; choose one of {KERNELS}")
+        if self.attn_kernel not in KERNELS:
+            raise ValueError(f"unknown attention kernel {self.attn_kernel!r}; choose one of {KERNELS}")
         if self.device_type not in DEVICE_TYPES:
             raise ValueError(f"unknown device type {self.device_type!r}; choose one of {DEVICE_TYPES}")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose one of {LOSSES}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose one of {OPTIMIZERS}")
-        end = self.cached + self.tokens
+        end = self.start_pos + self.seqlen
         if end > self.config.max_seq_len:
-            raise ValueError(f"cached {self.cached} + tokens {self.tokens} = {end} exceeds max_seq_len "
+            raise ValueError(f"start_pos {self.start_pos} + seqlen {self.seqlen} = {end} exceeds max_seq_len "
                              f"{self.config.max_seq_len} of {self.config.name}")
-        if self.train and (self.cached or self.last_only):
+        if self.train and (self.start_pos or self.last_only):
             raise ValueError("a training step has no KV cache and computes every position's logits: "
                              "cached must be 0 and last_only False")
         if self.train and self.kv_cache and self.cache_positions:
             raise ValueError("a training step has no KV cache")
         if self.cache_positions is not None and self.cache_positions < end:
             raise ValueError(f"a cache of {self.cache_positions} positions cannot hold {end}")
-        if self.cached and not self.kv_cache:
-            raise ValueError(f"{self.cached} cached positions need a KV cache")
+        if self.start_pos and not self.kv_cache:
+            raise ValueError(f"{self.start_pos} cached positions need a KV cache")
         TPShares(self.config, self.tp) if self.tp != 1 else None
         resolve_schedule(self.schedule, self.config.n_layers)
 
     @property
     def end(self) -> int:
-        return self.cached + self.tokens
+        return self.start_pos + self.seqlen
 
     def program(self) -> Program:
         c = self.config
@@ -115,8 +115,8 @@ class MemoryRequest:
         cache = self.kv_cache and not self.train
         return Program(
             shapes=shapes, n_runs=len(runs), runs=tuple(runs), n_layers=c.n_layers, batch=self.batch,
-            tokens=self.tokens, cached=self.cached, weight_dtype=self.weight_dtype, compute_dtype=compute,
-            kernel=self.kernel, sdpa_backend="math" if self.device_type == "meta" else "flash",
+            seqlen=self.seqlen, start_pos=self.start_pos, weight_dtype=self.weight_dtype, compute_dtype=compute,
+            attn_kernel=self.attn_kernel, sdpa_backend="math" if self.device_type == "meta" else "flash",
             cache_positions=(self.cache_positions or self.end) if cache else 0, cache_batch=self.batch,
             cache_dtype=self.cache_dtype or compute, rope_positions=rope_positions_for(c, self.end),
             tied=c.tie_word_embeddings, last_only=self.last_only, train=self.train, loss=self.loss,
@@ -127,7 +127,7 @@ class MemoryRequest:
 
     def describe(self) -> str:
         what = ("a training step" if self.train else
-                f"a forward of {self.tokens:,} new token(s) after {self.cached:,} cached")
+                f"a forward of {self.seqlen:,} new token(s) after {self.start_pos:,} cached")
         return f"{self.config.name}: {what}, batch {self.batch:,}"
 
 
@@ -240,9 +240,9 @@ def model_request(model, bsz: int, seqlen: int, start_pos: int = 0, *, kv_cache:
     kv_cache = caches is not None if kv_cache is None else kv_cache
     positions = int(caches[0].cache_k.shape[1]) if caches is not None and kv_cache else None
     group = getattr(model, "tp_group", None)
-    return MemoryRequest(model.config, batch=bsz, tokens=seqlen, cached=start_pos,
+    return MemoryRequest(model.config, batch=bsz, seqlen=seqlen, start_pos=start_pos,
                          weight_dtype=model.tok_embeddings.weight.dtype, compute_dtype=model.compute_dtype,
-                         kernel=model.attn_kernel, device_type=device_type_of(model.device), kv_cache=kv_cache,
+                         attn_kernel=model.attn_kernel, device_type=device_type_of(model.device), kv_cache=kv_cache,
                          cache_positions=positions if positions and positions >= start_pos + seqlen else None,
                          last_only=last_only, tp=group.world_size if group is not None else 1,
                          schedule=tuple(model.schedule))
@@ -257,37 +257,37 @@ def cyclic_schedule(n_layers: int, n_runs: Optional[int]) -> Optional[tuple]:
 
 
 def forward_need(config: LlamaConfig, *, device_type: str, weight_dtype: torch.dtype,
-                 compute_dtype: Optional[torch.dtype] = None, batch: int = 1, n_tokens: int = 1, n_cached: int = 0,
-                 n_runs: Optional[int] = None, kernel: str = "math", train: bool = False, loss: str = "cross-entropy",
+                 compute_dtype: Optional[torch.dtype] = None, batch: int = 1, seqlen: int = 1, start_pos: int = 0,
+                 n_runs: Optional[int] = None, attn_kernel: str = "math", train: bool = False, loss: str = "cross-entropy",
                  recompute: bool = False) -> MemoryBreakdown:
-    """What counting or timing one forward needs, as the counters run it: with ``n_cached`` > 0 a KV cache of
-    ``n_cached + n_tokens`` positions and a prefill of ``n_cached`` tokens before the step (the larger peak of
+    """What counting or timing one forward needs, as the counters run it: with ``start_pos`` > 0 a KV cache of
+    ``start_pos + seqlen`` positions and a prefill of ``start_pos`` tokens before the step (the larger peak of
     the two); without, a plain forward; with ``train`` a training step without optimizer."""
-    common = dict(weight_dtype=weight_dtype, compute_dtype=compute_dtype, kernel=kernel, device_type=device_type,
+    common = dict(weight_dtype=weight_dtype, compute_dtype=compute_dtype, attn_kernel=attn_kernel, device_type=device_type,
                   schedule=cyclic_schedule(config.n_layers, n_runs), batch=batch)
     if train:
-        return memory(MemoryRequest(config, tokens=n_tokens, train=True, loss=loss, recompute=recompute,
+        return memory(MemoryRequest(config, seqlen=seqlen, train=True, loss=loss, recompute=recompute,
                                     optimizer="none", **common))
-    if not n_cached:
-        return memory(MemoryRequest(config, tokens=n_tokens, kv_cache=False, **common))
-    end = n_cached + n_tokens
-    step = memory(MemoryRequest(config, tokens=n_tokens, cached=n_cached, **common))
-    prefill = memory(MemoryRequest(config, tokens=n_cached, cache_positions=end, **common))
+    if not start_pos:
+        return memory(MemoryRequest(config, seqlen=seqlen, kv_cache=False, **common))
+    end = start_pos + seqlen
+    step = memory(MemoryRequest(config, seqlen=seqlen, start_pos=start_pos, **common))
+    prefill = memory(MemoryRequest(config, seqlen=start_pos, cache_positions=end, **common))
     return step if step.peak >= prefill.peak else prefill
 
 
 # ---------------------------------------------------------------------------- the largest request that fits
 def largest_fitting(request: MemoryRequest, field_name: str, device_memory: int, *,
                     upper: Optional[int] = None) -> tuple[int, Optional[MemoryBreakdown]]:
-    """The largest value of ``field_name`` ("batch" or "tokens") whose peak fits in ``device_memory`` bytes, and
+    """The largest value of ``field_name`` ("batch" or "seqlen") whose peak fits in ``device_memory`` bytes, and
     its breakdown; ``(0, None)`` when not even 1 fits. The peak grows with either, so: doubling, then bisection
     on the exact algebra."""
-    if field_name not in ("batch", "tokens"):
-        raise ValueError(f"can search batch or tokens, not {field_name!r}")
+    if field_name not in ("batch", "seqlen"):
+        raise ValueError(f"can search batch or seqlen, not {field_name!r}")
     if isinstance(device_memory, bool) or not isinstance(device_memory, int) or device_memory <= 0:
         raise ValueError(f"device memory must be a positive number of bytes, got {device_memory!r}")
-    if field_name == "tokens":
-        limit = request.config.max_seq_len - request.cached
+    if field_name == "seqlen":
+        limit = request.config.max_seq_len - request.start_pos
     else:
         limit = upper or (1 << 40)
 

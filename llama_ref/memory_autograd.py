@@ -289,7 +289,7 @@ def module_inputs(*inputs: Optional[T]) -> None:
     those that require grad (``register_multi_grad_hook``, mode "all"), in forward only: each input's gradient
     is kept in the hook's buffer from when it is computed until the last of them is."""
     tensors = [t for t in inputs if t is not None and t.requires_grad]
-    if not tensors or not tensors[0].sim.module_hooks or not tensors[0].sim.grad_enabled \
+    if not tensors or not tensors[0].sim.module_hooks or not tensors[0].sim.grad_enabled\
             or tensors[0].sim.phase == "backward":
         return
     group = {"left": len(tensors), "held": []}
@@ -543,7 +543,7 @@ def _add_grads(old: T, var: T, buffers: dict, pending: list) -> T:
     base alive (``_base``), a second reference to the storage (so the sum of two projections' input gradients,
     each a view of an ``mm`` output, is a new tensor)."""
     sim = old.sim
-    if not sim.dispatch_mode and not old.is_view and old.is_dense() and old.st.n_tensors == 1 \
+    if not sim.dispatch_mode and not old.is_view and old.is_dense() and old.st.n_tensors == 1\
             and _holders(old, buffers, pending) == 1:
         return old
     return new(sim, old.shape, old.dtype, "add.Tensor")

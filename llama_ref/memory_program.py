@@ -46,7 +46,7 @@ class Shapes:
 @dataclass(frozen=True)
 class Program:
     """What runs: ``batch`` sequences of ``tokens`` new tokens after ``cached`` ones; weights in
-    ``weight_dtype``, activations in ``compute_dtype``; ``kernel`` math or sdpa (``sdpa_backend``: which kernel
+    ``weight_dtype``, activations in ``compute_dtype``; ``attn_kernel`` math or sdpa (``sdpa_backend``: which kernel
     the sdpa call dispatches to on the device: ``flash`` (the CPU's), or ``math`` where no fused kernel exists,
     e.g. meta); a KV cache of ``cache_positions`` positions (0: none) in ``cache_dtype``; or a training step.
     Built by :meth:`llama_ref.memory_algebra.MemoryRequest.program`."""
@@ -56,11 +56,11 @@ class Program:
     runs: tuple = ()  # the layer index of every run (default: each layer once)
     n_layers: int = 0  # layers holding weights (default: n_runs)
     batch: int = 1
-    tokens: int = 1
-    cached: int = 0
+    seqlen: int = 1
+    start_pos: int = 0
     weight_dtype: torch.dtype = torch.float32
     compute_dtype: torch.dtype = torch.float32
-    kernel: str = "math"
+    attn_kernel: str = "math"
     sdpa_backend: str = "flash"
     cache_positions: int = 0
     cache_batch: int = 0
@@ -258,7 +258,7 @@ def attention_core(p: Program, xq: T, keys: T, values: T, mask: Optional[T]) -> 
     q = transpose(xq, 1, 2)
     k = transpose(keys, 1, 2)
     v = transpose(values, 1, 2)
-    if p.kernel == "math":
+    if p.attn_kernel == "math":
         scores = op.div_scalar(op.matmul(q, transpose(k, 2, 3)))
         if mask is not None:
             scores = op.add(scores, mask)
@@ -327,7 +327,7 @@ def transformer_block(p: Program, w: dict, x: T, start_pos: int, freqs_cis: T, m
 # ---------------------------------------------------------------------------- the model
 def llama_forward(sim: Sim, p: Program, W: Weights, tokens: T, out: Outcome) -> T:
     cd = p.compute_dtype
-    start_pos = p.cached
+    start_pos = p.start_pos
     if p.token_check:  # guards.check_token_values: int(tokens.min()), int(tokens.max())
         for name in ("min", "max"):
             m = new(sim, (), torch.int64, name)
@@ -340,7 +340,7 @@ def llama_forward(sim: Sim, p: Program, W: Weights, tokens: T, out: Outcome) -> 
     h = op.to(h, cd)
     freqs_cis = narrow(W.freqs_cis, 0, start_pos, seqlen)
     mask = None
-    if seqlen > 1 and not (start_pos == 0 and p.kernel == "sdpa"):  # sdpa's own is_causal: no mask tensor
+    if seqlen > 1 and not (start_pos == 0 and p.attn_kernel == "sdpa"):  # sdpa's own is_causal: no mask tensor
         mask = new(sim, (seqlen, seqlen), cd, "full")
         mask = new(sim, (seqlen, seqlen), cd, "triu")
         zeros = new(sim, (seqlen, start_pos), cd, "zeros")
@@ -449,7 +449,7 @@ def run(p: Program, *, dispatch_mode: bool = False, module_hooks: bool = False, 
     out.weights = sum(t.nbytes for t in params)
     out.rope_table = W.freqs_cis.nbytes
     out.kv_cache = sum(t.nbytes for t in W.buffers()) - out.rope_table
-    tokens = external(sim, (p.batch, p.tokens), torch.int64, "tokens")
+    tokens = external(sim, (p.batch, p.seqlen), torch.int64, "tokens")
     out.inputs = tokens.nbytes
     out.start = sim.live
     sim.peak, sim.where = sim.live, None

@@ -172,11 +172,11 @@ class AttentionCore(nn.Module):
     ``"sdpa"`` calls ``F.scaled_dot_product_attention``. Both compute the dense ``seqlen x kvlen`` scores.
     """
 
-    def __init__(self, n_rep: int, kernel: str = "math") -> None:
+    def __init__(self, n_rep: int, attn_kernel: str = "math") -> None:
         super().__init__()
-        guards.check_kernel(kernel)
+        guards.check_kernel(attn_kernel)
         self.n_rep = n_rep
-        self.kernel = kernel
+        self.attn_kernel = attn_kernel
 
     def forward(self, xq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -186,7 +186,7 @@ class AttentionCore(nn.Module):
         q = xq.transpose(1, 2)  # (bsz, n_heads, seqlen, head_dim)
         k = keys.transpose(1, 2)  # (bsz, n_heads, kvlen, head_dim)
         v = values.transpose(1, 2)  # (bsz, n_heads, kvlen, head_dim)
-        if self.kernel == "math":
+        if self.attn_kernel == "math":
             scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(head_dim)  # (bsz, n_heads, seqlen, kvlen)
             if mask is not None:
                 scores = scores + mask  # (seqlen, kvlen), broadcast
@@ -206,7 +206,7 @@ class Attention(nn.Module):
     ``n_heads``/``n_kv_heads`` are the heads *this module* holds (a tensor-parallel rank's share, see
     :func:`llama_ref.parallel.parallelize`)."""
 
-    def __init__(self, config: LlamaConfig, kernel: str = "math", device=None, dtype=None) -> None:
+    def __init__(self, config: LlamaConfig, attn_kernel: str = "math", device=None, dtype=None) -> None:
         super().__init__()
         self.n_heads = config.n_heads
         self.n_kv_heads = config.n_kv_heads
@@ -216,7 +216,7 @@ class Attention(nn.Module):
         self.wv = Linear(config.dim, config.kv_dim, device=device, dtype=dtype)
         self.wo = Linear(config.q_dim, config.dim, device=device, dtype=dtype)
         self.rope = RotaryEmbedding()
-        self.core = AttentionCore(config.n_rep, kernel)
+        self.core = AttentionCore(config.n_rep, attn_kernel)
 
     def forward(self, x: torch.Tensor, start_pos: Positions, freqs_cis: torch.Tensor,
                 mask: Optional[torch.Tensor], cache: Optional[KVCache] = None) -> torch.Tensor:
@@ -258,10 +258,10 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """One decoder layer: pre-norm attention and pre-norm SwiGLU, each with a residual add."""
 
-    def __init__(self, layer_id: int, config: LlamaConfig, kernel: str = "math", device=None, dtype=None) -> None:
+    def __init__(self, layer_id: int, config: LlamaConfig, attn_kernel: str = "math", device=None, dtype=None) -> None:
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(config, kernel, device=device, dtype=dtype)
+        self.attention = Attention(config, attn_kernel, device=device, dtype=dtype)
         self.feed_forward = FeedForward(config.dim, config.hidden_dim, device=device, dtype=dtype)
         self.attention_norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, device=device, dtype=dtype)
@@ -377,13 +377,13 @@ class Llama(nn.Module):
 
     @property
     def attn_kernel(self) -> str:
-        return self.layers[0].attention.core.kernel
+        return self.layers[0].attention.core.attn_kernel
 
-    def set_attn_kernel(self, kernel: str) -> None:
-        """Switch every layer to attention ``kernel``; the logits are the same."""
-        guards.check_kernel(kernel)
+    def set_attn_kernel(self, attn_kernel: str) -> None:
+        """Switch every layer to attention ``attn_kernel``; the logits are the same."""
+        guards.check_kernel(attn_kernel)
         for layer in self.layers:
-            layer.attention.core.kernel = kernel
+            layer.attention.core.attn_kernel = attn_kernel
 
     def set_schedule(self, schedule) -> None:
         """Change the layer schedule. Drops any KV cache: its slots belonged to the old runs."""

@@ -26,10 +26,10 @@ def expected_rows(config, schedule_len: int, bsz: int, start_pos: int, seqlen: i
     return {(pos, name): rows[name] for pos, name in T.row_order(schedule_len)}
 
 
-def make_model(config, kernel: str, device: str, start_pos: int, schedule=SCHEDULE) -> tuple[Llama, torch.Tensor]:
+def make_model(config, attn_kernel: str, device: str, start_pos: int, schedule=SCHEDULE) -> tuple[Llama, torch.Tensor]:
     """A model and ``tokens`` for one step; for start_pos > 0 the KV cache is set up and pre-filled."""
     torch.manual_seed(0)
-    model = Llama(config, device=device, attn_kernel=kernel, schedule=schedule)
+    model = Llama(config, device=device, attn_kernel=attn_kernel, schedule=schedule)
     tokens = torch.randint(0, config.vocab_size, (BSZ, 16)).to(device)
     if start_pos > 0:
         model.setup_cache(BSZ, 16)
@@ -39,15 +39,15 @@ def make_model(config, kernel: str, device: str, start_pos: int, schedule=SCHEDU
 
 
 # Every combination on meta (cheap); on CPU (real kernels, slower) all of GQA and MHA's cached chunk.
-CASES = [(p, m, k, "meta") for p in CONFIGS for m in MODES for k in ("math", "sdpa")] + \
-        [("tiny", m, k, "cpu") for m in MODES for k in ("math", "sdpa")] + \
+CASES = [(p, m, k, "meta") for p in CONFIGS for m in MODES for k in ("math", "sdpa")] +\
+        [("tiny", m, k, "cpu") for m in MODES for k in ("math", "sdpa")] +\
         [("tiny-mha", "cached-chunk", k, "cpu") for k in ("math", "sdpa")]
 
 
-def make_bf16_meta_model(kernel: str) -> tuple[Llama, torch.Tensor]:
+def make_bf16_meta_model(attn_kernel: str) -> tuple[Llama, torch.Tensor]:
     """bf16 weights on meta (compute dtype = weight dtype), cache pre-filled for the cached-chunk step."""
     start_pos, _ = MODES["cached-chunk"]
-    model = Llama(TINY, device="meta", dtype=torch.bfloat16, attn_kernel=kernel, schedule=SCHEDULE)
+    model = Llama(TINY, device="meta", dtype=torch.bfloat16, attn_kernel=attn_kernel, schedule=SCHEDULE)
     model.setup_cache(BSZ, 16)
     tokens = torch.zeros(BSZ, 16, dtype=torch.long, device="meta")
     with torch.no_grad():

@@ -33,7 +33,7 @@ def _row(report: AnalyticReport, pos, module) -> RowCost:
 
 # ---------------------------------------------------------------- single modules, derived by hand
 def test_prefill_rows_by_hand():
-    r = analyze(SMALL, n_tokens=5)
+    r = analyze(SMALL, seqlen=5)
     # 5*64*64 = 20480 MACs
     assert _row(r, 0, "attention.wq").macs == 20480
     # k and v are GQA-reduced: 5*64*(2*16) = 10240 MACs each
@@ -70,7 +70,7 @@ def test_prefill_rows_by_hand():
 
 
 def test_decode_rows_by_hand():
-    r = analyze(SMALL, n_tokens=1, n_cached=9, batch=3)
+    r = analyze(SMALL, seqlen=1, start_pos=9, batch=3)
     # one new token attends to 9 cached + itself: 2*3*4*1*10*16 = 3840 MACs
     core = _row(r, 0, "attention.core")
     assert core.macs == 3840
@@ -87,11 +87,11 @@ def test_prefill_and_decode_are_one_formula():
     for cfg in (SMALL, DEEP, DEEP_MHA):
         a, b = macs_polynomial(cfg)
         for batch, n, c in [(1, 1, 0), (1, 7, 0), (2, 1, 30), (3, 4, 11), (1, 64, 0)]:
-            assert analyze(cfg, batch=batch, n_tokens=n, n_cached=c).macs == batch * (a * n + b * n * (c + n))
+            assert analyze(cfg, batch=batch, seqlen=n, start_pos=c).macs == batch * (a * n + b * n * (c + n))
 
 
 def test_flops_are_twice_macs_and_totals_sum_rows():
-    r = analyze(SMALL, batch=2, n_tokens=6, n_cached=3, schedule="0-1x2,3")
+    r = analyze(SMALL, batch=2, seqlen=6, start_pos=3, schedule="0-1x2,3")
     assert r.flops == 2 * r.macs
     assert r.macs == sum(x.macs for x in r.rows)
     assert r.nonmatmul_flops == sum(x.nonmatmul_flops for x in r.rows)
@@ -106,7 +106,7 @@ def test_flops_are_twice_macs_and_totals_sum_rows():
 
 
 def test_rows_follow_result_row_order():
-    r = analyze(DEEP, n_tokens=3, schedule="skip-15")
+    r = analyze(DEEP, seqlen=3, schedule="skip-15")
     assert [x.key for x in r.rows] == row_order(31)
     assert [x.module for x in r.rows if x.position == 0] == list(block_row_names())
     cr = r.as_counter_result()
@@ -158,7 +158,7 @@ def test_every_schedule_preset(cfg, schedule):
     per_run_a = 2 * cfg.dim * cfg.dim + 2 * cfg.dim * cfg.kv_dim + 3 * cfg.dim * cfg.hidden_dim
     assert a == len(order) * per_run_a + cfg.dim * cfg.vocab_size
     assert b == len(order) * 2 * cfg.dim
-    r = analyze(cfg, n_tokens=5, n_cached=2, schedule=schedule)
+    r = analyze(cfg, seqlen=5, start_pos=2, schedule=schedule)
     assert r.schedule == order
     assert len(r.rows) == 4 + 15 * len(order)
     blocks = [x for x in r.layer_runs() if x.module == "block"]
@@ -167,8 +167,8 @@ def test_every_schedule_preset(cfg, schedule):
 
 
 def test_repeated_layer_reads_its_weights_again_and_skipped_layers_none():
-    one = analyze(SMALL, n_tokens=4, schedule=[0])
-    twice = analyze(SMALL, n_tokens=4, schedule=[0, 0])
+    one = analyze(SMALL, seqlen=4, schedule=[0])
+    twice = analyze(SMALL, seqlen=4, schedule=[0, 0])
     block_w = sum(x.weight_bytes for x in one.rows if x.position == 0)
     assert sum(x.weight_bytes for x in twice.rows if x.position == 1) == block_w
     assert twice.total.weight_bytes - one.total.weight_bytes == block_w
@@ -180,13 +180,13 @@ def test_weight_bytes_of_a_full_forward_equal_the_parameters():
     """Every parameter is read once, except the embedding table, of which only the gathered rows are."""
     for wb in (1, 2, 4):
         cfg = SMALL
-        r = analyze(cfg, batch=2, n_tokens=3, weight_dtype_bytes=wb)
+        r = analyze(cfg, batch=2, seqlen=3, weight_dtype_bytes=wb)
         table = cfg.vocab_size * cfg.dim
         assert r.total.weight_bytes == (param_count(cfg) - table + 2 * 3 * cfg.dim) * wb
 
 
 def test_kv_bytes():
-    r = analyze(SMALL, batch=2, n_tokens=3, n_cached=5, act_dtype_bytes=4, kv_dtype_bytes=1)
+    r = analyze(SMALL, batch=2, seqlen=3, start_pos=5, act_dtype_bytes=4, kv_dtype_bytes=1)
     core = _row(r, 1, "attention.core")
     # keys + values of 5 + 3 positions: 2 * 2 * 8 * 32 * 1 byte
     assert core.kv_read_bytes == 1024
@@ -196,11 +196,11 @@ def test_kv_bytes():
     # cache holding 8 positions for 4 runs
     assert r.kv_cache_bytes == 4 * 1024 == kv_cache_bytes(SMALL, batch=2, n_positions=8, kv_dtype_bytes=1)
     # KV dtype defaults to the activation dtype
-    assert analyze(SMALL, n_tokens=1, act_dtype_bytes=4).kv_dtype_bytes == 4
+    assert analyze(SMALL, seqlen=1, act_dtype_bytes=4).kv_dtype_bytes == 4
 
 
 def test_intensity_and_rowcost_contract():
-    r = analyze(SMALL, n_tokens=8)
+    r = analyze(SMALL, seqlen=8)
     wq = _row(r, 0, "attention.wq")
     assert wq.flops == 2 * wq.macs
     assert wq.bytes == wq.weight_bytes + wq.act_bytes
@@ -211,15 +211,15 @@ def test_intensity_and_rowcost_contract():
 
 
 def test_7b_decode_intensity_is_memory_bound_and_prefill_compute_bound():
-    decode = analyze(PRESETS["llama-2-7b"], n_tokens=1, n_cached=1023)
-    prefill = analyze(PRESETS["llama-2-7b"], n_tokens=2048)
+    decode = analyze(PRESETS["llama-2-7b"], seqlen=1, start_pos=1023)
+    prefill = analyze(PRESETS["llama-2-7b"], seqlen=2048)
     assert decode.total.intensity < 2
     assert prefill.total.intensity > 500
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(n_tokens=0), dict(n_tokens=1, n_cached=-1), dict(n_tokens=1, batch=0), dict(n_tokens=2.0),
-    dict(n_tokens=1, schedule="0-99"), dict(n_tokens=1, schedule="nonsense"), dict(n_tokens=True),
+    dict(seqlen=0), dict(seqlen=1, start_pos=-1), dict(seqlen=1, batch=0), dict(seqlen=2.0),
+    dict(seqlen=1, schedule="0-99"), dict(seqlen=1, schedule="nonsense"), dict(seqlen=True),
 ])
 def test_bad_inputs(kwargs):
     with pytest.raises(ValueError):
@@ -228,7 +228,7 @@ def test_bad_inputs(kwargs):
 
 def test_the_table_is_the_source():
     """analytic adds nothing of its own: each row is its table kind evaluated on sizes from the config."""
-    r = analyze(SMALL, batch=2, n_tokens=3, n_cached=4)
+    r = analyze(SMALL, batch=2, seqlen=3, start_pos=4)
     assert _row(r, 0, "attention.core").count == T.ATTENTION_CORE.count(T.Attn(2, 3, 7, 4, 2, 16, True))
     assert _row(r, 0, "feed_forward.act").count == T.GATED_SILU.count(T.Elems(6, 176))
     assert _row(r, 0, "attention.rope").count == T.ROPE.count(T.Rope(2, 3, 4, 2, 16))
@@ -242,6 +242,6 @@ def test_70b_analytic_is_instant():
     import time
 
     t = time.perf_counter()
-    r = analyze(PRESETS["llama-2-70b"], n_tokens=4096)
+    r = analyze(PRESETS["llama-2-70b"], seqlen=4096)
     assert time.perf_counter() - t < 1.0
     assert r.macs == 68_713_185_280 * 4096 + 1_310_720 * 4096 ** 2

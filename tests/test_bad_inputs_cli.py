@@ -816,17 +816,17 @@ def test_the_forward_memory_is_one_function():
 
     config = PRESETS["llama-2-7b"]
     # 7B fp32 weights: 6,738,415,616 x 4 = 26,953,662,464 bytes; RoPE table 4096 x 64 x 8 = 2,097,152 bytes
-    need = models.forward_need(config, "cpu", 4, batch=1, n_tokens=4)
+    need = models.forward_need(config, "cpu", 4, batch=1, seqlen=4)
     assert need.weights == 26_953_662_464 and need.rope_table == 2_097_152 and need.kv_cache == 0
     # roofline --measure sets up a cache of N positions for the timed forward
-    assert factory.estimate_forward_memory(config, batch=1, n_tokens=4, n_cached=0, n_runs=32, dtype_bytes=4) == \
-        memory(MemoryRequest(config, batch=1, tokens=4, weight_dtype=torch.float32)).peak
+    assert factory.estimate_forward_memory(config, batch=1, seqlen=4, start_pos=0, n_runs=32, dtype_bytes=4) ==\
+        memory(MemoryRequest(config, batch=1, seqlen=4, weight_dtype=torch.float32)).peak
     # a KV cache for C + N positions: 2 x 1 x 2048 positions x 4096 x 4 bytes x 32 runs = 2,147,483,648 bytes; the
     # prefill of C tokens comes first, and its peak is the larger
-    step = models.forward_need(config, "cpu", 4, batch=1, n_tokens=1, n_cached=2047)
+    step = models.forward_need(config, "cpu", 4, batch=1, seqlen=1, start_pos=2047)
     assert step.kv_cache == 2_147_483_648
-    prefill = memory(MemoryRequest(config, tokens=2047, cache_positions=2048, weight_dtype=torch.float32))
-    assert step.peak == prefill.peak > memory(MemoryRequest(config, tokens=1, cached=2047,
+    prefill = memory(MemoryRequest(config, seqlen=2047, cache_positions=2048, weight_dtype=torch.float32))
+    assert step.peak == prefill.peak > memory(MemoryRequest(config, seqlen=1, start_pos=2047,
                                                             weight_dtype=torch.float32)).peak
 
 
@@ -914,7 +914,7 @@ def test_a_forward_too_large_for_memory_is_refused_before_it_runs(monkeypatch):
     # and values are repeated from the cache: U = 1024*100*64*4 = 26,214,400; 6U + 2 x 1024*4*100*100*4 + the mask
     # 100*100*4 = 157,286,400 + 327,680,000 + 40,000 = 485,006,400 bytes
     prefill = 485_006_400
-    assert guards.forward_bytes(model, 1024, 100, kv_cache=True).peak - \
+    assert guards.forward_bytes(model, 1024, 100, kv_cache=True).peak -\
         guards.forward_bytes(model, 1024, 100, kv_cache=True).start == prefill
     with pytest.raises(InsufficientMemoryError, match="1,024 sequence\\(s\\) x 100 tokens") as info:
         generate(model, [[1] * 100] * 1024, 4)

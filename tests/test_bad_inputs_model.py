@@ -611,8 +611,8 @@ def test_training_memory_adds_gradients_and_kept_activations():
     from llama_ref.memory_algebra import MemoryRequest, memory
 
     cfg = LlamaConfig.from_preset("tiny")
-    fwd = memory(MemoryRequest(cfg, batch=4, tokens=32, kv_cache=False))
-    step = memory(MemoryRequest(cfg, batch=4, tokens=32, train=True, optimizer="none"))
+    fwd = memory(MemoryRequest(cfg, batch=4, seqlen=32, kv_cache=False))
+    step = memory(MemoryRequest(cfg, batch=4, seqlen=32, train=True, optimizer="none"))
     assert step.gradients == 217_664 * 4  # fp32 gradients, one per parameter
     assert step.weights == fwd.weights and step.kv_cache == 0
     # Kept per layer run (math kernel, fp32): per token 6*dim + 4*q_dim + 4*hidden + 2 + n_heads*S elements
@@ -620,11 +620,11 @@ def test_training_memory_adds_gradients_and_kept_activations():
     assert [layer.saved_activation_bytes for layer in step.layers] == [754_688] * 4
     assert step.peak > fwd.peak
     # Checkpointing keeps each layer run's input instead (4*32*64*4 = 32,768 bytes; the first also the mask 32*32*4)
-    recompute = memory(MemoryRequest(cfg, batch=4, tokens=32, train=True, optimizer="none", recompute=True))
+    recompute = memory(MemoryRequest(cfg, batch=4, seqlen=32, train=True, optimizer="none", recompute=True))
     assert [layer.saved_activation_bytes for layer in recompute.layers] == [32_768 + 4_096] + [32_768] * 3
     # The sdpa kernel keeps no score matrix: per token its n_heads*S = 128 probabilities become n_heads = 4
     # logsumexp values: (1,474 - 128 + 4) x 128 tokens x 4 bytes = 691,200 bytes
-    sdpa = memory(MemoryRequest(cfg, batch=4, tokens=32, train=True, optimizer="none", kernel="sdpa"))
+    sdpa = memory(MemoryRequest(cfg, batch=4, seqlen=32, train=True, optimizer="none", attn_kernel="sdpa"))
     assert [layer.saved_activation_bytes for layer in sdpa.layers] == [691_200] * 4
     assert "gradients" in step.describe() and "gradients" not in fwd.describe()
 

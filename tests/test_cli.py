@@ -111,10 +111,10 @@ def test_out_file(capsys, tmp_path):
     assert "counters agree" in out
 
 
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_decode_70b_on_meta(capsys, kernel):
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_decode_70b_on_meta(capsys, attn_kernel):
     code, doc, err = _json(capsys, "count", "llama-2-70b", "--tokens", "1", "--cached", "4095",
-                           "--counters", "analytic,hooks", "--kernel", kernel)
+                           "--counters", "analytic,hooks", "--kernel", attn_kernel)
     assert code == EXIT_OK, err
     a, b = 68_713_185_280, 1_310_720
     assert doc["totals"]["hooks"]["macs"] == a + b * 4096  # one token attending to 4096 positions

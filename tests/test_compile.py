@@ -26,9 +26,9 @@ def _tokens(bsz: int, seqlen: int) -> torch.Tensor:
     return torch.randint(0, TINY.vocab_size, (bsz, seqlen), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_no_graph_break_in_prefill_or_decode(kernel):
-    model = _model(attn_kernel=kernel)
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_no_graph_break_in_prefill_or_decode(attn_kernel):
+    model = _model(attn_kernel=attn_kernel)
     tokens = _tokens(2, 9)
     with torch.no_grad():
         prefill = torch._dynamo.explain(model)(tokens[:, :8])

@@ -28,7 +28,7 @@ def _tokens(model, batch, n):
 @pytest.mark.parametrize("cfg", [SMALL, SMALL.replace(n_kv_heads=4)], ids=["gqa", "mha"])
 def test_all_available_counters_agree_on_cpu(cfg, cached):
     model = Llama(cfg, schedule="0,1x2,3")
-    report = crosscheck(model, _tokens(model, 2, 3), n_cached=cached)
+    report = crosscheck(model, _tokens(model, 2, 3), start_pos=cached)
     assert report.counters == ALL
     assert report.agree, [str(m) for m in report.mismatches]
     assert report.complete
@@ -51,10 +51,10 @@ def test_all_available_counters_agree_on_cpu(cfg, cached):
     assert norm.sources == {("forward", "macs"): [], ("forward", "nonmatmul_flops"): [SOURCE_FORMULA, SOURCE_SHAPES]}
 
 
-@pytest.mark.parametrize("kernel, schedule, runs", [("math", "mid-expansion-with-repeats", 29), ("sdpa", "0-2,7x2", 5)])
-def test_decode_one_token_on_meta_every_counter(kernel, schedule, runs):
-    model = Llama(DEEP, device="meta", schedule=schedule, attn_kernel=kernel)
-    report = crosscheck(model, _tokens(model, 1, 1), n_cached=40)
+@pytest.mark.parametrize("attn_kernel, schedule, runs", [("math", "mid-expansion-with-repeats", 29), ("sdpa", "0-2,7x2", 5)])
+def test_decode_one_token_on_meta_every_counter(attn_kernel, schedule, runs):
+    model = Llama(DEEP, device="meta", schedule=schedule, attn_kernel=attn_kernel)
+    report = crosscheck(model, _tokens(model, 1, 1), start_pos=40)
     assert report.agree, [str(m) for m in report.mismatches]
     # each run: QK^T + AV over 1 x 41 scores of 4 heads of 8: 2*4*41*8 = 2624 MACs
     core = [r for r in report.rows if r.module == "attention.core"]
@@ -70,11 +70,11 @@ def test_op_counters_named_explicitly():
 
 def test_cache_is_restored():
     model = Llama(SMALL, device="meta")
-    crosscheck(model, _tokens(model, 1, 2), n_cached=3, counters=["analytic", "hooks"])
+    crosscheck(model, _tokens(model, 1, 2), start_pos=3, counters=["analytic", "hooks"])
     assert model.caches is None
     model.setup_cache(1, 16)
     before = model.caches
-    crosscheck(model, _tokens(model, 1, 2), n_cached=3, counters=["analytic", "hooks"])
+    crosscheck(model, _tokens(model, 1, 2), start_pos=3, counters=["analytic", "hooks"])
     assert model.caches is before
 
 
@@ -104,7 +104,7 @@ def _results(overrides=None):
 
 
 def _compare(results, **kw):
-    return compare(results, schedule=(0,), config=SMALL, batch=1, n_tokens=1, n_cached=0, **kw)
+    return compare(results, schedule=(0,), config=SMALL, batch=1, seqlen=1, start_pos=0, **kw)
 
 
 def test_compare_exact_equality():
@@ -177,4 +177,4 @@ def test_bad_arguments():
     with pytest.raises(ValueError):
         crosscheck(model, torch.zeros(3, dtype=torch.long, device="meta"))
     with pytest.raises(ValueError):
-        crosscheck(model, _tokens(model, 1, 2), n_cached=-1)
+        crosscheck(model, _tokens(model, 1, 2), start_pos=-1)

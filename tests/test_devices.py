@@ -163,12 +163,12 @@ def test_explicit_compute_dtype(tiny_config, make_model):
 
 # ---------------------------------------------------------------- CUDA (skipped on this machine)
 @requires_cuda
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_cuda_fp32_matches_cpu(tiny_config, make_model, kernel, no_tf32):
-    cpu = make_model(tiny_config, attn_kernel=kernel)
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_cuda_fp32_matches_cpu(tiny_config, make_model, attn_kernel, no_tf32):
+    cpu = make_model(tiny_config, attn_kernel=attn_kernel)
     tokens = _tokens(2, 12, tiny_config.vocab_size)
     expected = cpu(tokens)
-    gpu = make_model(tiny_config, attn_kernel=kernel).to("cuda")
+    gpu = make_model(tiny_config, attn_kernel=attn_kernel).to("cuda")
     assert gpu.freqs_cis.device.type == "cuda" and gpu.freqs_cis.dtype == torch.complex64
     with torch.no_grad():
         logits = gpu(tokens.cuda())

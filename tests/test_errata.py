@@ -103,7 +103,7 @@ def test_published_a_is_not_affine_in_the_number_of_runs():
 def test_mid_expansion_has_29_runs_and_costs_like_any_29_run_schedule():
     order = resolve_schedule("mid-expansion-with-repeats", 32)
     assert len(order) == 29 and len(set(order)) == 24
-    assert macs_polynomial(L7, "mid-expansion-with-repeats") == macs_polynomial(L7, "skip-24-26") \
+    assert macs_polynomial(L7, "mid-expansion-with-repeats") == macs_polynomial(L7, "skip-24-26")\
         == macs_polynomial(L7, "skip-near-end-keep-last-two") == (5_999_951_872, 237_568)
     # a repeated layer is counted per run: measured with hooks on meta
     model = Llama(L7, device="meta", dtype=torch.bfloat16, schedule="mid-expansion-with-repeats")
@@ -142,7 +142,7 @@ def test_reference_001_corrections_reach_the_true_count():
 
 # ---------------------------------------------------------------- reference 002 (70B decode, 1024 cached)
 def _core_70b_decode():
-    r = analyze(L70, n_tokens=1, n_cached=1024)
+    r = analyze(L70, seqlen=1, start_pos=1024)
     (core,) = [x for x in r.rows if x.position == 0 and x.module == "attention.core"]
     return core
 
@@ -200,7 +200,7 @@ def test_reference_002_missing_output_head_and_storage():
 
 
 def test_reference_002_kv_cache_formula_is_right():
-    r = analyze(L70, n_tokens=1, n_cached=1024, act_dtype_bytes=2)
+    r = analyze(L70, seqlen=1, start_pos=1024, act_dtype_bytes=2)
     assert r.kv_cache_bytes == 1025 * 1024 * 2 * 2 * 80
 
 
@@ -403,7 +403,7 @@ def test_l3x_8b_against_llama2_7b():
 def test_l3x_70b_differs_from_llama2_70b_by_the_vocabulary_alone():
     per_layer = param_breakdown(P70.replace(n_layers=1))
     per_layer = sum(v for k, v in per_layer.items() if k.startswith("layers."))
-    assert per_layer == 855_654_400 and sum(v for k, v in param_breakdown(L70).items() if k.startswith("layers.")) \
+    assert per_layer == 855_654_400 and sum(v for k, v in param_breakdown(L70).items() if k.startswith("layers."))\
         == 80 * per_layer
     diff = param_count(P70) - param_count(L70)
     assert diff == 2 * (V3 - 32_000) * 8192 == 1_577_058_304
@@ -481,7 +481,7 @@ def test_l3x_per_token_macs():
 
 def test_l3x_405b_decode_at_full_context():
     a, b = macs_polynomial(P405)
-    step = analyze(P405, n_tokens=1, n_cached=131_071)
+    step = analyze(P405, seqlen=1, start_pos=131_071)
     assert step.macs == a + b * 131_072 == 944_913_776_640
     attention = sum(r.macs for r in step.rows if r.module == "attention.core")
     assert attention == b * 131_072 == 541_165_879_296 and round(100 * attention / step.macs) == 57
@@ -492,11 +492,11 @@ def test_l3x_kv_cache_at_128k():
     expected = {P8: (131_072, 17_179_869_184, 16), P70: (327_680, 42_949_672_960, 40),
                 P405: (516_096, 67_645_734_912, 63)}
     for config, (per_token, total, gib) in expected.items():
-        assert kv_cache_bytes(config, batch=1, n_positions=1, kv_dtype_bytes=2) == per_token \
+        assert kv_cache_bytes(config, batch=1, n_positions=1, kv_dtype_bytes=2) == per_token\
             == 2 * config.n_layers * config.n_kv_heads * config.head_dim * 2
         assert kv_cache_bytes(config, batch=1, n_positions=131_072, kv_dtype_bytes=2) == total == gib * 2**30
         # the same analyze reports for a step at the full context
-        assert analyze(config, n_tokens=1, n_cached=131_071, act_dtype_bytes=2).kv_cache_bytes == total
+        assert analyze(config, seqlen=1, start_pos=131_071, act_dtype_bytes=2).kv_cache_bytes == total
         # GQA ignored: k and v as wide as dim
         mha = kv_cache_bytes(config.replace(n_kv_heads=config.n_heads), batch=1, n_positions=131_072, kv_dtype_bytes=2)
         assert mha == total * config.n_rep
@@ -518,7 +518,7 @@ def test_l3x_two_times_params_rule():
         assert rule == 2 * param_count(config)
         _quoted(rule)
         for n, (dense, causal) in by_n.items():
-            report = analyze(config, n_tokens=n)
+            report = analyze(config, seqlen=n)
             # matrix-product FLOPs per token: 2 x MACs / N, exact (the totals divide by N)
             assert 2 * report.macs == dense * n and dense == 2 * (a + b * n)
             assert 2 * report.macs_causal == causal * n and causal == 2 * a + b * (n + 1)

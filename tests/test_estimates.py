@@ -119,10 +119,10 @@ def test_flopcountermode_misses_cpu_sdpa_forward_and_backward():
     assert total == 2 * (E.exact_train_macs(cfg, n) - attention_macs)
 
 
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_flopcountermode_on_llama_ref_7b_meta_is_the_bar(kernel):
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_flopcountermode_on_llama_ref_7b_meta_is_the_bar(attn_kernel):
     # meta device: the sdpa kernel runs SDPA's math decomposition (bmm), so both kernels are counted
-    model = Llama(L7, device="meta", attn_kernel=kernel, compute_dtype=torch.float32)
+    model = Llama(L7, device="meta", attn_kernel=attn_kernel, compute_dtype=torch.float32)
     tokens = torch.zeros((1, 2048), dtype=torch.long, device="meta")
     counter = FlopCounterMode(display=False)
     with counter:
@@ -186,7 +186,7 @@ def test_executed_flops_with_recompute_and_a_schedule_measured():
 def test_exact_counts_come_from_the_table(name, schedule):
     cfg, n = PRESETS[name], 96
     a, b = macs_polynomial(cfg, schedule)
-    assert E.exact_forward_macs(cfg, n, schedule=schedule) == analyze(cfg, n_tokens=n, schedule=schedule).macs \
+    assert E.exact_forward_macs(cfg, n, schedule=schedule) == analyze(cfg, seqlen=n, schedule=schedule).macs\
         == a * n + b * n * n
     # training 6 (a + b N), inference 2 (a + b N) FLOPs per token
     assert E.exact_model_flops_per_token(cfg, n, schedule=schedule) == 6 * (a + b * n)
@@ -338,7 +338,7 @@ def test_megatron_transcribed_from_the_source():
     q, k = kv_channels * heads, kv_channels * groups
     self_attn = 3 * 2 * (h * (q + k + k + 0) + q * h)
     core = Fraction(3 * 2 * q, 2) * 2
-    total = batch * s * (3 * 2 * h * (ffn * 3) * layers + self_attn * layers + 3 * 2 * h * vpad) \
+    total = batch * s * (3 * 2 * h * (ffn * 3) * layers + self_attn * layers + 3 * 2 * h * vpad)\
         + batch * s * s * core * layers
     assert E.megatron_flops_per_token(L3, s) == total / (batch * s) == 51_470_401_536
 
@@ -391,7 +391,7 @@ def test_three_x_forward_nonmatmul_equals_the_analytic_counter():
     from counters.analytic import analyze
 
     for name, n in (("tiny", 9), ("llama-2-70b", 16)):
-        nonmatmul = analyze(PRESETS[name], n_tokens=n).total.count.nonmatmul_flops
+        nonmatmul = analyze(PRESETS[name], seqlen=n).total.count.nonmatmul_flops
         per_token = Fraction(3 * nonmatmul, n)
         assert E.three_x_forward_flops_per_token(PRESETS[name], n, True) == E.exact_model_flops_per_token(
             PRESETS[name], n) + per_token

@@ -177,7 +177,7 @@ def test_family_plot_curves_are_the_analytic_counts(tmp_path, key):
         # decoding at context L costs a + b*L: the average per-token cost of an L-token forward
         assert c.macs == [c.a + c.b * L for L in c.contexts]
         for L in (c.contexts[0], c.contexts[len(c.contexts) // 2], c.contexts[-1]):
-            assert c.macs[c.contexts.index(L)] == analyze(config, n_tokens=1, n_cached=L - 1).macs
+            assert c.macs[c.contexts.index(L)] == analyze(config, seqlen=1, start_pos=L - 1).macs
         assert all(y1 < y2 for y1, y2 in zip(c.macs, c.macs[1:]))  # attention grows with the context
 
 
@@ -245,28 +245,28 @@ def test_count_every_preset_prefill_and_full_context_decode_on_meta(capsys, name
     config = PRESETS[name]
     a, b = macs_polynomial(config)
     a2, b2 = macs_polynomial(config, "0-1")
-    for argv, n_tokens, n_cached in _phases(name):
+    for argv, seqlen, start_pos in _phases(name):
         code, doc = _json(capsys, "count", name, "--device", "meta", "--counters", "analytic,hooks,torch",
                           "--schedule", "0-1", *argv)
         assert code == EXIT_OK and doc["agree"] is True, (name, argv)
         macs = {c: t["macs"] for c, t in doc["totals"].items()}
         nonmatmul = {c: t["nonmatmul_flops"] for c, t in doc["totals"].items()}
         # batch 1: prefill of N tokens is a*N + b*N^2; a step at context L = C + 1 is a + b*L
-        assert set(macs.values()) == {a2 * n_tokens + b2 * n_tokens * (n_cached + n_tokens)}, (name, argv, macs)
-        assert set(nonmatmul.values()) == {analyze(config, n_tokens=n_tokens, n_cached=n_cached,
+        assert set(macs.values()) == {a2 * seqlen + b2 * seqlen * (start_pos + seqlen)}, (name, argv, macs)
+        assert set(nonmatmul.values()) == {analyze(config, seqlen=seqlen, start_pos=start_pos,
                                                    schedule="0-1").nonmatmul_flops}
         assert doc["params"] == param_count(config)
-        whole = analyze(config, n_tokens=n_tokens, n_cached=n_cached)
-        assert whole.macs == a * n_tokens + b * n_tokens * (n_cached + n_tokens)
+        whole = analyze(config, seqlen=seqlen, start_pos=start_pos)
+        assert whole.macs == a * seqlen + b * seqlen * (start_pos + seqlen)
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_roofline_prediction_every_preset(tmp_path, name):
     config = PRESETS[name]
-    for argv, n_tokens, n_cached in _phases(name):
+    for argv, seqlen, start_pos in _phases(name):
         assert main(["roofline", name, "--no-plot", "--out", str(tmp_path), *argv]) == EXIT_OK
         doc = json.loads((tmp_path / "roofline.json").read_text())
-        report = analyze(config, n_tokens=n_tokens, n_cached=n_cached)  # bf16 by default on h100-sxm
+        report = analyze(config, seqlen=seqlen, start_pos=start_pos)  # bf16 by default on h100-sxm
         assert doc["total"]["macs"] == report.macs and doc["total"]["bytes"] == report.bytes
         assert doc["total"]["flops"] == report.flops + report.nonmatmul_flops
         assert sum(r["module"] == "block" for r in doc["layers"]) == config.n_layers

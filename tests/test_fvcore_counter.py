@@ -20,11 +20,11 @@ from _counter_cases import BSZ, CASES, CONFIGS, MODES, SinGate, TINY, expected_r
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.parametrize("preset,mode,kernel,device", CASES, ids=["-".join(c) for c in CASES])
-def test_rows_equal_module_formulas(preset, mode, kernel, device):
+@pytest.mark.parametrize("preset,mode,attn_kernel,device", CASES, ids=["-".join(c) for c in CASES])
+def test_rows_equal_module_formulas(preset, mode, attn_kernel, device):
     config = CONFIGS[preset]
     start_pos, seqlen = MODES[mode]
-    model, tokens = make_model(config, kernel, device, start_pos)
+    model, tokens = make_model(config, attn_kernel, device, start_pos)
     result = count_fvcore(model, tokens[:, start_pos:start_pos + seqlen], start_pos, strict=True)
     expected = expected_rows(config, len(model.schedule), BSZ, start_pos, seqlen)
     assert list(result.rows) == list(expected)  # every row, in execution order
@@ -44,12 +44,12 @@ def test_macs_equal_plain_fvcore_and_notes():
 
     start_pos, seqlen = 0, 5
     totals = {}
-    for kernel in ("math", "sdpa"):
-        model, tokens = make_model(TINY, kernel, "meta", start_pos)
+    for attn_kernel in ("math", "sdpa"):
+        model, tokens = make_model(TINY, attn_kernel, "meta", start_pos)
         result = count_fvcore(model, tokens[:, :seqlen], start_pos, strict=True)
         plain = FlopCountAnalysis(_StartPosWrapper(model, start_pos), (tokens[:, :seqlen],))
         plain.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        totals[kernel] = (result.total.macs, plain.total())
+        totals[attn_kernel] = (result.total.macs, plain.total())
         own = result.source_totals()[outside("fvcore")].macs  # fvcore's own handles, nothing of ours
         assert f"FlopCountAnalysis.total() = {own} MACs" in result.notes[0]
         assert result.notes[0].endswith("Its unsupported_ops(): none.")
@@ -77,11 +77,11 @@ def test_baseline_schedule_full_size_shapes_on_meta(preset):
     assert result.rows == expected_rows(config, config.n_layers, 1, 0, n)
 
 
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_bf16_weights_and_compute_on_meta(kernel):
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_bf16_weights_and_compute_on_meta(attn_kernel):
     # meta: the compute dtype is the weights' (bf16); the fp32 upcasts of RMSNorm/RoPE/softmax are free casts
     start_pos, seqlen = MODES["cached-chunk"]
-    model, tokens = make_bf16_meta_model(kernel)
+    model, tokens = make_bf16_meta_model(attn_kernel)
     result = count_fvcore(model, tokens[:, start_pos:start_pos + seqlen], start_pos, strict=True)
     assert model.compute_dtype == torch.bfloat16
     assert result.rows == expected_rows(TINY, len(model.schedule), BSZ, start_pos, seqlen)

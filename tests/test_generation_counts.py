@@ -37,9 +37,9 @@ def test_closed_form_by_hand():
 
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_the_real_loop_agrees_with_the_closed_form(device, kernel):
-    model = Llama(SMALL, device=device, attn_kernel=kernel, schedule="0,1x2,2")
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_the_real_loop_agrees_with_the_closed_form(device, attn_kernel):
+    model = Llama(SMALL, device=device, attn_kernel=attn_kernel, schedule="0,1x2,2")
     g = Generation(5, 7)
     report = crosscheck_generation(model, batch=2, generation=g)
     assert report.agree and report.complete, [str(m) for m in report.mismatches[:5]]
@@ -52,7 +52,7 @@ def test_the_real_loop_agrees_with_the_closed_form(device, kernel):
     # the row sums equal the sum of one analyze() per step (what "closed form per row" claims)
     from counters.analytic import analyze
 
-    steps = [analyze(SMALL, batch=2, n_tokens=n, n_cached=s, schedule="0,1x2,2", last_only=True)
+    steps = [analyze(SMALL, batch=2, seqlen=n, start_pos=s, schedule="0,1x2,2", last_only=True)
              for s, n in generation_forwards(g)]
     assert steps[0].macs == report.totals["analytic"][f"{PREFILL}_macs"]
     assert sum(x.macs for x in steps[1:]) == report.totals["analytic"][f"{DECODE}_macs"]

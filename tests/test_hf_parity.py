@@ -107,9 +107,9 @@ def test_logits_are_not_trivially_small(hf_model):
 
 
 # ---------------------------------------------------------------- parity, converted in memory
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_full_forward_parity(hf_model, kernel):
-    ours = llama_ref.from_hf(hf_model, attn_kernel=kernel)
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_full_forward_parity(hf_model, attn_kernel):
+    ours = llama_ref.from_hf(hf_model, attn_kernel=attn_kernel)
     hf_rope = hf_model.config.rope_parameters
     assert ours.config.rope_theta == hf_rope["rope_theta"]
     assert ours.config.norm_eps == hf_model.config.rms_norm_eps
@@ -125,9 +125,9 @@ def test_full_forward_parity(hf_model, kernel):
         assert _max_diff(ours(tokens), _hf_logits(hf_model, tokens)) <= ATOL, attn
 
 
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_cached_decoding_parity(hf_model, kernel):
-    ours = llama_ref.from_hf(hf_model, attn_kernel=kernel)
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_cached_decoding_parity(hf_model, attn_kernel):
+    ours = llama_ref.from_hf(hf_model, attn_kernel=attn_kernel)
     tokens = _tokens(2, 24, ours.config.vocab_size, seed=2)
     expected = _hf_logits(hf_model, tokens)
     for prefill in (1, 10):

@@ -55,7 +55,7 @@ def _count_step(model: Llama, batch: int, n: int, cached: int, **kw):
 def test_hooks_equal_analytic(cfg, device, batch, n, cached):
     model = Llama(cfg, device=device, schedule="0-1x2,3")
     counted = _count_step(model, batch, n, cached)
-    expected = analyze(cfg, batch=batch, n_tokens=n, n_cached=cached, schedule="0-1x2,3").as_counter_result()
+    expected = analyze(cfg, batch=batch, seqlen=n, start_pos=cached, schedule="0-1x2,3").as_counter_result()
     _assert_equal_rows(counted, expected)
     assert counted.unknown_ops == {}
 
@@ -64,17 +64,17 @@ def test_hooks_equal_analytic(cfg, device, batch, n, cached):
 def test_every_schedule_preset_on_meta(schedule):
     model = Llama(DEEP, device="meta", schedule=schedule)
     counted = _count_step(model, 2, 3, 4)
-    expected = analyze(DEEP, batch=2, n_tokens=3, n_cached=4, schedule=schedule).as_counter_result()
+    expected = analyze(DEEP, batch=2, seqlen=3, start_pos=4, schedule=schedule).as_counter_result()
     _assert_equal_rows(counted, expected)
     assert {k for k in counted.rows} <= set(row_order(len(model.schedule)))
 
 
 def test_sdpa_kernel_counts_like_math():
-    for kernel in ("math", "sdpa"):
-        model = Llama(SMALL, attn_kernel=kernel)
+    for attn_kernel in ("math", "sdpa"):
+        model = Llama(SMALL, attn_kernel=attn_kernel)
         for cached in (0, 5):
             counted = _count_step(model, 2, 3, cached)
-            _assert_equal_rows(counted, analyze(SMALL, batch=2, n_tokens=3, n_cached=cached).as_counter_result())
+            _assert_equal_rows(counted, analyze(SMALL, batch=2, seqlen=3, start_pos=cached).as_counter_result())
 
 
 # ---------------------------------------------------------------- positions
@@ -102,7 +102,7 @@ def test_hooks_follow_real_shapes_not_the_config():
     model = Llama(SMALL, device="meta")
     model.config = SMALL.replace(dim=128, n_heads=8, hidden_dim=999)  # shapes did not change
     counted = count_hooks(model, _tokens(model, 2, 5))
-    _assert_equal_rows(counted, analyze(SMALL, batch=2, n_tokens=5).as_counter_result())
+    _assert_equal_rows(counted, analyze(SMALL, batch=2, seqlen=5).as_counter_result())
 
 
 # ---------------------------------------------------------------- single modules
@@ -186,7 +186,7 @@ def test_llama2_70b_n4096_on_meta():
     model = Llama(cfg, device="meta", dtype=torch.bfloat16)
     counted = count_hooks(model, _tokens(model, 1, 4096))
     assert counted.total.macs == 68_713_185_280 * 4096 + 1_310_720 * 4096 ** 2 == 303_439_439_462_400
-    _assert_equal_rows(counted, analyze(cfg, n_tokens=4096).as_counter_result())
+    _assert_equal_rows(counted, analyze(cfg, seqlen=4096).as_counter_result())
 
 
 def test_subclass_overriding_forward_gets_no_inherited_formula():
@@ -205,4 +205,4 @@ def test_subclass_overriding_forward_gets_no_inherited_formula():
     counted = count_hooks(model, _tokens(model, 1, 3))
     assert list(counted.unknown_ops) == [f"module {__name__}.test_subclass_overriding_forward_gets_no_inherited_formula"
                                          ".<locals>.CenteredNorm (layers.0.ffn_norm)"]
-    assert counted.get((1, "ffn_norm")) == analyze(SMALL, n_tokens=3).as_counter_result().get((1, "ffn_norm"))
+    assert counted.get((1, "ffn_norm")) == analyze(SMALL, seqlen=3).as_counter_result().get((1, "ffn_norm"))

@@ -88,7 +88,7 @@ def test_from_pretrained_is_load_pretrained(ckpts, reference):
     _, toks, want = reference
     model = llama_ref.load(ckpts["meta-2-shards"], device="cpu", attn_kernel="sdpa", schedule="0-1,3")
     assert model.schedule == (0, 1, 3)
-    assert model.layers[0].attention.core.kernel == "sdpa"
+    assert model.layers[0].attention.core.attn_kernel == "sdpa"
     assert not torch.equal(logits(model, toks), want)  # a skipped layer must change the output
 
 

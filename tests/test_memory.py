@@ -36,32 +36,32 @@ CONFIGS = {
 }
 # (name, request fields): a prefill, a decode step, a prefill of the last position's logits, training steps
 REQUESTS = {
-    "prefill": dict(batch=2, tokens=12),
-    "decode": dict(batch=3, tokens=1, cached=9),
-    "chunk": dict(batch=1, tokens=5, cached=7, last_only=True),
-    "train": dict(batch=2, tokens=12, train=True, optimizer="adamw"),
-    "recompute": dict(batch=2, tokens=12, train=True, recompute=True, optimizer="sgd", loss="sum"),
+    "prefill": dict(batch=2, seqlen=12),
+    "decode": dict(batch=3, seqlen=1, start_pos=9),
+    "chunk": dict(batch=1, seqlen=5, start_pos=7, last_only=True),
+    "train": dict(batch=2, seqlen=12, train=True, optimizer="adamw"),
+    "recompute": dict(batch=2, seqlen=12, train=True, recompute=True, optimizer="sgd", loss="sum"),
 }
 
 
-def _model(config: LlamaConfig, kernel: str, dtype=torch.float32, compute=None, device="cpu") -> Llama:
+def _model(config: LlamaConfig, attn_kernel: str, dtype=torch.float32, compute=None, device="cpu") -> Llama:
     if device == "meta":
-        return Llama(config, device="meta", dtype=dtype, attn_kernel=kernel, compute_dtype=compute or dtype)
-    return random_model(config, dtype=dtype, attn_kernel=kernel, compute_dtype=compute)
+        return Llama(config, device="meta", dtype=dtype, attn_kernel=attn_kernel, compute_dtype=compute or dtype)
+    return random_model(config, dtype=dtype, attn_kernel=attn_kernel, compute_dtype=compute)
 
 
 def _check(model: Llama, **fields):
     request = MemoryRequest(model.config, weight_dtype=model.tok_embeddings.weight.dtype,
-                            compute_dtype=model.compute_dtype, kernel=model.attn_kernel,
+                            compute_dtype=model.compute_dtype, attn_kernel=model.attn_kernel,
                             device_type=model.device.type, **fields)
     return check(request, measure_for(model, request))
 
 
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("what", list(REQUESTS))
-def test_exact_on_cpu(config, kernel, what):
-    c = _check(_model(CONFIGS[config], kernel), **REQUESTS[what])
+def test_exact_on_cpu(config, attn_kernel, what):
+    c = _check(_model(CONFIGS[config], attn_kernel), **REQUESTS[what])
     assert c.agree, c.mismatches()
     rows = {r.category: r for r in c.rows}
     # the allocator (no dispatch mode) is the only bound: the rest is byte for byte
@@ -89,10 +89,10 @@ def test_exact_on_meta_full_size(preset):
     """Full-size layers on meta (two of them: all layers are shaped alike), bf16: inference at 4096 tokens with
     each kernel (sdpa on meta is the math fallback), and a training step with AdamW."""
     config = PRESETS[preset].replace(n_layers=2)
-    for kernel, fields in (("math", dict(batch=1, tokens=4096)), ("sdpa", dict(batch=1, tokens=1, cached=4095)),
-                           ("sdpa", dict(batch=1, tokens=256, train=True, optimizer="adamw"))):
-        c = _check(_model(config, kernel, torch.bfloat16, device="meta"), **fields)
-        assert c.agree, (kernel, fields, c.mismatches())
+    for attn_kernel, fields in (("math", dict(batch=1, seqlen=4096)), ("sdpa", dict(batch=1, seqlen=1, start_pos=4095)),
+                           ("sdpa", dict(batch=1, seqlen=256, train=True, optimizer="adamw"))):
+        c = _check(_model(config, attn_kernel, torch.bfloat16, device="meta"), **fields)
+        assert c.agree, (attn_kernel, fields, c.mismatches())
 
 
 def test_tensor_parallel_ranks_on_meta():
@@ -113,7 +113,7 @@ def test_tensor_parallel_ranks_on_meta():
 def test_categories_are_the_shape_algebras():
     """The simulated program's weights, RoPE table and KV cache are the closed forms of llama_ref.shapes."""
     for config in CONFIGS.values():
-        b = memory(MemoryRequest(config, batch=3, tokens=5, cached=4))
+        b = memory(MemoryRequest(config, batch=3, seqlen=5, start_pos=4))
         assert b.weights + b.rope_table == weight_bytes(config, torch.float32)
         assert b.kv_cache == kv_cache_bytes(config, batch=3, n_positions=9, kv_dtype_bytes=4)
         # inputs: 3 x 5 token ids x 8 bytes; logits: 3 x 5 x vocab fp32
@@ -140,16 +140,16 @@ def test_saved_activations_closed_form():
             if config.n_kv_heads == 1 and B == 1:
                 expected[torch.float32, "math"] -= 4 * 2 * (q - kv)
                 expected[torch.bfloat16, "math"] -= 2 * 2 * (q - kv)
-            for (dtype, kernel), per_token in expected.items():
-                b = memory(MemoryRequest(config, batch=B, tokens=S, train=True, optimizer="none", kernel=kernel,
+            for (dtype, attn_kernel), per_token in expected.items():
+                b = memory(MemoryRequest(config, batch=B, seqlen=S, train=True, optimizer="none", attn_kernel=attn_kernel,
                                          weight_dtype=dtype))
-                assert [layer.saved_activation_bytes for layer in b.layers] == [B * S * per_token] * 2, \
-                    (config.name, dtype, kernel)
+                assert [layer.saved_activation_bytes for layer in b.layers] == [B * S * per_token] * 2,\
+                    (config.name, dtype, attn_kernel)
 
 
-@pytest.mark.parametrize("fields", [dict(batch=2, tokens=8, train=True, optimizer="adamw"),
-                                    dict(batch=2, tokens=8, train=True, recompute=True, optimizer="none"),
-                                    dict(batch=3, tokens=1, cached=6)], ids=["train", "recompute", "decode"])
+@pytest.mark.parametrize("fields", [dict(batch=2, seqlen=8, train=True, optimizer="adamw"),
+                                    dict(batch=2, seqlen=8, train=True, recompute=True, optimizer="none"),
+                                    dict(batch=3, seqlen=1, start_pos=6)], ids=["train", "recompute", "decode"])
 def test_the_program_as_it_runs_allocates_what_the_allocator_sees(fields):
     """Without any dispatch mode, the CPU allocator's allocations (torch.profiler), in order and size, are the
     algebra's (those over 8 bytes: the 0-dim double tensors Python numbers become are the allocator's only
@@ -158,8 +158,8 @@ def test_the_program_as_it_runs_allocates_what_the_allocator_sees(fields):
 
     config = CONFIGS["tied"]
     model = _model(config, "math")
-    tokens = make_tokens(model, fields["batch"], fields["tokens"])
-    request = _Request(model, tokens, fields["batch"], fields.get("cached", 0), fields.get("train", False),
+    tokens = make_tokens(model, fields["batch"], fields["seqlen"])
+    request = _Request(model, tokens, fields["batch"], fields.get("start_pos", 0), fields.get("train", False),
                        "cross-entropy", fields.get("recompute", False), fields.get("optimizer", "none"), False, True)
     request.prepare()
     measured = [size for size, _op in allocator_events(request.run) if size > 8]
@@ -172,7 +172,7 @@ def test_the_program_as_it_runs_allocates_what_the_allocator_sees(fields):
 def test_dispatch_mode_changes_the_program():
     """Under a dispatch mode the engine cannot add two gradients for one input in place: more allocations (as the
     program runs, it adds out of place only into views: the sums of the projections' input gradients)."""
-    request = MemoryRequest(CONFIGS["gqa"], batch=2, tokens=8, train=True, optimizer="none")
+    request = MemoryRequest(CONFIGS["gqa"], batch=2, seqlen=8, train=True, optimizer="none")
     real = run(request.program(), record=True).sim.events
     dispatch = run(request.program(), dispatch_mode=True, record=True).sim.events
     adds = lambda events: sum(1 for e in events if e[0] == "alloc" and e[1] == "add.Tensor" and e[4] == "backward")  # noqa: E731
@@ -182,17 +182,17 @@ def test_dispatch_mode_changes_the_program():
 def test_largest_fitting_is_the_largest():
     # Llama-2-7B's layers, four of them (the search does not depend on the depth)
     config = PRESETS["llama-2-7b"].replace(n_layers=4)
-    request = MemoryRequest(config, tokens=4096, weight_dtype=torch.bfloat16, device_type="cuda", last_only=True)
+    request = MemoryRequest(config, seqlen=4096, weight_dtype=torch.bfloat16, device_type="cuda", last_only=True)
     memory_bytes = 20 * 2**30
     best, at = largest_fitting(request, "batch", memory_bytes)
     assert at.peak <= memory_bytes < memory(replace(request, batch=best + 1)).peak and at.request.batch == best > 1
     train = MemoryRequest(config, weight_dtype=torch.bfloat16, batch=8, device_type="cuda", train=True,
                           optimizer="none")
-    tokens, at = largest_fitting(train, "tokens", 12 * 2**30)
-    assert 0 < tokens < 4096 and at.peak <= 12 * 2**30 < memory(replace(train, tokens=tokens + 1)).peak
+    tokens, at = largest_fitting(train, "seqlen", 12 * 2**30)
+    assert 0 < tokens < 4096 and at.peak <= 12 * 2**30 < memory(replace(train, seqlen=tokens + 1)).peak
     assert largest_fitting(request, "batch", 1000) == (0, None)  # not even the weights fit
     # the whole context fits: the search stops at max_seq_len - cached
-    assert largest_fitting(MemoryRequest(PRESETS["tiny"], cached=28), "tokens", 1 << 40)[0] == 100
+    assert largest_fitting(MemoryRequest(PRESETS["tiny"], start_pos=28), "seqlen", 1 << 40)[0] == 100
 
 
 # ---------------------------------------------------------------------------- the command
@@ -258,7 +258,7 @@ def test_command_max_batch_and_max_tokens(capsys):
                           "h100-sxm", "--no-measure", "--format", "json")
     doc = json.loads(out)
     assert code == cli.EXIT_OK, err
-    request = MemoryRequest(PRESETS["llama-2-7b"], tokens=4096, last_only=True, weight_dtype=torch.bfloat16,
+    request = MemoryRequest(PRESETS["llama-2-7b"], seqlen=4096, last_only=True, weight_dtype=torch.bfloat16,
                             device_type="cuda")
     assert doc["max_batch"] == largest_fitting(request, "batch", 80 * 2**30)[0] == doc["request"]["batch"]
     assert doc["device_memory_bytes"] == 80 * 2**30 and doc["sizing"]["peak_bytes"] <= 80 * 2**30

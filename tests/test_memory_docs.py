@@ -41,15 +41,15 @@ def test_peer_figures():
 def test_our_figures():
     bf16 = torch.bfloat16
     for config in (L2, L31):
-        common = dict(tokens=4096, weight_dtype=bf16)
+        common = dict(seqlen=4096, weight_dtype=bf16)
         for request in (MemoryRequest(config, device_type="meta", **common),
                         MemoryRequest(config, device_type="meta", last_only=True, **common),
-                        MemoryRequest(config, device_type="cuda", kernel="sdpa", last_only=True, **common),
+                        MemoryRequest(config, device_type="cuda", attn_kernel="sdpa", last_only=True, **common),
                         MemoryRequest(config, device_type="meta", train=True, **common),
                         MemoryRequest(config, device_type="meta", train=True, recompute=True, **common),
-                        MemoryRequest(config, device_type="cuda", kernel="sdpa", train=True, **common)):
+                        MemoryRequest(config, device_type="cuda", attn_kernel="sdpa", train=True, **common)):
             _in_doc(memory(request).peak)
-    _in_doc(memory(MemoryRequest(L2, tokens=4096, weight_dtype=torch.float32, device_type="meta", train=True)).peak)
+    _in_doc(memory(MemoryRequest(L2, seqlen=4096, weight_dtype=torch.float32, device_type="meta", train=True)).peak)
 
 
 @pytest.mark.parametrize("name, column, context", [("llama-2-7b", "sdpa", 4096), ("llama-3.2-1b", "sdpa", 131072),

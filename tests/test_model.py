@@ -58,10 +58,10 @@ def test_causal_and_batch_independent(tiny_model, tiny_config):
 
 
 # ---------------------------------------------------------------- cache == full forward
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
 @pytest.mark.parametrize("bsz, prefill", [(1, 1), (1, 5), (3, 4), (3, 11)])
-def test_cached_decoding_matches_full_forward(tiny_config, make_model, kernel, bsz, prefill):
-    model = make_model(tiny_config, attn_kernel=kernel)
+def test_cached_decoding_matches_full_forward(tiny_config, make_model, attn_kernel, bsz, prefill):
+    model = make_model(tiny_config, attn_kernel=attn_kernel)
     tokens = _tokens(bsz, 12, tiny_config.vocab_size, seed=bsz)
     full = model(tokens)
     cached = _cached_logits(model, tokens, prefill)
@@ -69,10 +69,10 @@ def test_cached_decoding_matches_full_forward(tiny_config, make_model, kernel, b
     torch.testing.assert_close(cached, full, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_chunked_prefill_matches_full_forward(tiny_config, make_model, kernel):
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_chunked_prefill_matches_full_forward(tiny_config, make_model, attn_kernel):
     # Multi-token steps at start_pos > 0 use the rectangular (seqlen, start_pos + seqlen) mask.
-    model = make_model(tiny_config, attn_kernel=kernel)
+    model = make_model(tiny_config, attn_kernel=attn_kernel)
     tokens = _tokens(2, 13, tiny_config.vocab_size, seed=3)
     torch.testing.assert_close(_cached_logits(model, tokens, prefill=3, chunk=4), model(tokens), atol=ATOL, rtol=0)
 

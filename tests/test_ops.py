@@ -263,8 +263,8 @@ def test_attention_core_kernels_agree_with_formula(level, case):
     scores = bsz * n_heads * seqlen * (cached + seqlen)
     expected = Count(macs=2 * scores * head_dim, nonmatmul_flops=scores * (1 + (seqlen > 1) + 5))
     assert expected == T.ATTENTION_CORE.count(T.Attn(bsz, seqlen, cached + seqlen, n_heads, n_kv, head_dim, seqlen > 1))
-    counts = {kernel: total(level(AttentionCore(n_heads // n_kv, kernel), xq, k, v, mask))
-              for kernel in ("math", "sdpa")}
+    counts = {attn_kernel: total(level(AttentionCore(n_heads // n_kv, attn_kernel), xq, k, v, mask))
+              for attn_kernel in ("math", "sdpa")}
     assert counts == {"math": expected, "sdpa": expected}
 
 
@@ -423,9 +423,9 @@ def test_fvcore_to_macs():
 
 # ---------------------------------------------------------------- coverage of llama_ref
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_every_op_llama_ref_emits_is_known(device, kernel):
-    model = Llama(PRESETS["tiny"], device=device, attn_kernel=kernel, schedule="0,1,1")
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_every_op_llama_ref_emits_is_known(device, attn_kernel):
+    model = Llama(PRESETS["tiny"], device=device, attn_kernel=attn_kernel, schedule="0,1,1")
     model.setup_cache(1, 16)
     tokens = torch.zeros(1, 6, dtype=torch.long, device=device)
     with torch.no_grad():

@@ -28,7 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _row(module, position=None):
-    rep = analyze(LlamaConfig.from_preset("llama-2-7b"), n_tokens=1)
+    rep = analyze(LlamaConfig.from_preset("llama-2-7b"), seqlen=1)
     return next(r for r in rep.rows if r.module == module and r.position == position)
 
 
@@ -52,7 +52,7 @@ def test_prefill_projection_on_h100_by_hand():
     # N = 2048 tokens through the same wq: FLOPs = 2 * 2048 * 4096^2 = 68,719,476,736;
     # bytes = 4096^2*2 (weight) + 2 * 2048*4096*2 (in + out) = 33,554,432 + 33,554,432 = 67,108,864;
     # intensity = 1024 FLOP/B > ridge 989/3.35 = 295.2 -> compute bound, t = 68.72e9 / 989e12 = 69.48 us.
-    rep = analyze(LlamaConfig.from_preset("llama-2-7b"), n_tokens=2048)
+    rep = analyze(LlamaConfig.from_preset("llama-2-7b"), seqlen=2048)
     row = rl.roofline_row(next(r for r in rep.rows if r.module == "attention.wq"), H100)
     assert row.flops == 68_719_476_736 and row.bytes == 67_108_864
     assert row.intensity == pytest.approx(1024.0)
@@ -73,7 +73,7 @@ def test_bound_and_attainable():
 
 
 def test_table_summary_and_measured_values():
-    rep = analyze(LlamaConfig.from_preset("tiny"), n_tokens=8, n_cached=4)
+    rep = analyze(LlamaConfig.from_preset("tiny"), seqlen=8, start_pos=4)
     runs = rep.layer_runs()
     measured = {(0, "block"): 2e-3, (None, "output"): 1e-3}
     table = rl.roofline_table(runs, FAKE_CPU, measured)
@@ -84,7 +84,7 @@ def test_table_summary_and_measured_values():
     assert blk.module == "block" and blk.measured_s == 2e-3
     assert blk.achieved_flops_per_s == pytest.approx(blk.flops / 2e-3)
     assert table[3].measured_s is None and table[3].achieved_flops_per_s is None
-    s = rl.summarize(table, batch=1, n_tokens=8)
+    s = rl.summarize(table, batch=1, seqlen=8)
     assert s["predicted_s"] == pytest.approx(sum(r.predicted_s for r in table))
     assert s["measured_rows"] == 2 and s["measured_s"] == pytest.approx(3e-3)
     assert s["compute_bound_rows"] + s["memory_bound_rows"] + sum(r.bound == "none" for r in table) == len(table)
@@ -96,14 +96,14 @@ def test_table_summary_and_measured_values():
 # ------------------------------------------------------------------ plots
 def test_plots_are_written(tmp_path):
     cfg = LlamaConfig.from_preset("tiny")
-    rep = analyze(cfg, n_tokens=16)
+    rep = analyze(cfg, seqlen=16)
     table = rl.roofline_table(rep.layer_runs(), FAKE_CPU, {(1, "block"): 1e-3})
     detail = rl.roofline_table([r for r in rep.rows if r.position == 0], FAKE_CPU)
     p = plots.plot_roofline(table, FAKE_CPU, tmp_path / "r.png", title="t", detail=detail)
     assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 10_000
     p2, curves = plots.plot_macs_vs_context(cfg, tmp_path / "m.png", schedules=["baseline", "0,1"], contexts=[1, 8, 64])
     assert p2.read_bytes()[:8] == PNG_MAGIC
-    assert curves["baseline"] == [analyze(cfg, n_tokens=1, n_cached=L - 1).macs for L in (1, 8, 64)]
+    assert curves["baseline"] == [analyze(cfg, seqlen=1, start_pos=L - 1).macs for L in (1, 8, 64)]
     assert curves["0,1"][0] < curves["baseline"][0]
 
 
@@ -258,7 +258,7 @@ def test_measure_refuses_a_model_that_does_not_fit(tmp_path, monkeypatch, capsys
     err = capsys.readouterr().err
     assert "--layers" in err and "GiB" in err
     # The estimate itself: 7B fp32 weights alone are 6.74e9 * 4 bytes.
-    need = factory.estimate_forward_memory(LlamaConfig.from_preset("llama-2-7b"), batch=1, n_tokens=1, n_cached=0,
+    need = factory.estimate_forward_memory(LlamaConfig.from_preset("llama-2-7b"), batch=1, seqlen=1, start_pos=0,
                                       n_runs=32, dtype_bytes=4)
     assert need > 6.7e9 * 4
 
@@ -285,9 +285,9 @@ def test_timings_file_is_plotted_beside_prediction(tmp_path):
     ]}
     path = tmp_path / "t.json"
     path.write_text(json.dumps(timings))
-    assert cmd.load_timings(path, n_tokens=1, n_cached=8) == {(0, "block"): 9.0}
+    assert cmd.load_timings(path, seqlen=1, start_pos=8) == {(0, "block"): 9.0}
     with pytest.raises(BadInput, match="no timings for N=3"):
-        cmd.load_timings(path, n_tokens=3, n_cached=0)
+        cmd.load_timings(path, seqlen=3, start_pos=0)
     assert _run("tiny", "--tokens", "8", "--timings", str(path), "--out", str(tmp_path)) == 0
     doc = json.loads((tmp_path / "roofline.json").read_text())
     by_key = {(r["position"], r["module"]): r for r in doc["layers"]}

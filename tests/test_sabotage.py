@@ -22,10 +22,10 @@ SMALL = LlamaConfig(name="small", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, v
                     max_seq_len=32)
 
 
-def _report(device="cpu", kernel="math", n_cached=0, n_tokens=3):
-    model = Llama(SMALL, device=device, attn_kernel=kernel)
-    tokens = torch.zeros((1, n_tokens), dtype=torch.long, device=device)
-    return crosscheck(model, tokens, n_cached=n_cached)
+def _report(device="cpu", attn_kernel="math", start_pos=0, seqlen=3):
+    model = Llama(SMALL, device=device, attn_kernel=attn_kernel)
+    tokens = torch.zeros((1, seqlen), dtype=torch.long, device=device)
+    return crosscheck(model, tokens, start_pos=start_pos)
 
 
 def _disagreeing(report) -> set:
@@ -75,10 +75,10 @@ def test_an_extra_matmul(monkeypatch):
     assert not {c for _, c in macs} & {"analytic", "hooks"}
 
 
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_rope_skipped(monkeypatch, kernel):
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_rope_skipped(monkeypatch, attn_kernel):
     monkeypatch.setattr(llama_ref.model, "apply_rotary_emb", lambda xq, xk, freqs: (xq, xk))
-    report = _report(kernel=kernel)
+    report = _report(attn_kernel=attn_kernel)
     assert {(row, q) for row, q, _ in _disagreeing(report)} == {("attention.rope", "nonmatmul_flops")}
 
 
@@ -90,7 +90,7 @@ def test_softmax_twice(monkeypatch):
         return real(self, xq, keys, values, mask)
 
     monkeypatch.setattr(AttentionCore, "forward", forward)
-    report = _report(n_cached=2)
+    report = _report(start_pos=2)
     assert {(row, q) for row, q, _ in _disagreeing(report)} == {("attention.core", "nonmatmul_flops")}
 
 
@@ -109,6 +109,6 @@ def test_attention_over_the_wrong_length_in_hooks_and_ops_but_not_in_the_formula
         return self.cache_k[: xk.shape[0], :n], self.cache_v[: xk.shape[0], :n]
 
     monkeypatch.setattr(KVCache, "update", update)
-    report = _report(n_cached=2, n_tokens=1)  # a decode step: no mask to disagree with the length
+    report = _report(start_pos=2, seqlen=1)  # a decode step: no mask to disagree with the length
     counters = {c for row, _, c in _disagreeing(report) if row == "attention.core"}
     assert counters == {"hooks", "fvcore", "torch"}  # all disagree with analytic, the reference

@@ -13,7 +13,7 @@ DOC = (Path(__file__).resolve().parents[1] / "docs" / "tensor-parallel.md").read
 
 def test_the_embedding_is_all_gathered_here():
     # Llama-2-7B, batch 1, 2048 tokens, bf16, 8 ranks: one all-gather of the full (1, 2048, 4096) activation
-    report = analyze(PRESETS["llama-2-7b"], n_tokens=2048, tp=8, weight_dtype_bytes=2, act_dtype_bytes=2)
+    report = analyze(PRESETS["llama-2-7b"], seqlen=2048, tp=8, weight_dtype_bytes=2, act_dtype_bytes=2)
     embedding = report.collectives[(None, "tok_embeddings")]  # row key: (schedule position, module)
     assert embedding == {Collective(ALL_GATHER, 2048 * 4096, 2, 8): 1}
 

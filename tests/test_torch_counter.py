@@ -24,11 +24,11 @@ from _counter_cases import BSZ, CASES, CONFIGS, MODES, SinGate, TINY, expected_r
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-@pytest.mark.parametrize("preset,mode,kernel,device", CASES, ids=["-".join(c) for c in CASES])
-def test_rows_equal_module_formulas(preset, mode, kernel, device):
+@pytest.mark.parametrize("preset,mode,attn_kernel,device", CASES, ids=["-".join(c) for c in CASES])
+def test_rows_equal_module_formulas(preset, mode, attn_kernel, device):
     config = CONFIGS[preset]
     start_pos, seqlen = MODES[mode]
-    model, tokens = make_model(config, kernel, device, start_pos)
+    model, tokens = make_model(config, attn_kernel, device, start_pos)
     result = count_torch(model, tokens[:, start_pos:start_pos + seqlen], start_pos, strict=True)
     expected = expected_rows(config, len(model.schedule), BSZ, start_pos, seqlen)
     assert list(result.rows) == list(expected)  # every row, in execution order
@@ -47,10 +47,10 @@ def _plain_flop_counter_mode(model, tokens, start_pos) -> int:
     return fcm.get_total_flops()
 
 
-@pytest.mark.parametrize("kernel,device", [("math", "cpu"), ("sdpa", "cpu"), ("sdpa", "meta")])
-def test_notes_report_flop_counter_mode_alone(kernel, device):
+@pytest.mark.parametrize("attn_kernel,device", [("math", "cpu"), ("sdpa", "cpu"), ("sdpa", "meta")])
+def test_notes_report_flop_counter_mode_alone(attn_kernel, device):
     start_pos, seqlen = 0, 5
-    model, tokens = make_model(TINY, kernel, device, start_pos)
+    model, tokens = make_model(TINY, attn_kernel, device, start_pos)
     x = tokens[:, :seqlen]
     plain = _plain_flop_counter_mode(model, x, start_pos)  # what FlopCounterMode alone says (2 per MAC)
     result = count_torch(model, x, start_pos, strict=True)
@@ -63,14 +63,14 @@ def test_notes_report_flop_counter_mode_alone(kernel, device):
         assert f" {op} x" in silent or f"; {op} x" in silent
     # 5 runs x bsz 2 x 4 heads x 5 x 5 scores x 16 x 2 matmuls
     attention_macs = 5 * BSZ * 4 * 5 * 5 * 16 * 2
-    if (kernel, device) == ("sdpa", "cpu"):
+    if (attn_kernel, device) == ("sdpa", "cpu"):
         # the CPU fused kernel: FlopCounterMode has no formula for it and counts 0
         assert plain // 2 == macs - attention_macs
         assert f"_scaled_dot_product_flash_attention_for_cpu x5 ({attention_macs} MACs" in silent
     else:
         # math: bmm; meta sdpa: the math decomposition's bmm - FlopCounterMode counts those MACs
         assert plain // 2 == macs
-    if device == "meta" and kernel == "sdpa":
+    if device == "meta" and attn_kernel == "sdpa":
         assert any("math decomposition 5 time(s)" in n for n in result.notes)
 
 
@@ -90,7 +90,7 @@ class _BackendCore(nn.Module):
     def __init__(self, n_rep: int, backend: str) -> None:
         super().__init__()
         self.n_rep, self.backend = n_rep, backend
-        self.kernel = "sdpa"  # the model builds no mask for a prefill without a cache, as for its own sdpa kernel
+        self.attn_kernel = "sdpa"  # the model builds no mask for a prefill without a cache, as for its own sdpa kernel
 
     def forward(self, xq, keys, values, mask):
         bsz, seqlen, n_heads, head_dim = xq.shape
@@ -108,7 +108,7 @@ class _BackendCore(nn.Module):
         return out.transpose(1, 2).reshape(bsz, seqlen, n_heads * head_dim)
 
 
-GPU_BACKENDS = [("_scaled_dot_product_flash_attention", m) for m in ("prefill", "decode")] + \
+GPU_BACKENDS = [("_scaled_dot_product_flash_attention", m) for m in ("prefill", "decode")] +\
                [(b, m) for b in ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
                 for m in MODES]
 
@@ -130,11 +130,11 @@ def test_gpu_sdpa_backends_torch_macs_plus_our_rest(backend, mode):
     assert f"{backend} x5 ({5 * core.nonmatmul_flops} FLOPs)" in result.notes[1]
 
 
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
-def test_bf16_weights_and_compute_on_meta(kernel):
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
+def test_bf16_weights_and_compute_on_meta(attn_kernel):
     # meta: the compute dtype is the weights' (bf16); the fp32 upcasts of RMSNorm/RoPE/softmax are free casts
     start_pos, seqlen = MODES["cached-chunk"]
-    model, tokens = make_bf16_meta_model(kernel)
+    model, tokens = make_bf16_meta_model(attn_kernel)
     result = count_torch(model, tokens[:, start_pos:start_pos + seqlen], start_pos, strict=True)
     assert model.compute_dtype == torch.bfloat16
     assert result.rows == expected_rows(TINY, len(model.schedule), BSZ, start_pos, seqlen)

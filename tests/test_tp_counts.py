@@ -64,8 +64,8 @@ def test_every_row_is_split_or_replicated():
                                       ("llama-2-70b", 8), ("llama-3-8b", 8), ("llama-3.1-405b", 8)])
 def test_closed_form_per_rank_sums_to_the_single_process(name, tp):
     config = LlamaConfig.from_preset(name)
-    single = analyze(config, batch=2, n_tokens=7, n_cached=5)
-    rank = analyze(config, batch=2, n_tokens=7, n_cached=5, tp=tp)
+    single = analyze(config, batch=2, seqlen=7, start_pos=5)
+    rank = analyze(config, batch=2, seqlen=7, start_pos=5, tp=tp)
     for s, r in zip(single.rows, rank.rows):
         assert s.key == r.key
         if row_tp(s.module) == REPLICATED:  # every rank does all of it
@@ -98,7 +98,7 @@ def test_collective_bytes():
 
 
 def test_closed_form_collectives_of_one_rank():
-    r = analyze(TINY, batch=2, n_tokens=5, tp=2, weight_dtype_bytes=2, act_dtype_bytes=4)
+    r = analyze(TINY, batch=2, seqlen=5, tp=2, weight_dtype_bytes=2, act_dtype_bytes=4)
     rows = 2 * 5
     emb = Collective(ALL_GATHER, rows * 64, 2, 2)  # gathered embeddings (10, 64) in the weight dtype
     red = Collective(ALL_REDUCE, rows * 64, 4, 2)  # wo / w2 partial sums (10, 64) in the activation dtype
@@ -110,15 +110,15 @@ def test_closed_form_collectives_of_one_rank():
     assert r.collectives == want
     # ring bytes: 1/2 x 1280 + 8 x (2 x 1/2 x 2560) + 1/2 x 10240 = 640 + 20480 + 5120
     assert collectives_total(r.collectives.values())["ring_bytes"] == 26240
-    assert analyze(TINY, n_tokens=5).collectives == {}  # one process communicates nothing
+    assert analyze(TINY, seqlen=5).collectives == {}  # one process communicates nothing
 
 
 # ================================================================ every rank on meta, fake process group
 def test_tiny_all_ranks_every_counter():
-    rep = count_meta_ranks(TINY, 2, batch=2, n_tokens=5, n_cached=3)
+    rep = count_meta_ranks(TINY, 2, batch=2, seqlen=5, start_pos=3)
     assert rep.agree, rep.mismatches[:5]
     assert rep.identical and rep.complete
-    single = analyze(TINY, batch=2, n_tokens=5, n_cached=3, weight_dtype_bytes=2, act_dtype_bytes=2)
+    single = analyze(TINY, batch=2, seqlen=5, start_pos=3, weight_dtype_bytes=2, act_dtype_bytes=2)
     for name, t in rep.totals().items():
         assert t["macs"] == single.macs, name
     for r in rep.ranks:
@@ -133,18 +133,18 @@ def test_tiny_all_ranks_every_counter():
 
 def test_7b_layout_every_counter_at_tp4():
     config = LlamaConfig.from_preset("llama-2-7b")
-    rep = count_meta_ranks(config, 4, n_tokens=3, schedule="0-1")  # two layers of 7B's shape, every counter
+    rep = count_meta_ranks(config, 4, seqlen=3, schedule="0-1")  # two layers of 7B's shape, every counter
     assert rep.agree and rep.identical, rep.mismatches[:5]
-    single = analyze(config, n_tokens=3, schedule="0-1")
+    single = analyze(config, seqlen=3, schedule="0-1")
     assert all(4 * r.totals["fvcore"]["macs"] == single.macs for r in rep.ranks)
 
 
 def test_70b_tp8_every_rank_in_seconds():
     config = LlamaConfig.from_preset("llama-2-70b")
     n = 4
-    rep = count_meta_ranks(config, 8, n_tokens=n, counters=["analytic", "hooks"])
+    rep = count_meta_ranks(config, 8, seqlen=n, counters=["analytic", "hooks"])
     assert rep.agree and rep.identical and len(rep.ranks) == 8
-    single = analyze(config, n_tokens=n)
+    single = analyze(config, seqlen=n)
     assert rep.totals()["hooks"]["macs"] == single.macs
     assert all(8 * r.totals["hooks"]["macs"] == single.macs for r in rep.ranks)
     # bf16 on meta: gathers of (4, 8192) and (4, 32000), 160 all-reduces of (4, 8192), 2 bytes each
@@ -187,7 +187,7 @@ def test_a_parallel_layer_doing_extra_work_is_caught(monkeypatch):
         return y + (y @ torch.ones(y.shape[-1], y.shape[-1], device=y.device, dtype=y.dtype)) * 0
 
     monkeypatch.setattr(RowParallelLinear, "forward", extra_matmul)
-    rep = count_meta_ranks(TINY, 2, n_tokens=3)
+    rep = count_meta_ranks(TINY, 2, seqlen=3)
     assert not rep.agree
     bad = {(m.counter, m.key[1], m.quantity) for _, m in rep.mismatches}
     # hooks count the kind's product only (its forward was replaced in place); the op counters see the extra
@@ -204,7 +204,7 @@ def test_an_extra_collective_is_caught(monkeypatch):
         return y if self.gather_output else all_reduce_sum(y, self.group)
 
     monkeypatch.setattr(ColumnParallelLinear, "forward", chatty)
-    rep = count_meta_ranks(TINY, 2, n_tokens=3, counters=["analytic", "torch"])
+    rep = count_meta_ranks(TINY, 2, seqlen=3, counters=["analytic", "torch"])
     extra = [m for _, m in rep.mismatches if m.key[1] == "attention.wq" and m.quantity.startswith("collective")]
     assert extra and extra[0].expected == 0 and extra[0].got == 1
 
@@ -258,7 +258,7 @@ def test_count_tp2_of_a_two_shard_meta_checkpoint(capsys, tmp_path):
         cells = line.split(",")
         by_rank.setdefault(cells[0], 0)
         by_rank[cells[0]] += int(cells[5])  # macs_analytic
-    single = analyze(TINY, n_tokens=4)
+    single = analyze(TINY, seqlen=4)
     assert by_rank == {"0": single.macs // 2, "1": single.macs // 2}
     # On meta each rank's files are checked (not loaded) in this process; the counts are the same.
     code, out, err = _cli(capsys, "count", tmp_path / "ckpt", "--tp", 2, "--tokens", 4, "--device", "meta",

@@ -33,8 +33,8 @@ def _tokens(model, batch, n):
     return torch.zeros((batch, n), dtype=torch.long, device=model.device)
 
 
-def _report(cfg=SMALL, device="cpu", kernel="math", schedule=None, batch=2, n=5, dtype=None, **training):
-    model = Llama(cfg, device=device, attn_kernel=kernel, schedule=schedule, dtype=dtype)
+def _report(cfg=SMALL, device="cpu", attn_kernel="math", schedule=None, batch=2, n=5, dtype=None, **training):
+    model = Llama(cfg, device=device, attn_kernel=attn_kernel, schedule=schedule, dtype=dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         return crosscheck(model, _tokens(model, batch, n), training=Training(**training))
@@ -118,10 +118,10 @@ def build_hf(factory, kwargs, tie, rope_scaling):
 
 # ---------------------------------------------------------------- every row, every counter
 @pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("kernel", ["math", "sdpa"])
+@pytest.mark.parametrize("attn_kernel", ["math", "sdpa"])
 @pytest.mark.parametrize("loss", ["cross-entropy", "sum"])
-def test_every_row_agrees(device, kernel, loss):
-    report = _report(device=device, kernel=kernel, schedule="0,1x2,2", loss=loss)
+def test_every_row_agrees(device, attn_kernel, loss):
+    report = _report(device=device, attn_kernel=attn_kernel, schedule="0,1x2,2", loss=loss)
     assert report.agree and report.complete, [str(m) for m in report.mismatches[:5]]
     assert report.phases[:2] == (FORWARD, BACKWARD)
     # every row: backward matrix products are exactly twice the forward's (dX and dW; two per attention product)
@@ -138,7 +138,7 @@ def test_every_row_agrees_on_other_shapes(cfg):
 
 def test_backward_rows_by_hand():
     """SMALL, batch 2 x 5 tokens: r = 10 rows, d = 64, head_dim 16, 4 query / 2 kv heads, F = 176, V = 256."""
-    report = analyze_training(SMALL, batch=2, n_tokens=5, schedule="0,1,1")
+    report = analyze_training(SMALL, batch=2, seqlen=5, schedule="0,1,1")
     rows = {r.key: r for r in report.rows}
     # wq: dW (64 x 10) @ (10 x 64) and dX (10 x 64) @ (64 x 64): 2 * 10*64*64 = 81920 MACs;
     # x is shared with wk and wv, and its gradient from wq is added: 10*64 = 640 FLOPs
@@ -167,7 +167,7 @@ def test_backward_rows_by_hand():
 
 def test_a_tied_embedding_gets_the_heads_gradient_added():
     cfg = SMALL.replace(tie_word_embeddings=True)
-    rows = {r.key: r for r in analyze_training(cfg, batch=1, n_tokens=4).rows}
+    rows = {r.key: r for r in analyze_training(cfg, batch=1, seqlen=4).rows}
     # its backward: the scatter-add of 4 rows of 64, plus the add of the head's gradient of the whole matrix
     assert rows[(None, "tok_embeddings")].backward == Count(0, 4 * 64 + 256 * 64)
 
@@ -178,7 +178,7 @@ def test_recompute_runs_every_layer_forward_again(device):
     report = _report(device=device, schedule="0,1x2,2", recompute=True)
     assert report.agree and report.complete, [str(m) for m in report.mismatches[:5]]
     assert RECOMPUTE in report.phases
-    forward_layers = sum(r.count.macs for r in analyze(SMALL, batch=2, n_tokens=5, schedule="0,1x2,2").rows
+    forward_layers = sum(r.count.macs for r in analyze(SMALL, batch=2, seqlen=5, schedule="0,1x2,2").rows
                          if r.position is not None)
     for name in ("analytic", "hooks", "torch"):  # measured by the hooks and torch, not assumed
         t = report.totals[name]
@@ -191,7 +191,7 @@ def test_recompute_runs_every_layer_forward_again(device):
 
 
 def test_the_cpu_sdpa_backward_recomputes_the_scores():
-    report = _report(kernel="sdpa")
+    report = _report(attn_kernel="sdpa")
     assert report.agree
     # torch's backward formula counts 5 products; one is the kernel's QK^T recomputation: 3 runs x 2*4*5*5*16
     assert report.totals["torch"][f"{KERNEL_RECOMPUTE}_macs"] == 3 * 3200
@@ -229,8 +229,8 @@ def test_extra_backward_work_makes_the_counters_disagree(monkeypatch):
 
 def test_counters_need_a_step_without_cache():
     model = Llama(SMALL)
-    with pytest.raises(ValueError, match="n_cached must be 0"):
-        crosscheck(model, _tokens(model, 1, 2), n_cached=3, training=Training())
+    with pytest.raises(ValueError, match="start_pos must be 0"):
+        crosscheck(model, _tokens(model, 1, 2), start_pos=3, training=Training())
     with pytest.raises(ValueError, match="unknown loss"):
         Training(loss="mse")
     with pytest.raises(ValueError, match="start_pos"):

@@ -134,7 +134,7 @@ def test_main_reports_failure_with_exit_1(vg, monkeypatch, capsys):
     assert rc == 1
     err = capsys.readouterr().err
     assert "FAILED" in err and "counter torch disagrees" in err
-    assert [(p.name, p.n_tokens, p.n_cached) for p in seen["phases"]] == [("prefill", 16, 0), ("decode", 1, 8)]
+    assert [(p.name, p.seqlen, p.start_pos) for p in seen["phases"]] == [("prefill", 16, 0), ("decode", 1, 8)]
     assert seen["counters"] == ["hooks"] and seen["kernels"] == ["sdpa"] and seen["dtype_name"] == "bf16"
     assert seen["config"].name == "tiny"
 
@@ -202,7 +202,7 @@ class Ticks:
 def test_timer_abstraction_and_layer_report(vg, make_model):
     cfg = LlamaConfig.from_preset("tiny")
     model = make_model(cfg)
-    timing = vg.time_phase(model, vg.Phase("decode", 1, 3), batch=1, kernel="sdpa", warmup=0, repeats=2, timer=Ticks())
+    timing = vg.time_phase(model, vg.Phase("decode", 1, 3), batch=1, attn_kernel="sdpa", warmup=0, repeats=2, timer=Ticks())
     assert model.caches is None  # cache released after timing
     assert timing.median[(0, "block")] == pytest.approx(0.001)
     from counters.studies.hardware import table_hardware
@@ -227,7 +227,7 @@ def test_training_step_timing_and_report(vg, make_model, recompute):
     model.requires_grad_(False)  # as loaded weights are: the check makes them trainable for the step only
     step = TrainStep(6, recompute=recompute)
     tokens = vg.make_tokens(cfg, 2, 6, seed=0, device="cpu")
-    timing = time_step(model, step, tokens, kernel="math", warmup=1, repeats=2, timer=Ticks())
+    timing = time_step(model, step, tokens, attn_kernel="math", warmup=1, repeats=2, timer=Ticks())
     assert not any(p.requires_grad for p in model.parameters()) and model.activation_checkpointing is False
     assert all(p.grad is None for p in model.parameters())
     # Forward marks: start, (block start, end) x 4, output start, end, then the loss; each span is marks apart.
@@ -236,7 +236,7 @@ def test_training_step_timing_and_report(vg, make_model, recompute):
     assert set(timing.backward) == set(timing.forward)
     assert all(v == pytest.approx(0.001) for v in timing.backward.values())
     rep = step_report(model, step, timing, batch=2, peaks=[table_hardware("h100-sxm")])
-    train = analyze_training(cfg, batch=2, n_tokens=6, schedule="0,1,1,3", training=step.training)
+    train = analyze_training(cfg, batch=2, seqlen=6, schedule="0,1,1,3", training=step.training)
     by_pos = {r["position"]: r for r in rep["layers"]}
     block1 = [r for r in train.rows if r.position == 1]
     assert by_pos[1]["layer"] == 1 and by_pos[2]["layer"] == 1

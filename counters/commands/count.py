@@ -116,12 +116,12 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else None
     dtype_bytes = dtype.itemsize if dtype else (4 if not source.has_weights else 2)
     device, reason = choose_device(args.device, source, dtype_bytes, batch=args.batch,
-                                   n_tokens=generation.length if generation else args.tokens,
-                                   n_cached=0 if generation else args.cached, n_runs=len(schedule),
-                                   kernel=args.kernel, training=training)
+                                   seqlen=generation.length if generation else args.tokens,
+                                   start_pos=0 if generation else args.cached, n_runs=len(schedule),
+                                   attn_kernel=args.kernel, training=training)
 
     logger.info("device %s: %s", device, reason)
-    model, weights = build_model(source, device=device, dtype=dtype, schedule=schedule, kernel=args.kernel,
+    model, weights = build_model(source, device=device, dtype=dtype, schedule=schedule, attn_kernel=args.kernel,
                                  seed=args.seed)
     if device == "meta":
         tokens = torch.zeros((args.batch, args.tokens), dtype=torch.long, device="meta")
@@ -132,12 +132,12 @@ def run(args: argparse.Namespace) -> int:
         report = crosscheck_generation(model, batch=args.batch, generation=generation, counters=names,
                                        strict=args.strict, seed=args.seed)
     else:
-        report = crosscheck(model, tokens, n_cached=args.cached, counters=names, strict=args.strict,
+        report = crosscheck(model, tokens, start_pos=args.cached, counters=names, strict=args.strict,
                             training=training, weight_dtype_bytes=model.tok_embeddings.weight.dtype.itemsize,
                             act_dtype_bytes=model.compute_dtype.itemsize)
     report.device = device
     report.dtype = str(model.tok_embeddings.weight.dtype).replace("torch.", "")
-    report.kernel = args.kernel
+    report.attn_kernel = args.kernel
 
     if args.format == "json":
         extra = {"model_source": {"spec": args.model, "kind": source.kind, "checkpoint_dir": source.checkpoint_dir},

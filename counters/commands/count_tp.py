@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------- every rank in this process, on meta
-def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: int, n_cached: int = 0,
+def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, seqlen: int, start_pos: int = 0,
                      schedule=None, counters: Optional[Sequence[str]] = None, strict: bool = False,
                      dtype: torch.dtype = torch.bfloat16, compute_dtype: Optional[torch.dtype] = None,
                      attn_kernel: str = "math",
@@ -104,10 +104,10 @@ def count_meta_ranks(config: LlamaConfig, tp: int, *, batch: int = 1, n_tokens: 
             wb, ab = model.tok_embeddings.weight.dtype.itemsize, model.compute_dtype.itemsize
             weight_dtypes.add(str(model.tok_embeddings.weight.dtype).replace("torch.", ""))
             compute = (str(model.compute_dtype).replace("torch.", ""), model.compute_dtype_reason)
-            tokens = torch.zeros((batch, n_tokens), dtype=torch.long, device="meta")
-            results = count_rank(model, tokens, n_cached=n_cached, counters=names, strict=strict)
+            tokens = torch.zeros((batch, seqlen), dtype=torch.long, device="meta")
+            results = count_rank(model, tokens, start_pos=start_pos, counters=names, strict=strict)
             reports.append(rank_report(results, config=model.config, tp=tp, rank=rank, schedule=tuple(model.schedule),
-                                       batch=batch, n_tokens=n_tokens, n_cached=n_cached, counters=names,
+                                       batch=batch, seqlen=seqlen, start_pos=start_pos, counters=names,
                                        weight_dtype_bytes=wb, act_dtype_bytes=ab))
             del model
     out = combine(reports, weight_dtype_bytes=wb, act_dtype_bytes=ab)
@@ -162,7 +162,7 @@ def _rank_body(rank: int, job: dict) -> dict:
     _all_ranks_ok(error)
     gen = torch.Generator().manual_seed(job["seed"])  # the same tokens on every rank
     tokens = torch.randint(0, job["config"].vocab_size, (job["batch"], job["tokens"]), generator=gen).to(device)
-    results = count_rank(model, tokens, n_cached=job["cached"], counters=job["counters"], strict=job["strict"])
+    results = count_rank(model, tokens, start_pos=job["cached"], counters=job["counters"], strict=job["strict"])
     return {"rank": rank, "results": results, "config": model.config, "schedule": tuple(model.schedule),
             "weight_dtype_bytes": model.tok_embeddings.weight.dtype.itemsize,
             "act_dtype_bytes": model.compute_dtype.itemsize,
@@ -179,7 +179,7 @@ def count_spawned_rank(rank: int, job: dict) -> dict:
 # ---------------------------------------------------------------- assembling
 def _reports(outs: list[dict], job: dict, tp: int) -> TPReport:
     reports = [rank_report(o["results"], config=o["config"], tp=tp, rank=o["rank"], schedule=o["schedule"],
-                           batch=job["batch"], n_tokens=job["tokens"], n_cached=job["cached"],
+                           batch=job["batch"], seqlen=job["tokens"], start_pos=job["cached"],
                            counters=job["counters"], weight_dtype_bytes=o["weight_dtype_bytes"],
                            act_dtype_bytes=o["act_dtype_bytes"]) for o in outs]
     report = combine(reports, weight_dtype_bytes=outs[0]["weight_dtype_bytes"],
@@ -265,8 +265,8 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
     dtype = DTYPES[args.dtype] if args.dtype else None
     dtype_bytes = dtype.itemsize if dtype else (4 if not source.has_weights else 2)
     # The N ranks together hold about one model and run about one forward's activations.
-    device, reason = choose_device(args.device, source, dtype_bytes, batch=args.batch, n_tokens=args.tokens,
-                                   n_cached=args.cached, n_runs=len(schedule), kernel=args.kernel)
+    device, reason = choose_device(args.device, source, dtype_bytes, batch=args.batch, seqlen=args.tokens,
+                                   start_pos=args.cached, n_runs=len(schedule), attn_kernel=args.kernel)
     cpus = os.cpu_count() or 1
     if device == "cpu" and args.device is None and n > cpus and not in_torchrun():
         # Chosen, not asked for: N real ranks would oversubscribe this machine; meta counts the same.
@@ -295,10 +295,10 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
                 return load_tp_pretrained(source.checkpoint_dir, device="meta", dtype=dtype, attn_kernel=args.kernel,
                                           schedule=schedule)
         # without --dtype: bf16 for a config (no weights), the checkpoint's own dtype when one is checked
-        report = count_meta_ranks(config, n, batch=args.batch, n_tokens=args.tokens, n_cached=args.cached,
+        report = count_meta_ranks(config, n, batch=args.batch, seqlen=args.tokens, start_pos=args.cached,
                                   schedule=schedule, counters=names, strict=args.strict,
                                   dtype=dtype or torch.bfloat16, attn_kernel=args.kernel, build=build)
-        report.kernel = args.kernel  # report.dtype: what the ranks were built in (count_meta_ranks)
+        report.attn_kernel = args.kernel  # report.dtype: what the ranks were built in (count_meta_ranks)
         return _output(args, report, title=title, extra=extra)
 
     backend = default_backend(torch.device(device))
@@ -311,7 +311,7 @@ def _run(args: argparse.Namespace, *, names: list[str], training=None, generatio
         raise BadInput(f"--tp {n} on cuda needs {n} CUDA devices, {torch.cuda.device_count()} available")
     outs = spawn(count_spawned_rank, n, job, backend=backend)
     report = _reports(outs, job, n)
-    report.device, report.kernel = device, args.kernel
+    report.device, report.attn_kernel = device, args.kernel
     report.mode = f"{n} spawned {backend} processes on this machine, one per rank"
     return _output(args, report, title=title, extra=extra)
 
@@ -335,7 +335,7 @@ def _run_torchrun(args, job: dict, n: int, backend: str, *, title: Callable[[str
             if errors:
                 raise errors[0]
             report = _reports([p[1] for p in gathered], job, n)
-            report.device, report.kernel = job["device"], args.kernel
+            report.device, report.attn_kernel = job["device"], args.kernel
             report.mode = f"the torchrun world ({backend}, {n} ranks); rank 0 reports"
             status = _output(args, report, title=title, extra=extra)
         except BaseException as e:  # noqa: BLE001 - the others learn the status first

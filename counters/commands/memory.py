@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     weight_dtype = DTYPES[args.dtype] if args.dtype else None
     train = dict(train=args.train, loss=args.loss or "cross-entropy", recompute=args.recompute,
                  optimizer=args.optimizer or "adamw")
-    base = MemoryRequest(config, batch=args.batch, tokens=args.tokens, cached=args.cached, kernel=args.kernel,
+    base = MemoryRequest(config, batch=args.batch, seqlen=args.tokens, start_pos=args.cached, attn_kernel=args.kernel,
                          weight_dtype=weight_dtype or torch.bfloat16, last_only=args.logits == "last", tp=tp, **train)
 
     extra: dict = {"model_source": {"spec": args.model, "kind": source.kind, "checkpoint_dir": source.checkpoint_dir}}
@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             compute, _why = resolve_compute_dtype("auto", torch.device(sizing_type), sizing_dtype)
         sizing = replace(base, weight_dtype=sizing_dtype, compute_dtype=compute, device_type=sizing_type)
-        what = "batch" if args.max_batch else "tokens"
-        best, at = largest_fitting(sizing, what, memory_bytes)
+        what = "batch" if args.max_batch else "tokens"  # the CLI's words (--batch, --tokens)
+        best, at = largest_fitting(sizing, "batch" if args.max_batch else "seqlen", memory_bytes)
         key = "max_batch" if args.max_batch else "max_tokens"
         extra.update({key: best, "device_memory_bytes": memory_bytes, "device_memory_source": memory_source,
                       "sizing": {"device_type": sizing_type, "compute_dtype": str(compute).replace("torch.", ""),
@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
             return _emit(args, [], extra, footer, title=f"{config.name}: nothing fits")
         footer.append(f"{key.replace('_', ' ')}: {best:,} ({what} whose peak fits {format_bytes(memory_bytes)}, "
                       f"{memory_source}, sized as {sizing_type}: peak {format_bytes(at.peak)} at {at.where})")
-        base = replace(base, **{what: best})
+        base = replace(base, **{"batch" if args.max_batch else "seqlen": best})
         if args.device is None:
             args.device = "meta"  # the size fills another device: measure it shape-only
 
@@ -185,12 +185,12 @@ def run(args: argparse.Namespace) -> int:
         checks = _measure_ranks(args, source, base, weight_dtype)
     else:
         dtype_bytes = weight_dtype.itemsize if weight_dtype else (4 if not source.has_weights else 2)
-        device, reason = choose_device(args.device, source, dtype_bytes, batch=base.batch, n_tokens=base.tokens,
-                                       n_cached=base.cached, kernel=args.kernel,
+        device, reason = choose_device(args.device, source, dtype_bytes, batch=base.batch, seqlen=base.seqlen,
+                                       start_pos=base.start_pos, attn_kernel=args.kernel,
                                        training=_training(args) if args.train else None)
         logger.info("device %s: %s", device, reason)
         extra["device_reason"] = reason
-        model, weights = build_model(source, device=device, dtype=weight_dtype, schedule=None, kernel=args.kernel,
+        model, weights = build_model(source, device=device, dtype=weight_dtype, schedule=None, attn_kernel=args.kernel,
                                      seed=args.seed)
         extra["weights"] = weights
         request = _for_model(base, model)
@@ -231,11 +231,11 @@ def _measure_ranks(args, source, base: MemoryRequest, weight_dtype) -> list:
 def _title(c, how: str) -> str:
     r = c.breakdown.request
     what = ("training step" + (" with recompute" if r.recompute else "") + f", {r.loss} loss, optimizer {r.optimizer}"
-            if r.train else f"{r.tokens:,} new + {r.cached:,} cached tokens, KV cache, "
+            if r.train else f"{r.seqlen:,} new + {r.start_pos:,} cached tokens, KV cache, "
                             f"{'last-position' if r.last_only else 'all'} logits")
     dt = lambda d: str(d).replace("torch.", "")  # noqa: E731
-    return (f"{r.config.name}: batch {r.batch:,}, {r.tokens:,} tokens, {what}; weights {dt(r.weight_dtype)}, "
-            f"activations {dt(r.compute_dtype or r.weight_dtype)}, kernel {r.kernel}"
+    return (f"{r.config.name}: batch {r.batch:,}, {r.seqlen:,} tokens, {what}; weights {dt(r.weight_dtype)}, "
+            f"activations {dt(r.compute_dtype or r.weight_dtype)}, kernel {r.attn_kernel}"
             f"{f', tensor parallel {r.tp} ranks' if r.tp > 1 else ''}; {how}")
 
 

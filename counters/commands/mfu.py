@@ -109,22 +109,22 @@ def _flops_rate(x: float) -> str:
 
 
 # ---------------------------------------------------------------- the computation
-def compute(config, *, tokens_per_second: Fraction, n_tokens: int, hardware: Hardware, devices: int, train: bool,
+def compute(config, *, tokens_per_second: Fraction, seqlen: int, hardware: Hardware, devices: int, train: bool,
             recompute: bool, schedule=None) -> dict:
     """Every figure of the command as a JSON-ready dict (exact values as ints or ``"p/q"`` strings)."""
     if recompute and not train:
         raise BadInput("--recompute is activation checkpointing, which only a training step does: add --train")
     order = resolve_schedule(schedule, config.n_layers)
     peak = Fraction(hardware.peak_flops)  # a float, converted exactly
-    model_flops = exact_model_flops_per_token(config, n_tokens, train=train, schedule=order)
+    model_flops = exact_model_flops_per_token(config, seqlen, train=train, schedule=order)
     a, b = macs_polynomial(config, order)
     factor = 6 if train else 2  # 2 FLOPs per MAC, x3 for forward + backward
-    linear, attention = factor * a, factor * b * n_tokens
+    linear, attention = factor * a, factor * b * seqlen
     if linear + attention != model_flops:  # two readings of one table: a bug, never a silent wrong number
         raise ArithmeticError(f"{factor} x (a + b x N) = {linear + attention:,} but the table gives {model_flops:,}")
     util = mfu(model_flops, tokens_per_second, peak, devices)
     # The least work any kernel can do for these tokens: the linear layers and the causal half of the scores.
-    causal = Fraction(factor * analyze(config, n_tokens=n_tokens, schedule=order).macs_causal, n_tokens)
+    causal = Fraction(factor * analyze(config, seqlen=seqlen, schedule=order).macs_causal, seqlen)
     floor = mfu(causal, tokens_per_second, peak, devices)
     if floor > 1 and not hardware.measured:
         raise BadInput(
@@ -135,7 +135,7 @@ def compute(config, *, tokens_per_second: Fraction, n_tokens: int, hardware: Har
     doc: dict = {
         "model": config.name, "config": config.to_dict(),
         "mode": "train" if train else "inference", "recompute": recompute,
-        "tokens": n_tokens, "schedule": format_schedule(order), "layer_runs": len(order),
+        "tokens": seqlen, "schedule": format_schedule(order), "layer_runs": len(order),
         "all_layers": list(order) == list(range(config.n_layers)),
         "tokens_per_second": float(tokens_per_second), "tokens_per_second_exact": _exact_str(tokens_per_second),
         "devices": devices, "hardware": hardware.to_dict(), "dtype": hardware.dtype,
@@ -148,7 +148,7 @@ def compute(config, *, tokens_per_second: Fraction, n_tokens: int, hardware: Har
     }
     top = util
     if recompute:
-        executed = exact_executed_flops_per_token(config, n_tokens, recompute=True, schedule=order)
+        executed = exact_executed_flops_per_token(config, seqlen, recompute=True, schedule=order)
         hfu = mfu(executed, tokens_per_second, peak, devices)
         doc.update(executed_flops_per_token=executed, recompute_flops_per_token=executed - model_flops,
                    hfu=float(hfu), hfu_exact=str(hfu))
@@ -156,7 +156,7 @@ def compute(config, *, tokens_per_second: Fraction, n_tokens: int, hardware: Har
     table = ESTIMATES if train else FORWARD_ESTIMATES
     details = {}
     for name, estimate in table.items():
-        value = estimate(config, n_tokens)
+        value = estimate(config, seqlen)
         err = relative_error(value, model_flops)
         got = mfu(value, tokens_per_second, peak, devices)
         details[name] = {"flops_per_token": _exact_str(value), "relative_error": float(err),
@@ -185,13 +185,13 @@ def compute(config, *, tokens_per_second: Fraction, n_tokens: int, hardware: Har
 def render(doc: dict) -> str:
     hw, parts, train = doc["hardware"], doc["model_flops_parts"], doc["mode"] == "train"
     what = ("training step: forward + backward = 3 x forward" if train else "inference: one forward")
-    kernel = "math kernel, dense attention, " + ("activation recompute per layer" if doc["recompute"] else "no recompute")
+    attn_kernel = "math kernel, dense attention, " + ("activation recompute per layer" if doc["recompute"] else "no recompute")
     layers = (f"all {doc['layer_runs']} layers" if doc["all_layers"]
               else f"schedule {doc['schedule']} ({doc['layer_runs']} layer runs)")
     peak = _flops_rate(hw["peak_flops"]) + (" measured" if hw["measured"] else "")
     w = 30
     lines = [
-        f"{doc['model']}: {what} ({kernel})",
+        f"{doc['model']}: {what} ({attn_kernel})",
         f"N = {doc['tokens']:,} tokens per sequence, {layers}; {doc['tokens_per_second']:,.6g} tokens/s over "
         f"{doc['devices']} x {hw['name']} ({doc['dtype']} peak {peak} each)",
         "",
@@ -233,13 +233,13 @@ def run(args: argparse.Namespace) -> int:
         raise BadInput("--recompute is activation checkpointing, which only a training step does: add --train")
     source = resolve_model(args.model, vocab_size=args.vocab_size, revision=args.revision)
     config = source.config
-    n_tokens = args.tokens if args.tokens is not None else min(DEFAULT_TOKENS, config.max_seq_len)
-    if n_tokens > config.max_seq_len:
-        raise BadInput(f"--tokens {n_tokens} exceeds the model's max_seq_len {config.max_seq_len}")
+    seqlen = args.tokens if args.tokens is not None else min(DEFAULT_TOKENS, config.max_seq_len)
+    if seqlen > config.max_seq_len:
+        raise BadInput(f"--tokens {seqlen} exceeds the model's max_seq_len {config.max_seq_len}")
     order = resolve_schedule(args.schedule, config.n_layers)
     dtype: Optional[str] = args.dtype or ("fp32" if args.hardware == "cpu" else "bf16")
     hardware = get_hardware(args.hardware, dtype)  # for cpu: measured now, the only work besides arithmetic
-    doc = compute(config, tokens_per_second=tokens_per_second, n_tokens=n_tokens, hardware=hardware,
+    doc = compute(config, tokens_per_second=tokens_per_second, seqlen=seqlen, hardware=hardware,
                   devices=args.devices, train=args.train, recompute=args.recompute, schedule=order)
     doc["model_source"] = {"spec": args.model, "kind": source.kind}
     if args.format == "json":

@@ -124,36 +124,36 @@ def resolve_model(spec: str, *, vocab_size: Optional[int] = None, revision: Opti
 _DTYPE_OF_BYTES = {2: torch.bfloat16, 4: torch.float32, 8: torch.float64}
 
 
-def forward_need(config: LlamaConfig, device_type: str, dtype_bytes: int, *, batch: int = 1, n_tokens: int = 1,
-                 n_cached: int = 0, n_runs: Optional[int] = None, kernel: str = "math",
+def forward_need(config: LlamaConfig, device_type: str, dtype_bytes: int, *, batch: int = 1, seqlen: int = 1,
+                 start_pos: int = 0, n_runs: Optional[int] = None, attn_kernel: str = "math",
                  training: Optional[Training] = None) -> MemoryBreakdown:
     """Memory a counted forward needs on a real device of type ``device_type``, exactly (the memory algebra,
     :func:`llama_ref.memory_algebra.forward_need`): the weights (``dtype_bytes`` each), the KV cache and the
-    prefill of ``n_cached`` positions when there are any, every activation at the peak; with ``training``, a
+    prefill of ``start_pos`` positions when there are any, every activation at the peak; with ``training``, a
     training step (gradients and the activations kept for the backward). Activations in the compute dtype the
     model would choose on that device (:func:`llama_ref.guards.resolve_compute_dtype`)."""
     weight_dtype = _DTYPE_OF_BYTES[dtype_bytes]
     compute, _reason = resolve_compute_dtype("auto", torch.device(device_type), weight_dtype)
     train = training is not None
     return algebra_forward_need(config, device_type=device_type, weight_dtype=weight_dtype, compute_dtype=compute,
-                                batch=batch, n_tokens=n_tokens, n_cached=0 if train else n_cached, n_runs=n_runs,
-                                kernel=kernel, train=train, loss=training.loss if train else "cross-entropy",
+                                batch=batch, seqlen=seqlen, start_pos=0 if train else start_pos, n_runs=n_runs,
+                                attn_kernel=attn_kernel, train=train, loss=training.loss if train else "cross-entropy",
                                 recompute=training.recompute if train else False)
 
 
 def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: int, *, batch: int = 1,
-                  n_tokens: int = 1, n_cached: int = 0, n_runs: Optional[int] = None,
-                  kernel: str = "math", training: Optional[Training] = None) -> tuple[str, str]:
+                  seqlen: int = 1, start_pos: int = 0, n_runs: Optional[int] = None,
+                  attn_kernel: str = "math", training: Optional[Training] = None) -> tuple[str, str]:
     """(device, reason). ``--device`` wins; otherwise real weights load on the CPU when they fit in
     RAM, random weights only when small (counts do not depend on values), and everything else runs
     on the meta device (shapes only: seconds and well under 1 GiB even for 70B).
 
-    The forward to count (``batch`` x ``n_tokens`` after ``n_cached``, ``n_runs`` layer runs) is part of
+    The forward to count (``batch`` x ``seqlen`` after ``start_pos``, ``n_runs`` layer runs) is part of
     the decision: its activations and KV cache can outgrow the weights by far (``--batch 100000``). On a
     requested real device a forward that cannot fit is refused *before* anything is built
     (:class:`~llama_ref.errors.InsufficientMemoryError`, naming the estimate and what is available)."""
     weight_bytes = param_count(source.config) * dtype_bytes
-    shape = dict(batch=batch, n_tokens=n_tokens, n_cached=n_cached, n_runs=n_runs, kernel=kernel, training=training)
+    shape = dict(batch=batch, seqlen=seqlen, start_pos=start_pos, n_runs=n_runs, attn_kernel=attn_kernel, training=training)
     gib = 1 << 30
     if requested is not None:
         if not requested.strip():
@@ -196,12 +196,12 @@ def choose_device(requested: Optional[str], source: ModelSource, dtype_bytes: in
                     "(shapes only)")
 
 
-def build_model(source: ModelSource, *, device: str, dtype: Optional[torch.dtype], schedule, kernel: str,
+def build_model(source: ModelSource, *, device: str, dtype: Optional[torch.dtype], schedule, attn_kernel: str,
                 seed: int = 0) -> tuple[Llama, str]:
     """The model to count, and a word on its weights."""
     if source.has_weights:
         # On meta the loader checks the files and returns a shape-only model.
-        model = load_pretrained(source.checkpoint_dir, device=device, dtype=dtype, attn_kernel=kernel,
+        model = load_pretrained(source.checkpoint_dir, device=device, dtype=dtype, attn_kernel=attn_kernel,
                                       schedule=schedule)
         return model, ("checkpoint weights" if device != "meta" else "checkpoint not loaded (meta)")
     if dtype is None:
@@ -209,6 +209,6 @@ def build_model(source: ModelSource, *, device: str, dtype: Optional[torch.dtype
         # device fp32, the CPU compute dtype.
         dtype = torch.bfloat16 if device == "meta" else torch.float32
     if device == "meta":
-        return Llama(source.config, schedule=schedule, device="meta", dtype=dtype, attn_kernel=kernel), "no weights (meta)"
+        return Llama(source.config, schedule=schedule, device="meta", dtype=dtype, attn_kernel=attn_kernel), "no weights (meta)"
     return random_model(source.config, schedule=schedule, device=device, dtype=dtype, seed=seed,
-                        attn_kernel=kernel), "random weights"
+                        attn_kernel=attn_kernel), "random weights"

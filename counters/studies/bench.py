@@ -161,14 +161,14 @@ def build_pair(config: LlamaConfig, *, device, dtype: torch.dtype, seed: int = 0
     return ours, hf
 
 
-def bench_prefill(ours, hf, *, n_tokens: int, repeats: int, seed: int = 0) -> dict:
+def bench_prefill(ours, hf, *, seqlen: int, repeats: int, seed: int = 0) -> dict:
     device = ours.device
     gen = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, ours.config.vocab_size, (1, n_tokens), generator=gen).to(device)
+    tokens = torch.randint(0, ours.config.vocab_size, (1, seqlen), generator=gen).to(device)
 
-    def ours_fwd(kernel):
+    def ours_fwd(attn_kernel):
         def f():
-            ours.set_attn_kernel(kernel)
+            ours.set_attn_kernel(attn_kernel)
             with torch.inference_mode():
                 return ours(tokens)
         return f
@@ -184,10 +184,10 @@ def bench_prefill(ours, hf, *, n_tokens: int, repeats: int, seed: int = 0) -> di
         a = contenders["llama_ref_sdpa"]().float()
         b = hf_fwd().float()
     rel = ((a - b).abs().max() / b.abs().max()).item()
-    flops = analyze(ours.config, n_tokens=n_tokens).total.total_flops
+    flops = analyze(ours.config, seqlen=seqlen).total.total_flops
     pr = paired_ratio(samples, "llama_ref_sdpa", "transformers_sdpa")
     return {
-        "n_tokens": n_tokens, "repeats": repeats, "median_s": med, "samples_s": samples,
+        "n_tokens": seqlen, "repeats": repeats, "median_s": med, "samples_s": samples,
         # time ratio llama-ref / transformers (lower is better)
         "ratio": pr["paired_median"], "ci95": pr["ci95"], "ratio_detail": pr,
         "ratio_math": paired_ratio(samples, "llama_ref_math", "transformers_sdpa")["paired_median"],
@@ -218,11 +218,11 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
     for r in range(repeats + 1):  # round 0 is the warm-up
         state: dict[str, dict] = {}
         with torch.inference_mode():
-            for kernel in ("sdpa", "math"):
-                ours.set_attn_kernel(kernel)
+            for attn_kernel in ("sdpa", "math"):
+                ours.set_attn_kernel(attn_kernel)
                 ours.setup_cache(1, prompt_tokens + new_tokens)
                 nxt = ours(prompt, 0)[:, -1].argmax(-1, keepdim=True)
-                state[f"llama_ref_{kernel}"] = {"caches": ours.caches, "next": nxt, "out": [nxt], "kernel": kernel}
+                state[f"llama_ref_{attn_kernel}"] = {"caches": ours.caches, "next": nxt, "out": [nxt], "kernel": attn_kernel}
             logits, hf_cache = hf_forward_with_cache(hf, prompt)
             nxt = logits[:, -1].argmax(-1, keepdim=True)
             state["transformers_sdpa"] = {"cache": hf_cache, "next": nxt, "out": [nxt]}
@@ -264,7 +264,7 @@ def bench_decode(ours, hf, *, prompt_tokens: int, new_tokens: int, repeats: int,
     # Analytic cost of the timed steps: step i attends to prompt + i + 1 positions.
     flops = nbytes = 0
     for i in range(steps):
-        rep = analyze(ours.config, n_tokens=1, n_cached=prompt_tokens + i,
+        rep = analyze(ours.config, seqlen=1, start_pos=prompt_tokens + i,
                       weight_dtype_bytes=torch.finfo(ours.compute_dtype).bits // 8,
                       act_dtype_bytes=torch.finfo(ours.compute_dtype).bits // 8)
         flops += rep.total.total_flops
@@ -304,7 +304,7 @@ def probe_config(config: LlamaConfig) -> LlamaConfig:
                        vocab_size=256, hidden_dim=176, max_seq_len=config.max_seq_len)
 
 
-def bench_counting(model, *, n_tokens: int, repeats: int, counters: Sequence[str] = ("hooks", "fvcore", "torch"),
+def bench_counting(model, *, seqlen: int, repeats: int, counters: Sequence[str] = ("hooks", "fvcore", "torch"),
                    probe_repeats: int = 30, seed: int = 0) -> dict:
     """Counted forward / plain forward, same model (math kernel), same tokens, both under no_grad.
 
@@ -316,7 +316,7 @@ def bench_counting(model, *, n_tokens: int, repeats: int, counters: Sequence[str
     device = model.device
     model.set_attn_kernel("math")
     gen = torch.Generator().manual_seed(seed + 2)
-    tokens = torch.randint(0, model.config.vocab_size, (1, n_tokens), generator=gen).to(device)
+    tokens = torch.randint(0, model.config.vocab_size, (1, seqlen), generator=gen).to(device)
     contenders = _counting_contenders(model, tokens, counters)
     samples = interleaved(contenders, repeats=repeats, device=device)
     med = medians(samples)
@@ -325,14 +325,14 @@ def bench_counting(model, *, n_tokens: int, repeats: int, counters: Sequence[str
 
     probe = random_model(probe_config(model.config), device=device, dtype=model.tok_embeddings.weight.dtype,
                          attn_kernel="math", compute_dtype=model.compute_dtype)
-    ptokens = torch.randint(0, probe.config.vocab_size, (1, n_tokens), generator=gen).to(device)
+    ptokens = torch.randint(0, probe.config.vocab_size, (1, seqlen), generator=gen).to(device)
     pcont = _counting_contenders(probe, ptokens, counters)
     psamples = interleaved(pcont, repeats=probe_repeats, device=device)
     pmed = medians(psamples)
     extra = {k: pmed[k] - pmed["plain"] for k in pmed if k != "plain"}
     estimate = {k: 1 + v / med["plain"] for k, v in extra.items()}
     return {
-        "n_tokens": n_tokens, "attn_kernel": "math", "repeats": repeats, "median_s": med, "samples_s": samples,
+        "n_tokens": seqlen, "attn_kernel": "math", "repeats": repeats, "median_s": med, "samples_s": samples,
         "overhead_ratio": ratios, "overhead_detail": details,
         "fixed_cost": {"probe_config": probe.config.to_dict(), "probe_repeats": probe_repeats,
                        "probe_median_s": pmed, "extra_s": extra},
@@ -361,7 +361,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def meta_count_child(model_name: str, n_tokens: int, counters: Sequence[str]) -> dict:
+def meta_count_child(model_name: str, seqlen: int, counters: Sequence[str]) -> dict:
     """Runs in a fresh interpreter: build ``model_name`` on the meta device and count one prefill."""
     rss0 = peak_rss_mb()
     config = PRESETS[model_name]
@@ -369,11 +369,11 @@ def meta_count_child(model_name: str, n_tokens: int, counters: Sequence[str]) ->
     t0 = time.perf_counter()
     model = Llama(config, device="meta", dtype=torch.bfloat16).eval()
     build_s = time.perf_counter() - t0
-    tokens = torch.zeros((1, n_tokens), dtype=torch.long, device="meta")
+    tokens = torch.zeros((1, seqlen), dtype=torch.long, device="meta")
     t0 = time.perf_counter()
-    expected = analyze(config, n_tokens=n_tokens).as_counter_result()
+    expected = analyze(config, seqlen=seqlen).as_counter_result()
     analytic_s = time.perf_counter() - t0
-    out = {"model": model_name, "n_tokens": n_tokens, "params": model.param_count(), "build_s": build_s,
+    out = {"model": model_name, "n_tokens": seqlen, "params": model.param_count(), "build_s": build_s,
            "analytic_s": analytic_s, "analytic_macs": expected.total.macs, "counters": {}}
     for name in counters:
         fn = COUNTER_FUNCTIONS[name]
@@ -391,8 +391,8 @@ def meta_count_child(model_name: str, n_tokens: int, counters: Sequence[str]) ->
     return out
 
 
-def bench_meta(model_name: str, n_tokens: int, counters: Sequence[str], *, timeout: float = 600) -> dict:
-    cmd = [sys.executable, "-m", __name__, "--_meta-child", model_name, "--meta-tokens", str(n_tokens),
+def bench_meta(model_name: str, seqlen: int, counters: Sequence[str], *, timeout: float = 600) -> dict:
+    cmd = [sys.executable, "-m", __name__, "--_meta-child", model_name, "--meta-tokens", str(seqlen),
            "--meta-counters", ",".join(counters)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -434,14 +434,14 @@ def run_device(device: torch.device, dtype: torch.dtype, p: dict, *, measure_pea
     ours, hf = build_pair(p["config"], device=device, dtype=dtype)
     out = {"device": str(device), "dtype": dname, "config": p["config"].to_dict(), "build_s": time.perf_counter() - t0}
     log(f"[{device}] prefill N={p['prefill_tokens']} x{p['prefill_repeats']} ...")
-    out["prefill"] = bench_prefill(ours, hf, n_tokens=p["prefill_tokens"], repeats=p["prefill_repeats"])
+    out["prefill"] = bench_prefill(ours, hf, seqlen=p["prefill_tokens"], repeats=p["prefill_repeats"])
     log(f"[{device}] decode {p['decode_tokens']} tokens x{p['decode_repeats']} ...")
     out["decode"] = bench_decode(ours, hf, prompt_tokens=p["prompt_tokens"], new_tokens=p["decode_tokens"],
                                  repeats=p["decode_repeats"])
     del hf
     if counting:
         log(f"[{device}] counting overhead x{p['count_repeats']} ...")
-        out["counting"] = bench_counting(ours, n_tokens=p["prefill_tokens"], repeats=p["count_repeats"])
+        out["counting"] = bench_counting(ours, seqlen=p["prefill_tokens"], repeats=p["count_repeats"])
     del ours
     if device.type == "cuda":
         torch.cuda.empty_cache()

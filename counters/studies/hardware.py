@@ -320,7 +320,7 @@ LINK_NAMES = tuple(_LINKS)
 def get_link(spec: Union[str, float], latency_s: float = 0.0) -> Link:
     """A preset name (:data:`LINK_NAMES`) or a bandwidth in GB/s (``"200"``, ``"12.5"``); ``latency_s`` per
     collective. A ValueError names a bad spec."""
-    if not isinstance(latency_s, (int, float)) or isinstance(latency_s, bool) or not latency_s >= 0 \
+    if not isinstance(latency_s, (int, float)) or isinstance(latency_s, bool) or not latency_s >= 0\
             or latency_s == float("inf"):
         raise ValueError(f"link latency must be a finite number of seconds >= 0, got {latency_s!r}")
     if isinstance(spec, str) and spec.strip().lower() in _LINKS:

@@ -21,9 +21,9 @@ CONTEXTS = tuple(2**k for k in range(9, 18))  # 512 .. 131,072
 TABLE_CONTEXTS = (4096, 32768, 131072)
 
 
-def prefill_peak(name: str, context: int, kernel: str) -> int:
+def prefill_peak(name: str, context: int, attn_kernel: str) -> int:
     config = PRESETS[name]
-    return memory(MemoryRequest(config, tokens=context, weight_dtype=torch.bfloat16, kernel=kernel,
+    return memory(MemoryRequest(config, seqlen=context, weight_dtype=torch.bfloat16, attn_kernel=attn_kernel,
                                 device_type="cuda", last_only=True)).peak
 
 
@@ -42,10 +42,10 @@ def plot(data: dict, path: Union[str, os.PathLike], *, device_bytes: int = 80 * 
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, by_kernel) in enumerate(data.items()):
         color = f"C{i % 10}"
-        for kernel, style in (("sdpa", "-"), ("math", ":")):
-            pts = by_kernel[kernel]
+        for attn_kernel, style in (("sdpa", "-"), ("math", ":")):
+            pts = by_kernel[attn_kernel]
             ax.plot([L for L, _ in pts], [b / GIB for _, b in pts], ls=style, color=color, lw=1.4,
-                    label=name if kernel == "sdpa" else None)
+                    label=name if attn_kernel == "sdpa" else None)
     ax.axhline(device_bytes / GIB, color="black", lw=0.8)
     ax.text(CONTEXTS[0], device_bytes / GIB * 1.08, "80 GiB (H100/A100 80GB)", fontsize=7)
     ax.set_xscale("log", base=2)

@@ -106,8 +106,8 @@ def plot_roofline(table: Sequence[RooflineRow], hw: Hardware, path: Union[str, o
 
 
 def macs_per_token_curves(config: LlamaConfig, schedules: Sequence[str], contexts: Sequence[int]) -> dict[str, list[int]]:
-    """MACs to decode one token that attends to ``L`` positions (``n_cached = L - 1``), per schedule."""
-    return {s: [analyze(config, n_tokens=1, n_cached=L - 1, schedule=s).macs for L in contexts] for s in schedules}
+    """MACs to decode one token that attends to ``L`` positions (``start_pos = L - 1``), per schedule."""
+    return {s: [analyze(config, seqlen=1, start_pos=L - 1, schedule=s).macs for L in contexts] for s in schedules}
 
 
 def default_schedules(config: LlamaConfig, extra: Optional[str] = None) -> list[str]:
@@ -143,7 +143,7 @@ def plot_macs_vs_context(config: LlamaConfig, path: Union[str, os.PathLike], *, 
 
 # ---------------------------------------------------------------- the family view
 class ContextCurve(NamedTuple):
-    """MACs to decode one token at each context length ``L`` (``n_cached = L - 1``), and the exact line
+    """MACs to decode one token at each context length ``L`` (``start_pos = L - 1``), and the exact line
     ``macs = a + b * L`` they lie on (``a``, ``b`` the coefficients of :func:`counters.analytic.macs_polynomial`:
     decoding at context L costs what one token of an L-token forward costs on average)."""
 
@@ -173,7 +173,7 @@ def family_curves(family: Union[Family, str], *, per_octave: int = 3) -> dict[st
     for name in fam.presets:
         config = PRESETS[name]
         contexts = log_contexts(config.max_seq_len, per_octave)
-        macs = [analyze(config, n_tokens=1, n_cached=L - 1).macs for L in contexts]
+        macs = [analyze(config, seqlen=1, start_pos=L - 1).macs for L in contexts]
         out[name] = ContextCurve(contexts, macs, *macs_polynomial(config))
     return out
 

@@ -154,7 +154,7 @@ def roofline_table(rows: Iterable[Any], hw: Hardware, measured: Optional[Mapping
             for r in rows]
 
 
-def summarize(table: Sequence[RooflineRow], *, batch: int = 1, n_tokens: int = 1,
+def summarize(table: Sequence[RooflineRow], *, batch: int = 1, seqlen: int = 1,
               link: Optional[Link] = None) -> dict:
     flops = sum(r.flops for r in table)
     nbytes = sum(r.bytes for r in table)
@@ -163,7 +163,7 @@ def summarize(table: Sequence[RooflineRow], *, batch: int = 1, n_tokens: int = 1
         "flops": flops, "macs": sum(r.macs for r in table), "bytes": nbytes,
         "intensity": _json_float(flops / nbytes) if nbytes else None,
         "predicted_s": predicted,
-        "predicted_tokens_per_s": batch * n_tokens / predicted if predicted > 0 else None,
+        "predicted_tokens_per_s": batch * seqlen / predicted if predicted > 0 else None,
         "compute_bound_rows": sum(r.bound == "compute" for r in table),
         "memory_bound_rows": sum(r.bound == "memory" for r in table),
     }
@@ -189,7 +189,7 @@ def summarize(table: Sequence[RooflineRow], *, batch: int = 1, n_tokens: int = 1
         out.update({
             "measured_s": measured,
             "measured_rows": len(timed),
-            "measured_tokens_per_s": batch * n_tokens / measured if measured > 0 else None,
+            "measured_tokens_per_s": batch * seqlen / measured if measured > 0 else None,
             "achieved_flops_per_s": sum(r.flops for r in timed) / measured if measured > 0 else None,
             "achieved_bytes_per_s": sum(r.bytes for r in timed) / measured if measured > 0 else None,
             "predicted_s_of_measured_rows": sum(r.predicted_s for r in timed),

@@ -39,11 +39,11 @@ MAX_REPEATS = 10_000
 TIMING_ROWS = frozenset({r.name for r in TOP_ROWS_BEFORE + BLOCK_ROWS + TOP_ROWS_AFTER} | {"block", "(total)"})
 
 
-def load_timings(path: Union[str, os.PathLike], *, n_tokens: Optional[int] = None,
-                 n_cached: Optional[int] = None, kernel: Optional[str] = None) -> dict[RowKey, float]:
+def load_timings(path: Union[str, os.PathLike], *, seqlen: Optional[int] = None,
+                 start_pos: Optional[int] = None, attn_kernel: Optional[str] = None) -> dict[RowKey, float]:
     """Measured seconds per row from a JSON file written by ``llama-ref roofline --measure`` or
     ``scripts/validate_gpu.py``: a top-level ``"layers"`` list of ``{position, module, measured_s}``,
-    or ``"phases"`` (a list of such objects with ``n_tokens``/``n_cached``; the one matching is used).
+    or ``"phases"`` (a list of such objects with ``seqlen``/``start_pos``; the one matching is used).
     Every malformed part is a :class:`BadInput` naming the file and the field."""
     where = os.fspath(path)
     try:
@@ -55,13 +55,13 @@ def load_timings(path: Union[str, os.PathLike], *, n_tokens: Optional[int] = Non
         if not isinstance(phases, list) or not all(isinstance(p, dict) for p in phases):
             raise BadInput(f"--timings {where}: 'phases' must be a list of objects")
         match = [p for p in phases
-                 if (n_tokens is None or p.get("n_tokens") == n_tokens)
-                 and (n_cached is None or p.get("n_cached") == n_cached)
-                 and (kernel is None or p.get("attn_kernel", kernel) == kernel)]
+                 if (seqlen is None or p.get("n_tokens") == seqlen)
+                 and (start_pos is None or p.get("n_cached") == start_pos)
+                 and (attn_kernel is None or p.get("attn_kernel", attn_kernel) == attn_kernel)]
         if not match:
             have = ", ".join(f"N={p.get('n_tokens')} C={p.get('n_cached')}"
                              + (f" {p['attn_kernel']}" if "attn_kernel" in p else "") for p in phases) or "none"
-            want = f"N={n_tokens} C={n_cached}" + (f" kernel {kernel}" if kernel else "")
+            want = f"N={seqlen} C={start_pos}" + (f" kernel {attn_kernel}" if attn_kernel else "")
             raise BadInput(f"--timings {where}: no timings for {want} (file has: {_cut(have)})")
         data = match[0]
     rows = data.get("layers") if isinstance(data, dict) else data
@@ -192,15 +192,15 @@ def run(args: argparse.Namespace) -> int:
                        "use --hardware cpu to measure this machine")
     device = "cpu" if args.hardware == "cpu" else "cuda"
     if args.measure:  # before the hardware peaks are measured (seconds) or anything is built
-        check_measure_memory(config, device=device, dtype=DTYPE_NAMES[dtype], batch=args.batch, n_tokens=args.tokens,
-                             n_cached=args.cached, schedule=args.schedule, attn_kernel=args.attn_kernel)
-    report = analyze(config, batch=args.batch, n_tokens=args.tokens, n_cached=args.cached, schedule=args.schedule,
+        check_measure_memory(config, device=device, dtype=DTYPE_NAMES[dtype], batch=args.batch, seqlen=args.tokens,
+                             start_pos=args.cached, schedule=args.schedule, attn_kernel=args.attn_kernel)
+    report = analyze(config, batch=args.batch, seqlen=args.tokens, start_pos=args.cached, schedule=args.schedule,
                      weight_dtype_bytes=DTYPE_BYTES[dtype], act_dtype_bytes=DTYPE_BYTES[dtype],
                      kv_dtype_bytes=DTYPE_BYTES[kv_dtype], tp=args.tp)
     rows = report.layer_runs() if args.level == "layer" else report.rows
     measured = None
     if args.timings:
-        measured = load_timings(args.timings, n_tokens=args.tokens, n_cached=args.cached, kernel=args.attn_kernel)
+        measured = load_timings(args.timings, seqlen=args.tokens, start_pos=args.cached, attn_kernel=args.attn_kernel)
         check_timings_match(measured, rows, args.timings, args.level)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,8 +210,8 @@ def run(args: argparse.Namespace) -> int:
     if args.measure:
         if dtype == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
-        timing = measure(config, device=device, dtype=DTYPE_NAMES[dtype], batch=args.batch, n_tokens=args.tokens,
-                         n_cached=args.cached, schedule=args.schedule, attn_kernel=args.attn_kernel,
+        timing = measure(config, device=device, dtype=DTYPE_NAMES[dtype], batch=args.batch, seqlen=args.tokens,
+                         start_pos=args.cached, schedule=args.schedule, attn_kernel=args.attn_kernel,
                          warmup=args.warmup, repeats=args.repeats, level=args.level)
         measured = timing.median
         measurement = {"device": device, "attn_kernel": args.attn_kernel, "warmup": args.warmup,
@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
                        "weights": "random (timings do not depend on values)"}
 
     table = roofline_table(rows, hw, measured, report.collectives, link)
-    summary = summarize(table, batch=args.batch, n_tokens=args.tokens, link=link)
+    summary = summarize(table, batch=args.batch, seqlen=args.tokens, link=link)
     title = (f"{config.name} on {hw.name} ({dtype}): batch {args.batch}, N={args.tokens} new, C={args.cached} cached, "
              f"schedule {report.schedule_str}" + ("" if args.tp is None else f", one rank of {args.tp} (tensor parallel)"))
     print(title)

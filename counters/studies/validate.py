@@ -81,8 +81,8 @@ LOGIT_TOLERANCE = {
 @dataclass(frozen=True)
 class Phase:
     name: str
-    n_tokens: int
-    n_cached: int
+    seqlen: int
+    start_pos: int
 
 
 def no_cuda_message() -> str:
@@ -151,12 +151,12 @@ def check_counters(model, phase: Phase, *, batch: int, names: Sequence[str], see
     """Run each counter on ``model`` for ``phase`` and compare it with the analytic counts, row by row,
     exactly (:func:`counters.crosscheck.crosscheck`; the cached prefix is prefilled uncounted)."""
     model.set_attn_kernel("math")
-    tokens = make_tokens(model.config, batch, phase.n_tokens, seed=seed, device=model.device)
+    tokens = make_tokens(model.config, batch, phase.seqlen, seed=seed, device=model.device)
     out: dict = {}
     runnable = list(names)
     t0 = time.perf_counter()
     try:
-        report = crosscheck(model, tokens, n_cached=phase.n_cached, counters=["analytic", *runnable])
+        report = crosscheck(model, tokens, start_pos=phase.start_pos, counters=["analytic", *runnable])
     except Exception as e:  # noqa: BLE001 - a crashing counter is a failed check, reported, not a traceback
         for name in runnable:
             out[name] = {"agree": False, "available": True, "problems": [f"counting raised {type(e).__name__}: {e}"]}
@@ -175,16 +175,16 @@ def check_counters(model, phase: Phase, *, batch: int, names: Sequence[str], see
 
 
 # ====================================================================== timing
-def time_phase(model, phase: Phase, *, batch: int, kernel: str, warmup: int, repeats: int, timer=None,
+def time_phase(model, phase: Phase, *, batch: int, attn_kernel: str, warmup: int, repeats: int, timer=None,
                seed: int = 0) -> Timing:
-    model.set_attn_kernel(kernel)
-    tokens = make_tokens(model.config, batch, phase.n_tokens, seed=seed, device=model.device)
-    model.setup_cache(batch, phase.n_cached + phase.n_tokens)
+    model.set_attn_kernel(attn_kernel)
+    tokens = make_tokens(model.config, batch, phase.seqlen, seed=seed, device=model.device)
+    model.setup_cache(batch, phase.start_pos + phase.seqlen)
     try:
-        if phase.n_cached:  # a real prefix: the cache refuses to decode after positions never written
+        if phase.start_pos:  # a real prefix: the cache refuses to decode after positions never written
             with torch.inference_mode():
-                model(make_tokens(model.config, batch, phase.n_cached, seed=seed + 1, device=model.device), 0)
-        return time_forward(model, tokens, phase.n_cached, timer=timer or make_timer(model.device),
+                model(make_tokens(model.config, batch, phase.start_pos, seed=seed + 1, device=model.device), 0)
+        return time_forward(model, tokens, phase.start_pos, timer=timer or make_timer(model.device),
                             warmup=warmup, repeats=repeats)
     finally:
         model.clear_cache()
@@ -193,7 +193,7 @@ def time_phase(model, phase: Phase, *, batch: int, kernel: str, warmup: int, rep
 def layer_report(model, phase: Phase, timing: Timing, *, batch: int, peaks: Sequence[Hardware]) -> dict:
     """Per layer run: analytic FLOPs and bytes, measured seconds, achieved FLOP/s and B/s, % of each peak."""
     dbytes = torch.finfo(model.compute_dtype).bits // 8
-    report = analyze(model.config, batch=batch, n_tokens=phase.n_tokens, n_cached=phase.n_cached,
+    report = analyze(model.config, batch=batch, seqlen=phase.seqlen, start_pos=phase.start_pos,
                      schedule=model.schedule, weight_dtype_bytes=torch.finfo(model.tok_embeddings.weight.dtype).bits // 8,
                      act_dtype_bytes=dbytes, kv_dtype_bytes=dbytes)
     ref = peaks[0]
@@ -206,7 +206,7 @@ def layer_report(model, phase: Phase, timing: Timing, *, batch: int, peaks: Sequ
                 d[f"pct_peak_flops[{hw.name}]"] = 100 * r.achieved_flops_per_s / hw.peak_flops
                 d[f"pct_peak_bw[{hw.name}]"] = 100 * r.achieved_bytes_per_s / hw.mem_bw
         rows.append(d)
-    overall = summarize(table, batch=batch, n_tokens=phase.n_tokens)
+    overall = summarize(table, batch=batch, seqlen=phase.seqlen)
     overall["forward_s"] = timing.total_s
     overall["forward_flops_per_s"] = overall["flops"] / timing.total_s
     overall["forward_bytes_per_s"] = overall["bytes"] / timing.total_s
@@ -255,7 +255,7 @@ def compare_with_hf(model, hf, phase: Phase, *, batch: int, seed: int = 0) -> di
     if tuple(model.schedule) != tuple(range(model.config.n_layers)):
         raise ValueError(f"cannot compare schedule {format_schedule(model.schedule)} with transformers, which runs every layer once")
     model.set_attn_kernel("sdpa")
-    c, n = phase.n_cached, phase.n_tokens
+    c, n = phase.start_pos, phase.seqlen
     tokens = make_tokens(model.config, batch, c + n, seed=seed + 7, device=model.device)
     model.setup_cache(batch, c + n)
     try:
@@ -389,14 +389,14 @@ def run_validation(config: LlamaConfig, *, device, dtype_name: str = "bf16", che
     phase_reports = []
     result["phases"] = []
     for ph in phases:
-        for kernel in kernels:
-            timing = time_phase(model, ph, batch=batch, kernel=kernel, warmup=warmup, repeats=repeats, timer=timer,
+        for attn_kernel in kernels:
+            timing = time_phase(model, ph, batch=batch, attn_kernel=attn_kernel, warmup=warmup, repeats=repeats, timer=timer,
                                 seed=seed)
             rep = layer_report(model, ph, timing, batch=batch, peaks=peaks)
-            rep.update({"phase": ph.name, "n_tokens": ph.n_tokens, "n_cached": ph.n_cached, "attn_kernel": kernel})
+            rep.update({"phase": ph.name, "n_tokens": ph.seqlen, "n_cached": ph.start_pos, "attn_kernel": attn_kernel})
             phase_reports.append(rep)
             ov = rep["overall"]
-            log(f"[{ph.name}/{kernel}] forward {ov['forward_s'] * 1e3:.3f} ms: "
+            log(f"[{ph.name}/{attn_kernel}] forward {ov['forward_s'] * 1e3:.3f} ms: "
                 f"{ov['forward_flops_per_s'] / 1e12:.4g} TFLOP/s, {ov['forward_bytes_per_s'] / 1e9:.4g} GB/s ("
                 + ", ".join(f"{ov[f'pct_peak_flops[{hw.name}]']:.3g}% / {ov[f'pct_peak_bw[{hw.name}]']:.3g}% of {hw.name}"
                             for hw in peaks) + ")")
@@ -425,7 +425,7 @@ def run_validation(config: LlamaConfig, *, device, dtype_name: str = "bf16", che
     # 4. a training step
     if train is not None:
         t0 = time.perf_counter()
-        result["training"] = train_validation(model, train, batch=batch, names=counters, kernel=train_kernel,
+        result["training"] = train_validation(model, train, batch=batch, names=counters, attn_kernel=train_kernel,
                                               warmup=warmup, repeats=repeats, timer=timer, peaks=peaks, seed=seed,
                                               failures=failures, log=log)
         result["steps"]["training_s"] = time.perf_counter() - t0
@@ -453,12 +453,12 @@ def run_validation(config: LlamaConfig, *, device, dtype_name: str = "bf16", che
     return result
 
 
-def train_validation(model, train: TrainStep, *, batch: int, names: Sequence[str], kernel: str, warmup: int,
+def train_validation(model, train: TrainStep, *, batch: int, names: Sequence[str], attn_kernel: str, warmup: int,
                      repeats: int, timer, peaks: Sequence[Hardware], seed: int, failures: list,
                      log: Callable[[str], None]) -> dict:
-    """Step 4: the training step's counts (math kernel), then its timing with ``kernel`` and the measured MFU."""
-    tokens = make_tokens(model.config, batch, train.n_tokens, seed=seed + 11, device=model.device)
-    what = f"training step (N={train.n_tokens}, {train.loss}{', recompute' if train.recompute else ''})"
+    """Step 4: the training step's counts (math kernel), then its timing with ``attn_kernel`` and the measured MFU."""
+    tokens = make_tokens(model.config, batch, train.seqlen, seed=seed + 11, device=model.device)
+    what = f"training step (N={train.seqlen}, {train.loss}{', recompute' if train.recompute else ''})"
     counts = check_training_counters(model, train, tokens, names=names)
     for name in names:
         r = counts[name]
@@ -467,14 +467,14 @@ def train_validation(model, train: TrainStep, *, batch: int, names: Sequence[str
                                             if r["agree"] else f"DISAGREE ({'; '.join(r['problems'][:3])})"))
         if not r["agree"]:
             failures.append(f"{what}: counter {name} disagrees with analytic: {'; '.join(r['problems'][:3])}")
-    timing = time_step(model, train, tokens, kernel=kernel, warmup=warmup, repeats=repeats, timer=timer)
+    timing = time_step(model, train, tokens, attn_kernel=attn_kernel, warmup=warmup, repeats=repeats, timer=timer)
     rep = step_report(model, train, timing, batch=batch, peaks=peaks)
     ov = rep["overall"]
-    log(f"[{what}/{kernel}] step {ov['step_s'] * 1e3:.3f} ms (forward {ov['forward_s'] * 1e3:.3f}, backward "
+    log(f"[{what}/{attn_kernel}] step {ov['step_s'] * 1e3:.3f} ms (forward {ov['forward_s'] * 1e3:.3f}, backward "
         f"{ov['backward_s'] * 1e3:.3f}): {ov['tokens_per_s']:.4g} tokens/s, "
         + ", ".join(f"MFU {100 * v:.3g}% of {k}" for k, v in ov["mfu"].items())
         + ("".join(f", HFU {100 * v:.3g}% of {k}" for k, v in ov["hfu"].items()) if "hfu" in ov else ""))
-    return {"n_tokens": train.n_tokens, "loss": train.loss, "recompute": train.recompute, "attn_kernel": kernel,
+    return {"n_tokens": train.seqlen, "loss": train.loss, "recompute": train.recompute, "attn_kernel": attn_kernel,
             "counters": counts, **rep}
 
 
@@ -578,12 +578,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         phases = [Phase("prefill", args.prefill_tokens, 0), Phase("decode", 1, args.decode_cached)]
         for ph in phases:  # refused before the model is built, not by the allocator (or the OOM killer)
             check_measure_memory(config, device=device, dtype=DTYPES[args.dtype], batch=args.batch,
-                                 n_tokens=ph.n_tokens, n_cached=ph.n_cached, attn_kernel="math",
+                                 seqlen=ph.seqlen, start_pos=ph.start_pos, attn_kernel="math",
                                  hint="use a smaller --batch, --prefill-tokens or --decode-cached, or a smaller --model")
         train = None if args.no_train else TrainStep(args.train_tokens, recompute=args.recompute)
         if train is not None:  # the step keeps gradients and every layer's activations: refuse it up front too
-            need = memory(MemoryRequest(config, batch=args.batch, tokens=train.n_tokens, train=True,
-                                        weight_dtype=DTYPES[args.dtype], kernel=args.train_kernel or "math",
+            need = memory(MemoryRequest(config, batch=args.batch, seqlen=train.seqlen, train=True,
+                                        weight_dtype=DTYPES[args.dtype], attn_kernel=args.train_kernel or "math",
                                         recompute=train.recompute, optimizer="none",
                                         device_type="cuda" if device.type == "cuda" else "cpu"))
             check_memory(need.peak, device, "the training-step check (weights, gradients, kept activations; use a "

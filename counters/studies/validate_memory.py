@@ -57,18 +57,18 @@ def _verdict(name: str, analytic: int, measured: int, device: torch.device) -> d
 
 
 def check_forward_memory_phases(model, phases: Sequence, *, batch: int, seed: int = 0) -> dict:
-    """Each phase (``n_tokens`` after ``n_cached``, with the KV cache generation sets up) measured and computed."""
+    """Each phase (``seqlen`` after ``start_pos``, with the KV cache generation sets up) measured and computed."""
     device = model.device
     model.set_attn_kernel("math")
     out = {}
     for ph in phases:
-        model.setup_cache(batch, ph.n_cached + ph.n_tokens)
-        if ph.n_cached:
-            mark_cache_filled(model, ph.n_cached, batch)
-        tokens = make_tokens(model, batch, ph.n_tokens, seed)
-        b = memory(model_request(model, batch, ph.n_tokens, ph.n_cached, kv_cache=True))
+        model.setup_cache(batch, ph.start_pos + ph.seqlen)
+        if ph.start_pos:
+            mark_cache_filled(model, ph.start_pos, batch)
+        tokens = make_tokens(model, batch, ph.seqlen, seed)
+        b = memory(model_request(model, batch, ph.seqlen, ph.start_pos, kv_cache=True))
 
-        def forward(tokens=tokens, start=ph.n_cached):
+        def forward(tokens=tokens, start=ph.start_pos):
             with torch.no_grad():
                 logits = model(tokens, start)
             del logits
@@ -78,23 +78,23 @@ def check_forward_memory_phases(model, phases: Sequence, *, batch: int, seed: in
     return out
 
 
-def check_training_memory(model, *, batch: int, n_tokens: int, recompute: bool = False, loss: str = "cross-entropy",
+def check_training_memory(model, *, batch: int, seqlen: int, recompute: bool = False, loss: str = "cross-entropy",
                           seed: int = 0) -> dict:
     """One training step (forward, loss, backward; no optimizer) measured and computed."""
     device = model.device
     model.set_attn_kernel("math")
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
-    tokens = make_tokens(model, batch, n_tokens, seed)
+    tokens = make_tokens(model, batch, seqlen, seed)
     model.clear_cache()
     try:
         for p in params:
             p.requires_grad_(True)
             p.grad = None
         model.set_activation_checkpointing(recompute)
-        request = MemoryRequest(model.config, batch=batch, tokens=n_tokens, train=True, loss=loss, recompute=recompute,
+        request = MemoryRequest(model.config, batch=batch, seqlen=seqlen, train=True, loss=loss, recompute=recompute,
                                 optimizer="none", weight_dtype=params[0].dtype, compute_dtype=model.compute_dtype,
-                                kernel="math", device_type="cuda" if device.type == "cuda" else "cpu",
+                                attn_kernel="math", device_type="cuda" if device.type == "cuda" else "cpu",
                                 schedule=tuple(model.schedule))
         b = memory(request)
 
@@ -115,7 +115,7 @@ def memory_validation(model, phases: Sequence, *, batch: int, train=None, seed: 
     """Both checks, logged; a check outside its bound is a failure."""
     result = {"phases": check_forward_memory_phases(model, phases, batch=batch, seed=seed)}
     if train is not None:
-        result["training"] = check_training_memory(model, batch=batch, n_tokens=train.n_tokens,
+        result["training"] = check_training_memory(model, batch=batch, seqlen=train.seqlen,
                                                    recompute=train.recompute, loss=train.loss, seed=seed)
     for name, r in [*result["phases"].items(), *([("training", result["training"])] if "training" in result else [])]:
         log(f"[{name}] memory: measured {r['measured_bytes']:,} bytes at the peak, algebra {r['analytic_bytes']:,} "

@@ -1,7 +1,7 @@
 """The training-step part of the GPU validation (``scripts/validate_gpu.py``, :mod:`.validate`).
 
 One training step (forward + cross-entropy loss + backward, every parameter trainable) of ``batch``
-sequences of ``n_tokens`` tokens:
+sequences of ``seqlen`` tokens:
 
 1. counts: every counter runs the step on the device and must agree exactly, row by row and per phase
    (forward, backward, recompute), with the closed form (:func:`counters.crosscheck.crosscheck` with
@@ -31,9 +31,9 @@ from .timing import StepTiming, time_training_step
 
 @dataclass(frozen=True)
 class TrainStep:
-    """What the training check runs: ``batch`` x ``n_tokens`` tokens, the step's loss and recompute."""
+    """What the training check runs: ``batch`` x ``seqlen`` tokens, the step's loss and recompute."""
 
-    n_tokens: int
+    seqlen: int
     recompute: bool = False
     loss: str = "cross-entropy"
 
@@ -69,9 +69,9 @@ def _claims(result) -> list[str]:
     return sorted(f"{phase} {quantity}" for phase, quantity in result.claims)
 
 
-def time_step(model, step: TrainStep, tokens, *, kernel: str, warmup: int, repeats: int, timer=None) -> StepTiming:
-    """Median per-layer forward/backward times of the step with attention ``kernel``."""
-    model.set_attn_kernel(kernel)
+def time_step(model, step: TrainStep, tokens, *, attn_kernel: str, warmup: int, repeats: int, timer=None) -> StepTiming:
+    """Median per-layer forward/backward times of the step with attention ``attn_kernel``."""
+    model.set_attn_kernel(attn_kernel)
     training = step.training
     with trainable(model, training):
         return time_training_step(model, tokens, lambda logits: loss_of(logits, tokens, training.loss),
@@ -82,7 +82,7 @@ def step_report(model, step: TrainStep, timing: StepTiming, *, batch: int, peaks
     """Per layer run: analytic FLOPs of its forward and of its backward (recompute included, as executed),
     measured seconds and achieved FLOP/s; overall: step time, tokens/s, MFU (and HFU) per peak."""
     config = model.config
-    report = analyze_training(config, batch=batch, n_tokens=step.n_tokens, schedule=model.schedule,
+    report = analyze_training(config, batch=batch, seqlen=step.seqlen, schedule=model.schedule,
                               training=step.training)
     fwd: dict = {}
     bwd: dict = {}
@@ -99,11 +99,11 @@ def step_report(model, step: TrainStep, timing: StepTiming, *, batch: int, peaks
                "forward_flops_per_s": fwd[key] / f_s if f_s else None,
                "backward_flops_per_s": bwd[key] / b_s if b_s else None}
         layers.append(row)
-    tokens = batch * step.n_tokens
+    tokens = batch * step.seqlen
     step_s = timing.totals["step"]
     tokens_per_s = Fraction(tokens) / Fraction(step_s)
-    model_fpt = exact_model_flops_per_token(config, step.n_tokens, train=True, schedule=model.schedule)
-    executed_fpt = exact_executed_flops_per_token(config, step.n_tokens, recompute=step.recompute,
+    model_fpt = exact_model_flops_per_token(config, step.seqlen, train=True, schedule=model.schedule)
+    executed_fpt = exact_executed_flops_per_token(config, step.seqlen, recompute=step.recompute,
                                                   schedule=model.schedule)
     overall = {
         "tokens": tokens, "forward_s": timing.totals["forward"], "backward_s": timing.totals["backward"],
