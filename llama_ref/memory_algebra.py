@@ -35,7 +35,7 @@ from .config import LlamaConfig
 from .memory import format_bytes
 from .memory_program import Outcome, Program, Shapes, run
 from .schedule import resolve_schedule
-from .shapes import TPShares, rope_positions_for
+from .shapes import TPShares, kv_cache_bytes, param_count, rope_positions_for
 
 LOSSES = ("cross-entropy", "sum")
 OPTIMIZERS = ("adamw", "sgd", "none")
@@ -203,11 +203,25 @@ def memory(request: MemoryRequest, *, observed: bool = False) -> MemoryBreakdown
     """The exact memory of ``request``. ``observed``: also the peaks a dispatch mode and MemTracker measure."""
     program = request.program()
     out = run(program)
+    _check_categories(request, program, out)
     extra = {}
     if observed:
         extra["dispatch"] = run(program, dispatch_mode=True)
         extra["memtracker"] = run(program, dispatch_mode=True, module_hooks=True)
     return _breakdown(request, program, out, extra)
+
+
+def _check_categories(request: MemoryRequest, program: Program, out: Outcome) -> None:
+    """The simulation's parameters and caches are tensors of their own (their storages make the timeline); their
+    bytes must be the shape algebra's, the one place the parameter count and the KV-cache bytes are computed."""
+    tp = None if request.tp == 1 else request.tp
+    weights = param_count(request.config, tp) * request.weight_dtype.itemsize
+    caches = 0 if not program.cache_positions else kv_cache_bytes(
+        request.config, batch=program.cache_batch, n_positions=program.cache_positions, n_runs=program.n_runs,
+        kv_dtype_bytes=program.cache_dtype.itemsize, n_kv_heads=program.shapes.n_kv_heads)
+    if (out.weights, out.kv_cache) != (weights, caches):  # pragma: no cover - the simulation lost a tensor
+        raise ArithmeticError(f"the memory program holds {out.weights:,} bytes of weights and {out.kv_cache:,} of KV "
+                              f"cache, the shape algebra {weights:,} and {caches:,}")
 
 
 def _breakdown(request: MemoryRequest, program: Program, out: Outcome, extra: dict) -> MemoryBreakdown:
