@@ -436,11 +436,11 @@ class Llama(nn.Module):
         bsz, seqlen = tokens.shape
         h = self.tok_embeddings(tokens).to(self.compute_dtype)  # (bsz, seqlen, dim)
         if isinstance(start_pos, torch.Tensor):
-            pos = start_pos + torch.arange(seqlen, device=tokens.device)  # (seqlen,)
-            freqs_cis = self.freqs_cis[pos]  # (seqlen, head_dim // 2)
+            positions = start_pos + torch.arange(seqlen, device=tokens.device)  # (seqlen,)
+            freqs_cis = self.freqs_cis[positions]  # (seqlen, head_dim // 2)
             kv_pos = torch.arange(self.caches[0].cache_k.shape[1], device=tokens.device)  # (max_seq_len,)
             mask = torch.zeros(seqlen, kv_pos.shape[0], device=tokens.device, dtype=self.compute_dtype)
-            mask = mask.masked_fill(kv_pos[None, :] > pos[:, None], float("-inf"))  # (seqlen, max_seq_len)
+            mask = mask.masked_fill(kv_pos[None, :] > positions[:, None], float("-inf"))  # (seqlen, max_seq_len)
         else:
             freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]  # (seqlen, head_dim // 2)
             mask = None
