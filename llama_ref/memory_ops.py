@@ -22,7 +22,16 @@ def _promote(a: T, b: T) -> torch.dtype:
 
 
 def _broadcast(a: Shape, b: Shape) -> Shape:
-    return tuple(torch.broadcast_shapes(a, b))
+    """NumPy broadcasting of two shapes, in plain Python (``torch.broadcast_shapes`` imports sympy, half a
+    second of the first guarded request)."""
+    n = max(len(a), len(b))
+    a, b = (1,) * (n - len(a)) + tuple(a), (1,) * (n - len(b)) + tuple(b)
+    out = []
+    for x, y in zip(a, b):
+        if x != y and 1 not in (x, y):
+            raise ValueError(f"shapes {a} and {b} do not broadcast")
+        out.append(y if x == 1 else x)
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------- elementwise
@@ -179,7 +188,7 @@ def matmul(a: T, b: T) -> T:
         out_shape = a.shape[:-1] + (b.shape[1],)
         folded = reshape(a, (math.prod(a.shape[:-1]), a.shape[-1]))
         return unsafe_view(mm(folded, b), out_shape)
-    batch = tuple(torch.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    batch = _broadcast(a.shape[:-2], b.shape[:-2])
     n, m, p = a.shape[-2], a.shape[-1], b.shape[-1]
     nb = math.prod(batch)
     a3 = reshape(expand(a, batch + (n, m)), (nb, n, m))
