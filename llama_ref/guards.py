@@ -16,6 +16,7 @@ The constructors' and ``setup_cache``'s checks are here too, so that the model f
 
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Optional
 
@@ -341,7 +342,14 @@ def forward_bytes(model, bsz: int, seqlen: int, start_pos: int = 0, *, kv_cache:
                   last_only: bool = False):
     """The memory algebra's breakdown of the forward ``model`` would run (:mod:`llama_ref.memory_algebra`); what
     it allocates beyond the weights, buffers and tokens is ``peak - start``."""
-    return memory(model_request(model, bsz, seqlen, start_pos, kv_cache=kv_cache, last_only=last_only))
+    return _memory_of(model_request(model, bsz, seqlen, start_pos, kv_cache=kv_cache, last_only=last_only))
+
+
+@functools.lru_cache(maxsize=64)
+def _memory_of(request):
+    # A decode loop asks about the same request every call: simulate it once (milliseconds for a small model,
+    # more for a large one, against a request that may be a millisecond of work).
+    return memory(request)
 
 
 def check_forward_memory(model, bsz: int, seqlen: int, start_pos: int = 0, *, kv_cache: Optional[bool] = None,
