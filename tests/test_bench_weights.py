@@ -70,6 +70,14 @@ def test_bad_input_is_one_line_and_exit_2(tiny_ckpt, argv, needle, capsys):
     assert exit_.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_decode_beyond_the_context_is_refused_in_one_line(tiny_ckpt, tmp_path, capsys):
+    # tiny: max_seq_len 128; 16 + 120 = 136
+    assert B.main([str(tiny_ckpt), "--new-tokens", "120", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--tokens 16 + --new-tokens 120 = 136 exceeds the model's max_seq_len 128" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_cuda_without_a_gpu_fails_cleanly(tiny_ckpt, capsys):
     assert B.main([str(tiny_ckpt), "--device", "cuda"]) == 2

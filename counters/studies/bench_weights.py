@@ -175,6 +175,9 @@ def run(ckpt: str, *, device: str = "cpu", rounds: int = 3, tokens: int = 16, ne
     from .hardware import measure_copy_bandwidth, measure_matmul_peak
 
     facts = checkpoint_facts(ckpt, device)
+    if tokens + new_tokens > facts["config"].max_seq_len:
+        raise ValueError(f"--tokens {tokens} + --new-tokens {new_tokens} = {tokens + new_tokens} exceeds the model's "
+                         f"max_seq_len {facts['config'].max_seq_len}")
     cdtype = str(facts["compute_dtype"]).replace("torch.", "")
     log(f"checkpoint {ckpt}: {facts['params']:,} weights in {facts['weight_dtype']}; compute dtype {cdtype} "
         f"({facts['compute_dtype_reason']})")
@@ -374,8 +377,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc = run(args.checkpoint, device=args.device, rounds=args.rounds, tokens=args.tokens, new_tokens=args.new_tokens,
-              steady=args.steady, compile=not args.no_compile, count=not args.no_count, log=lambda m: print(m, file=sys.stderr))
+    try:
+        doc = run(args.checkpoint, device=args.device, rounds=args.rounds, tokens=args.tokens,
+                  new_tokens=args.new_tokens, steady=args.steady, compile=not args.no_compile, count=not args.no_count,
+                  log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, OSError) as e:  # a checkpoint the loader refuses, or sizes the model cannot take
+        print(f"bench_weights.py: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     (out_dir / "bench_weights.json").write_text(json.dumps(doc, indent=1, default=str))
     plot(doc, out_dir / "bench_weights.png")
     print(format_report(doc))
