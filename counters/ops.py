@@ -461,7 +461,7 @@ def sdpa(mask_arg: Optional[str], name: str = "") -> OpFormula:
     q ``(..., S, E)``, k ``(..., L, E)``, v ``(..., L, E)``: the query's leading dims are folded into
     one batch of heads (all query heads: GQA shares k/v heads, not products). The mask add is counted if
     a mask is given or ``is_causal`` (a fused causal kernel adds no mask, but counting it keeps
-    ``kernel="sdpa"`` equal to ``kernel="math"``; see README). ``mask_arg`` names the op's mask argument
+    ``attn_kernel="sdpa"`` equal to ``attn_kernel="math"``; see docs/counting.md). ``mask_arg`` names the op's mask argument
     (``attn_mask``, ``attn_bias``; None: none). Dropout, a value width other than E, and a key/value
     batch other than the query's (the kernel's own GQA broadcast) are not counted (:class:`UncountableCall`)."""
     from .table import ATTENTION_CORE, Attn  # the table imports llama_ref; keep this module light to import

@@ -135,7 +135,7 @@ def render_table(report: CrosscheckReport, *, detail: bool = False, title: Optio
         lines.append(f"AGREE: {len(report.counters)} counter(s) equal exactly on {', '.join(compared) or 'nothing'} "
                      f"in all {n_rows} rows and in total.")
         lines.append("sources column: independent sources behind each row's MACs / non-matmul FLOPs "
-                     "(formula, shapes, outside:<tool>; see README).")
+                     "(formula, shapes, outside:<tool>; see docs/counting.md).")
     else:
         lines.append(f"DISAGREE: {len(report.mismatches)} mismatch(es):")
         for m in report.mismatches[:max_mismatches]:

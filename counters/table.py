@@ -429,7 +429,7 @@ def _attention_ops(s: Attn) -> tuple[Op, ...]:
     ops = [_matmul(q_rows, s.head_dim, s.kvlen),  # QK^T: (seqlen, head_dim) @ (head_dim, kvlen) per head
            _ew("div", scores)]  # / sqrt(head_dim)
     if s.masked:
-        ops.append(_ew("add", scores))  # + causal mask (also counted for SDPA's is_causal: see README)
+        ops.append(_ew("add", scores))  # + causal mask (also counted for SDPA's is_causal: see docs/counting.md)
     ops += [_ew("softmax", scores),
             _matmul(q_rows, s.kvlen, s.head_dim)]  # A V: (seqlen, kvlen) @ (kvlen, head_dim) per head
     return tuple(ops)
