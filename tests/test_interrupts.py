@@ -107,7 +107,7 @@ def _check(status: int, err: str, left: list, line: str) -> None:
 
 @pytest.mark.parametrize("delay", [0.3, 0.8, 1.5])
 def test_ctrl_c_while_the_cli_imports_torch(delay):
-    status, err, left = _interrupt([*ENTRY, "count", "tiny", "--tokens", "8"], delay, group=False)
+    status, err, left = _interrupt([*ENTRY, "count", "llama-2-7b", "--tokens", "2048", "--device", "meta"], delay, group=False)
     _check(status, err, left, "llama-ref count: interrupted")
 
 
